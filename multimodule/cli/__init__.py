@@ -1,0 +1,1 @@
+"""Command-line entry points: ``mmctl`` (the operator's tool) and its IPC::Transit aliases."""

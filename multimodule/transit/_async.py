@@ -1,0 +1,169 @@
+"""Bringing a System V queue's messages to an asyncio event loop without polling.
+
+``sysv_ipc`` offers no file descriptor to watch, so one worker thread per queue blocks in
+``msgrcv`` and hands each message to the loop. Hand-over is batched: the thread appends to a
+deque and schedules one drain callback with ``loop.call_soon_threadsafe`` only when none is
+pending, so a burst costs one loop wake-up, not one per message. At most ``max_pending``
+messages wait between the thread and the loop; beyond that the thread stops taking from the
+queue, so a slow consumer pushes back on senders through the full System V queue instead of
+growing memory.
+
+``EINTR`` (``"Signaled while waiting"``) is retried; stopping sends the thread the interrupt
+signal (see ``_interrupt``) until it has left ``msgrcv``, so no message is taken after
+:meth:`AsyncReceiver.stop` returns and none taken before it is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import Any, Callable
+
+from multimodule.errors import BadMessage, QueueRemoved, TransitError
+from multimodule.transit._interrupt import Interrupter, ensure_handler
+from multimodule.transit._sysv import Cancelled, SysvQueue
+
+Deliver = Callable[[dict[str, Any]], None]
+OnError = Callable[[TransitError], None]
+
+
+class AsyncReceiver:
+    """Feeds messages from one System V queue to ``deliver(message)`` on ``loop``.
+
+    ``deliver`` runs on the loop, once per message, in queue order. ``on_error`` (on the loop)
+    gets each :class:`BadMessage` (the receiver goes on with the next message) and any other
+    :class:`TransitError` (after :class:`QueueRemoved` the name is opened again and receiving
+    goes on; after other errors the receiver stops and :attr:`error` holds the error).
+
+    Must be started on the loop's thread; the main thread is best, so that the interrupt
+    handler can be installed (raises :class:`TransitError` if it cannot be).
+    """
+
+    def __init__(
+        self,
+        queue: SysvQueue,
+        deliver: Deliver,
+        *,
+        on_error: OnError | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        max_pending: int = 1024,
+    ):
+        self.queue = queue
+        self.deliver = deliver
+        self.on_error = on_error
+        self.loop = loop
+        self.max_pending = max_pending
+        self.error: TransitError | None = None
+        self.received = 0
+        self._pending: deque[dict[str, Any] | TransitError] = deque()
+        self._drain_scheduled = False
+        self._room = threading.Semaphore(max_pending)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the worker thread. Raises :class:`TransitError` if it cannot be stopped later."""
+        if self._thread is not None:
+            raise TransitError(f"receiver for {self.queue.qname!r} already started")
+        if not ensure_handler():
+            raise TransitError(
+                "cannot install the SIGURG interrupt handler (not on the main thread, or the "
+                "signal is ignored); start the first receiver from the main thread"
+            )
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._run, name=f"mm-recv:{self.queue.qname}", daemon=True
+        )
+        self._thread.start()
+
+    # -- worker thread ---------------------------------------------------------------------
+
+    def _is_stopping(self) -> bool:
+        return self._stopping
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._room.acquire()
+                if self._stopping:
+                    self._room.release()
+                    return
+                try:
+                    payload = self.queue.receive_payload(None, self._is_stopping)
+                except Cancelled:
+                    self._room.release()
+                    return
+                except QueueRemoved as exc:
+                    self._room.release()
+                    self._hand_over(exc)
+                    try:
+                        self.queue.reopen()
+                    except TransitError as exc2:
+                        self._hand_over(exc2, fatal=True)
+                        return
+                    continue
+                except TransitError as exc:
+                    self._room.release()
+                    if self._stopping:
+                        return
+                    self._hand_over(exc, fatal=True)
+                    return
+                try:
+                    item: dict[str, Any] | TransitError = self.queue.decode(payload)
+                except BadMessage as exc:
+                    self._room.release()
+                    self._hand_over(exc)
+                    continue
+                self._hand_over(item)
+        finally:
+            self._done.set()
+
+    def _hand_over(self, item: dict[str, Any] | TransitError, fatal: bool = False) -> None:
+        if fatal:
+            self.error = item  # type: ignore[assignment]
+        self._pending.append(item)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # loop closed: stop() drains what is left
+                self._drain_scheduled = False
+
+    # -- event loop ------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        # Reset the flag before popping: an item appended after the last pop schedules anew.
+        self._drain_scheduled = False
+        pending = self._pending
+        while pending:
+            item = pending.popleft()
+            if isinstance(item, dict):
+                self._room.release()
+                self.received += 1
+                self.deliver(item)
+            elif self.on_error is not None:
+                self.on_error(item)
+
+    async def stop(self) -> None:
+        """Stop the worker thread and deliver every message it already took off the queue."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._room.release()  # in case the thread waits for room
+        thread_id = self._thread.ident
+        interrupter = Interrupter(thread_id, None)
+        interrupter.fire_now()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._done.wait)
+        finally:
+            interrupter.disarm()
+        self._thread.join()
+        self._drain()

@@ -1,0 +1,246 @@
+"""The transit directory: queue names, their System V keys, and the spill area.
+
+Every process that names the same transit directory maps a queue name to the same System V key.
+The directory holds one small file per queue name whose content is the key in decimal followed by
+a newline; the file is created and filled under an exclusive ``flock`` so that two processes
+creating the same name at once end up with one queue. ``.spill/`` holds messages too large for
+one System V message (see :mod:`multimodule.transit._sysv`).
+
+Layout::
+
+    DIR/            0700 (0770 with a group)
+    DIR/NAME        "<key>\\n", 0600 (0660)
+    DIR/.spill/     0700 (0770), files 0600 (0660), removed once received
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import os
+import random
+import stat as stat_mod
+import unicodedata
+from pathlib import Path
+
+import sysv_ipc
+
+from multimodule.errors import InvalidQueueName, TransitBroken
+
+#: Longest queue name accepted, in characters (and at most 255 bytes once UTF-8 encoded).
+MAX_NAME_CHARS = 200
+
+ENV_TRANSIT_DIR = "MULTIMODULE_TRANSIT_DIR"
+ENV_TRANSIT_GROUP = "MULTIMODULE_TRANSIT_GROUP"
+
+
+def validate_qname(qname: object) -> str:
+    """Return ``qname`` if it is a usable queue name, else raise :class:`InvalidQueueName`.
+
+    A name is a non-empty ``str`` of at most :data:`MAX_NAME_CHARS` characters (255 bytes in
+    UTF-8) with no ``/``, no NUL or other control character, and not starting with ``.``
+    (reserved for the directory's own entries).
+    """
+    if not isinstance(qname, str):
+        raise InvalidQueueName(f"queue name must be a str, not {type(qname).__name__}")
+    if not qname:
+        raise InvalidQueueName("queue name is empty")
+    if len(qname) > MAX_NAME_CHARS or len(qname.encode("utf-8", "surrogatepass")) > 255:
+        raise InvalidQueueName(
+            f"queue name is too long ({len(qname)} characters; at most {MAX_NAME_CHARS})"
+        )
+    if "/" in qname:
+        raise InvalidQueueName(f"queue name {qname!r} contains a slash")
+    if qname.startswith("."):
+        raise InvalidQueueName(f"queue name {qname!r} starts with '.', which is reserved")
+    for ch in qname:
+        if unicodedata.category(ch) in ("Cc", "Cs"):
+            raise InvalidQueueName(f"queue name {qname!r} contains a control character")
+    return qname
+
+
+def default_transit_dir(environ: dict[str, str] | None = None) -> Path:
+    """Where the transit directory lives when none is given.
+
+    Order: ``$MULTIMODULE_TRANSIT_DIR``; ``$RUNTIME_DIRECTORY/transit`` when systemd set
+    ``RuntimeDirectory=``; ``/run/multimodule/transit`` under systemd (``$INVOCATION_ID`` set) or
+    as root; else ``$XDG_RUNTIME_DIR/multimodule/transit``; else
+    ``/tmp/multimodule-<uid>/transit`` (created private).
+    """
+    env = os.environ if environ is None else environ
+    if env.get(ENV_TRANSIT_DIR):
+        return Path(env[ENV_TRANSIT_DIR])
+    if env.get("RUNTIME_DIRECTORY"):
+        # systemd may list several directories separated by ':'; ours is the first.
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "transit"
+    if env.get("INVOCATION_ID") or os.geteuid() == 0:
+        return Path("/run/multimodule/transit")
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "multimodule" / "transit"
+    return Path(f"/tmp/multimodule-{os.geteuid()}") / "transit"
+
+
+def _group_id(group: str | int | None) -> int | None:
+    if group is None or group == "":
+        return None
+    if isinstance(group, int) or str(group).isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(str(group)).gr_gid
+    except KeyError as exc:
+        raise TransitBroken(f"transit group {group!r} does not exist") from exc
+
+
+class TransitDirectory:
+    """Maps queue names to System V keys inside one directory.
+
+    ``path``: the directory (created if missing). ``group``: a group name or id; when given,
+    queues are 0660, files 0660 and directories 0770, owned by that group; otherwise 0600/0700.
+
+    Raises :class:`TransitBroken` if the directory cannot be created or is unsafe (a symlink,
+    owned by another user, or writable by others).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], group: str | int | None = None):
+        self.path = Path(path)
+        self.gid = _group_id(group)
+        self.queue_mode = 0o660 if self.gid is not None else 0o600
+        self.file_mode = self.queue_mode
+        self.dir_mode = 0o770 if self.gid is not None else 0o700
+        self._ensure_dir(self.path, parents=True)
+        self.spill_path = self.path / ".spill"
+        self._ensure_dir(self.spill_path, parents=False)
+
+    def _ensure_dir(self, path: Path, *, parents: bool) -> None:
+        try:
+            if parents:
+                # Intermediate directories (e.g. $XDG_RUNTIME_DIR/multimodule) are private too.
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                os.mkdir(path, self.dir_mode)
+            except FileExistsError:
+                pass
+            st = os.lstat(path)
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise TransitBroken(f"transit path {path} is not a directory (or is a symlink)")
+            if st.st_uid != os.geteuid() and os.geteuid() != 0:
+                if st.st_mode & 0o002 or self.gid is None or st.st_gid != self.gid:
+                    raise TransitBroken(
+                        f"transit directory {path} belongs to uid {st.st_uid}, not to us"
+                    )
+                return  # a shared directory made by its owner; we may not chmod it
+            if self.gid is not None and st.st_gid != self.gid:
+                os.chown(path, -1, self.gid)
+            if stat_mod.S_IMODE(st.st_mode) != self.dir_mode:
+                os.chmod(path, self.dir_mode)
+        except OSError as exc:
+            raise TransitBroken(f"cannot prepare transit directory {path}: {exc}") from exc
+
+    def names(self) -> list[str]:
+        """The queue names registered in this directory, sorted."""
+        try:
+            return sorted(n for n in os.listdir(self.path) if not n.startswith("."))
+        except OSError as exc:
+            raise TransitBroken(f"cannot list transit directory {self.path}: {exc}") from exc
+
+    def lookup_key(self, qname: str) -> int | None:
+        """The key recorded for ``qname``, or ``None`` if the name is not registered yet."""
+        try:
+            with open(self.path / qname, "rb") as f:
+                data = f.read(32)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TransitBroken(f"cannot read queue file {self.path / qname}: {exc}") from exc
+        if not data.endswith(b"\n"):
+            return None  # empty or being written: the caller takes the locked path
+        return int(data)
+
+    def open_queue(self, qname: str, max_message_size: int) -> sysv_ipc.MessageQueue:
+        """Open the System V queue for ``qname``, creating the name and the queue if needed.
+
+        ``max_message_size`` (bytes) is the receive buffer; pass the kernel's ``msgmax`` so
+        that no message can be too large to receive. Safe against concurrent creation from
+        several processes: exactly one queue results. A name whose queue was removed behind our
+        back gets a new queue.
+        """
+        validate_qname(qname)
+        key = self.lookup_key(qname)
+        if key is not None:
+            try:
+                return sysv_ipc.MessageQueue(key, 0, max_message_size=max_message_size)
+            except sysv_ipc.ExistentialError:
+                pass  # removed under us: recreate below, under the lock
+            except sysv_ipc.PermissionsError as exc:
+                raise TransitBroken(f"no permission to open queue {qname!r}: {exc}") from exc
+        return self._create_locked(qname, max_message_size)
+
+    def _create_locked(self, qname: str, max_message_size: int) -> sysv_ipc.MessageQueue:
+        path = self.path / qname
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, self.file_mode)
+        except OSError as exc:
+            raise TransitBroken(f"cannot create queue file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = os.pread(fd, 32, 0)
+            if data.endswith(b"\n"):
+                try:
+                    return sysv_ipc.MessageQueue(int(data), 0, max_message_size=max_message_size)
+                except sysv_ipc.ExistentialError:
+                    pass  # stale key: make a new queue
+            queue = self._create_queue(max_message_size)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%d\n" % queue.key, 0)
+            if self.gid is not None:
+                os.fchown(fd, -1, self.gid)
+            return queue
+        except OSError as exc:
+            raise TransitBroken(f"cannot register queue {qname!r} in {path}: {exc}") from exc
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _create_queue(self, max_message_size: int) -> sysv_ipc.MessageQueue:
+        rng = random.SystemRandom()
+        for _ in range(64):
+            key = rng.randint(1, sysv_ipc.KEY_MAX)
+            try:
+                queue = sysv_ipc.MessageQueue(
+                    key, sysv_ipc.IPC_CREX, self.queue_mode, max_message_size=max_message_size
+                )
+            except sysv_ipc.ExistentialError:
+                continue  # key taken by someone else: draw again
+            except OSError as exc:
+                raise TransitBroken(f"cannot create a System V queue: {exc}") from exc
+            if self.gid is not None:
+                queue.gid = self.gid
+            return queue
+        raise TransitBroken("could not find a free System V key after 64 tries")
+
+    def forget(self, qname: str) -> None:
+        """Remove ``qname``'s queue (and its messages) and its name file, if they exist."""
+        validate_qname(qname)
+        key = self.lookup_key(qname)
+        if key is not None:
+            try:
+                sysv_ipc.MessageQueue(key, 0).remove()
+            except sysv_ipc.ExistentialError:
+                pass
+            except sysv_ipc.PermissionsError as exc:
+                raise TransitBroken(f"no permission to remove queue {qname!r}") from exc
+        try:
+            os.unlink(self.path / qname)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise TransitBroken(f"cannot remove queue file for {qname!r}: {exc}") from exc
+
+
+__all__ = [
+    "MAX_NAME_CHARS",
+    "TransitDirectory",
+    "default_transit_dir",
+    "validate_qname",
+]

@@ -1,0 +1,150 @@
+"""In-memory queues for queues a process declared *local*.
+
+A send to a local queue appends the receiver's own copy of the message (see
+``_wire.copy_message``) to a deque: no system call, no serialisation. One asyncio consumer (the
+task that owns the queue) or any number of threads may receive; producers may be on any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from multimodule.errors import Empty, TransitError
+from multimodule.transit._sysv import QueueStat
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class LocalQueue:
+    """An unbounded FIFO of message dicts inside this process.
+
+    ``messages_in``/``messages_out`` count puts and gets; ``depth`` is ``len(queue)``.
+    """
+
+    def __init__(self, qname: str):
+        self.qname = qname
+        self._items: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._sync_waiters = 0
+        self._waiter: asyncio.Future | None = None
+        self._waiter_loop: asyncio.AbstractEventLoop | None = None
+        self._waiter_thread: int | None = None
+        self.messages_in = 0
+        self.messages_out = 0
+        self.last_put_time: float | None = None
+        self.last_get_time: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def depth(self) -> int:
+        """Messages waiting."""
+        return len(self._items)
+
+    def put(self, message: dict[str, Any]) -> None:
+        """Append ``message`` (already the receiver's own copy) and wake a waiting receiver."""
+        self._items.append(message)
+        self.messages_in += 1
+        self.last_put_time = time.time()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if threading.get_ident() == self._waiter_thread:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                self._waiter_loop.call_soon_threadsafe(_wake, waiter)
+        if self._sync_waiters:
+            with self._cond:
+                self._cond.notify()
+
+    def put_front(self, messages: list[dict[str, Any]]) -> None:
+        """Put ``messages`` back at the head, in their order (used when a consumer hands back)."""
+        self._items.extendleft(reversed(messages))
+        self.messages_in += len(messages)
+
+    def get_nowait(self) -> dict[str, Any]:
+        """The next message; raises :class:`Empty` if there is none."""
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            raise Empty(f"local queue {self.qname!r} is empty") from None
+        self.messages_out += 1
+        self.last_get_time = time.time()
+        return item
+
+    def get(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next message, waiting up to ``timeout`` seconds (``None``: for ever).
+
+        Raises :class:`Empty` when the time is up.
+        """
+        if self._items:
+            return self.get_nowait()
+        if timeout is not None and timeout <= 0:
+            raise Empty(f"local queue {self.qname!r} is empty")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._sync_waiters += 1
+            try:
+                while not self._items:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise Empty(f"no message on local queue {self.qname!r} within {timeout} s")
+                    self._cond.wait(remaining)
+            finally:
+                self._sync_waiters -= 1
+        return self.get_nowait()
+
+    async def get_async(self) -> dict[str, Any]:
+        """The next message, awaiting one if the queue is empty (one async consumer at a time).
+
+        Raises :class:`TransitError` if another coroutine is already waiting on this queue.
+        """
+        while not self._items:
+            if self._waiter is not None and not self._waiter.done():
+                raise TransitError(f"local queue {self.qname!r} already has an async consumer")
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            self._waiter_loop = loop
+            self._waiter_thread = threading.get_ident()
+            self._waiter = fut
+            if self._items:  # a producer on another thread appended before seeing the waiter
+                self._waiter = None
+                break
+            try:
+                await fut
+            finally:
+                if self._waiter is fut:
+                    self._waiter = None
+        return self.get_nowait()
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Remove and return every waiting message, oldest first."""
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        self.messages_out += len(items)
+        return items
+
+    def stat(self) -> QueueStat:
+        """This queue's figures (``kind="local"``; bytes and capacity are ``None``)."""
+        return QueueStat(
+            name=self.qname,
+            kind="local",
+            messages=len(self._items),
+            bytes=None,
+            max_bytes=None,
+            last_send_pid=os.getpid() if self.last_put_time else None,
+            last_send_time=self.last_put_time,
+            last_receive_pid=os.getpid() if self.last_get_time else None,
+            last_receive_time=self.last_get_time,
+        )

@@ -1,0 +1,307 @@
+"""One System V message queue: timed send and receive, spilling, and the kernel's figures.
+
+A message whose encoded size exceeds the queue's limit (the kernel's ``msgmax``, 8192 bytes by
+default, or the queue's byte capacity if smaller) is written to a spill file in the transit
+directory's private ``.spill/`` and the queue carries only the file's name; the receiver reads
+and removes the file. So no size of message is refused or cut.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import sysv_ipc
+
+from multimodule.errors import (
+    BadMessage,
+    Empty,
+    QueueFull,
+    QueueRemoved,
+    TransitBroken,
+    TransitError,
+)
+from multimodule.transit import _wire
+from multimodule.transit._directory import TransitDirectory
+from multimodule.transit._interrupt import Interrupter, ensure_handler, is_eintr
+
+#: System V message type used for every multimodule message.
+MTYPE = 1
+
+#: Backoff bounds (seconds) for timed waits where no interrupt signal can be installed.
+_POLL_MIN_S = 0.0005
+_POLL_MAX_S = 0.02
+
+
+class Cancelled(TransitError):
+    """A blocking receive was interrupted because its owner asked it to stop (internal)."""
+
+
+def kernel_msgmax(default: int = 8192) -> int:
+    """The largest System V message the kernel accepts, in bytes (``/proc/sys/kernel/msgmax``)."""
+    try:
+        with open("/proc/sys/kernel/msgmax") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return default
+
+
+@dataclass(frozen=True)
+class QueueStat:
+    """Figures for one queue.
+
+    ``kind``: ``"sysv"`` or ``"local"``. ``messages``: messages waiting. ``bytes``: bytes waiting
+    (``None`` for a local queue, which holds objects). ``max_bytes``: the queue's capacity in
+    bytes (``None`` for a local queue, which is unbounded). Times are seconds since the epoch,
+    ``None`` when it never happened; pids are ``None`` likewise.
+    """
+
+    name: str
+    kind: str
+    messages: int
+    bytes: int | None
+    max_bytes: int | None
+    last_send_pid: int | None
+    last_send_time: float | None
+    last_receive_pid: int | None
+    last_receive_time: float | None
+    key: int | None = None
+    id: int | None = None
+
+    @property
+    def fill(self) -> float | None:
+        """``bytes / max_bytes`` (0.0 to 1.0), or ``None`` where either is unknown."""
+        if self.bytes is None or not self.max_bytes:
+            return None
+        return self.bytes / self.max_bytes
+
+
+def _proc_cbytes(queue_id: int) -> int | None:
+    """Bytes waiting on the queue with id ``queue_id``, from ``/proc/sysvipc/msg``."""
+    try:
+        with open("/proc/sysvipc/msg") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[1]) == queue_id:
+                    return int(fields[3])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return None
+
+
+class SysvQueue:
+    """The System V queue behind one name in a :class:`TransitDirectory`.
+
+    Thread-safe: several threads may send and receive at once (the kernel orders them).
+    Raises :class:`TransitBroken` if the queue cannot be opened or created.
+    """
+
+    def __init__(self, directory: TransitDirectory, qname: str, msgmax: int):
+        self.directory = directory
+        self.qname = qname
+        self.msgmax = msgmax
+        self._open()
+
+    def _open(self) -> None:
+        self.queue = self.directory.open_queue(self.qname, self.msgmax)
+        # A message must fit both the kernel's per-message limit and the queue's capacity.
+        self.limit = min(self.msgmax, self.queue.max_size)
+
+    def reopen(self) -> None:
+        """Open the name again (after the queue was removed under us); creates a new queue."""
+        self._open()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send_body(self, body: bytes, timeout: float | None) -> None:
+        """Send one encoded JSON body, spilling it if too large.
+
+        ``timeout``: seconds to wait for room; ``None`` waits for ever, ``0`` does not wait.
+        Raises :class:`QueueFull` (nothing was sent), :class:`QueueRemoved`,
+        :class:`TransitBroken`.
+        """
+        payload = _wire.HEADER_JSON + body
+        if len(payload) <= self.limit:
+            self._send_payload(payload, timeout)
+            return
+        spill_name = self._write_spill(body)
+        try:
+            self._send_payload(_wire.HEADER_SPILL + spill_name.encode("ascii"), timeout)
+        except BaseException:
+            self._remove_spill(spill_name)
+            raise
+
+    def send_raw(self, payload: bytes, timeout: float | None = None) -> None:
+        """Put ``payload`` on the queue as it is (no header added): for tests and tools."""
+        self._send_payload(payload, timeout)
+
+    def _send_payload(self, payload: bytes, timeout: float | None) -> None:
+        queue = self.queue
+        try:
+            queue.send(payload, False, MTYPE)
+            return
+        except sysv_ipc.BusyError:
+            if timeout is not None and timeout <= 0:
+                raise QueueFull(f"queue {self.qname!r} is full") from None
+        except sysv_ipc.ExistentialError as exc:
+            raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
+        except (sysv_ipc.Error, OSError, ValueError) as exc:
+            if not is_eintr(exc):
+                raise TransitBroken(f"cannot send to queue {self.qname!r}: {exc}") from exc
+
+        def attempt(block: bool) -> None:
+            queue.send(payload, block, MTYPE)
+
+        self._wait(attempt, timeout, lambda: QueueFull(
+            f"queue {self.qname!r} stayed full for {timeout} s; the message was not sent"
+        ))
+
+    def _write_spill(self, body: bytes) -> str:
+        name = uuid.uuid4().hex
+        path = self.directory.spill_path / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         self.directory.file_mode)
+            try:
+                if self.directory.gid is not None:
+                    os.fchown(fd, -1, self.directory.gid)
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise TransitBroken(f"cannot write spill file {path}: {exc}") from exc
+        return name
+
+    def _remove_spill(self, name: str) -> None:
+        try:
+            os.unlink(self.directory.spill_path / name)
+        except OSError:
+            pass
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive_payload(self, timeout: float | None, cancelled=None) -> bytes:
+        """Take the next raw message off the queue.
+
+        ``timeout``: seconds; ``None`` waits for ever; ``0`` does not wait. ``cancelled``: a
+        callable checked after each interruption; when it returns true, :class:`Cancelled` is
+        raised. Raises :class:`Empty`, :class:`QueueRemoved`, :class:`TransitBroken`.
+        """
+        queue = self.queue
+        try:
+            return queue.receive(False, MTYPE)[0]
+        except sysv_ipc.BusyError:
+            if timeout is not None and timeout <= 0:
+                raise Empty(f"queue {self.qname!r} is empty") from None
+        except sysv_ipc.ExistentialError as exc:
+            raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
+        except (sysv_ipc.Error, OSError) as exc:
+            if not is_eintr(exc):
+                raise TransitBroken(f"cannot receive from queue {self.qname!r}: {exc}") from exc
+
+        def attempt(block: bool) -> bytes:
+            return queue.receive(block, MTYPE)[0]
+
+        return self._wait(attempt, timeout, lambda: Empty(
+            f"no message on queue {self.qname!r} within {timeout} s"
+        ), cancelled)
+
+    def decode(self, payload: bytes) -> dict:
+        """Turn a raw message into the message dict; reads and removes a spill file.
+
+        Raises :class:`BadMessage` for anything that is not a valid message.
+        """
+        kind, body = _wire.split_header(payload, self.qname)
+        if kind == _wire.KIND_JSON:
+            return _wire.decode_body(body, self.qname)
+        name = bytes(body).decode("ascii", "replace")
+        if not name.isalnum():
+            raise BadMessage(f"bad spill file name {name!r}", qname=self.qname, raw=payload)
+        path = self.directory.spill_path / name
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise BadMessage(f"spill file {path} unreadable: {exc}", qname=self.qname,
+                             raw=payload) from exc
+        self._remove_spill(name)
+        return _wire.decode_body(data, self.qname)
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _wait(self, attempt, timeout: float | None, timed_out, cancelled=None):
+        """Run ``attempt(block=True)`` until it succeeds or ``timeout`` seconds pass.
+
+        The blocking call is interrupted at the deadline by a signal (see ``_interrupt``);
+        ``EINTR`` from any other signal is retried. Without an interrupt handler (a non-main
+        thread before the main thread installed it) a timed wait backs off from 0.5 ms to 20 ms
+        between non-blocking attempts instead.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interrupter = None
+        if deadline is not None:
+            if not ensure_handler():
+                return self._poll(attempt, deadline, timed_out)
+            interrupter = Interrupter(threading.get_ident(), deadline)
+        try:
+            while True:
+                try:
+                    return attempt(True)
+                except sysv_ipc.ExistentialError as exc:
+                    raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
+                except (sysv_ipc.Error, OSError) as exc:
+                    if not is_eintr(exc):
+                        raise TransitBroken(f"queue {self.qname!r}: {exc}") from exc
+                if cancelled is not None and cancelled():
+                    raise Cancelled(f"receive on {self.qname!r} cancelled")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise timed_out()
+        finally:
+            if interrupter is not None:
+                interrupter.disarm()
+
+    def _poll(self, attempt, deadline: float, timed_out):
+        delay = _POLL_MIN_S
+        while True:
+            try:
+                return attempt(False)
+            except sysv_ipc.BusyError:
+                pass
+            except sysv_ipc.ExistentialError as exc:
+                raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
+            except (sysv_ipc.Error, OSError) as exc:
+                if not is_eintr(exc):
+                    raise TransitBroken(f"queue {self.qname!r}: {exc}") from exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise timed_out()
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _POLL_MAX_S)
+
+    # -- figures ---------------------------------------------------------------------------
+
+    def stat(self) -> QueueStat:
+        """The kernel's figures for this queue. Raises :class:`QueueRemoved`."""
+        q = self.queue
+        try:
+            return QueueStat(
+                name=self.qname,
+                kind="sysv",
+                messages=q.current_messages,
+                bytes=_proc_cbytes(q.id),
+                max_bytes=q.max_size,
+                last_send_pid=q.last_send_pid or None,
+                last_send_time=float(q.last_send_time) or None,
+                last_receive_pid=q.last_receive_pid or None,
+                last_receive_time=float(q.last_receive_time) or None,
+                key=q.key,
+                id=q.id,
+            )
+        except sysv_ipc.ExistentialError as exc:
+            raise QueueRemoved(f"queue {self.qname!r} was removed") from exc

@@ -1,0 +1,208 @@
+"""The :class:`Transit` object: one transit directory, this process's local queues, and the
+choice of path for each send."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from multimodule.errors import QueueRemoved, TransitBroken, TransitError
+from multimodule.transit import _wire
+from multimodule.transit._async import AsyncReceiver, Deliver, OnError
+from multimodule.transit._directory import (
+    ENV_TRANSIT_GROUP,
+    TransitDirectory,
+    default_transit_dir,
+    validate_qname,
+)
+from multimodule.transit._local import LocalQueue
+from multimodule.transit._sysv import QueueStat, SysvQueue, kernel_msgmax
+
+
+class Transit:
+    """Named message queues over one transit directory.
+
+    ``transit_dir``: the directory (default: :func:`default_transit_dir`). ``group``: a group
+    name or id to share queues with (default ``$MULTIMODULE_TRANSIT_GROUP``, else private).
+
+    A send goes to this process's in-memory queue if the name was declared local with
+    :meth:`declare_local`, else to the System V queue of that name. Thread-safe.
+    Raises :class:`TransitBroken` if the directory cannot be prepared.
+    """
+
+    def __init__(self, transit_dir: str | os.PathLike[str] | None = None,
+                 group: str | int | None = None):
+        if group is None:
+            group = os.environ.get(ENV_TRANSIT_GROUP) or None
+        path = Path(transit_dir) if transit_dir is not None else default_transit_dir()
+        self.directory = TransitDirectory(path, group)
+        self.msgmax = kernel_msgmax()
+        self._sysv: dict[str, SysvQueue] = {}
+        self._local: dict[str, LocalQueue] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """The transit directory."""
+        return self.directory.path
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def sysv_queue(self, qname: str) -> SysvQueue:
+        """The System V queue for ``qname`` (opened, or created, on first use)."""
+        queue = self._sysv.get(qname)
+        if queue is None:
+            validate_qname(qname)
+            with self._lock:
+                queue = self._sysv.get(qname)
+                if queue is None:
+                    queue = SysvQueue(self.directory, qname, self.msgmax)
+                    self._sysv[qname] = queue
+        return queue
+
+    def declare_local(self, qname: str) -> LocalQueue:
+        """Serve ``qname`` from an in-memory queue in this process from now on; return it.
+
+        Sends from this process then cost no system call and no serialisation (the receiver
+        gets its own copy). Other processes still reach the name over System V; pair this with
+        :meth:`receiver` to bring those messages into the same local queue. Idempotent.
+        """
+        validate_qname(qname)
+        with self._lock:
+            queue = self._local.get(qname)
+            if queue is None:
+                queue = self._local[qname] = LocalQueue(qname)
+        return queue
+
+    def undeclare_local(self, qname: str) -> list[dict[str, Any]]:
+        """Stop serving ``qname`` locally; return the messages still waiting (oldest first).
+
+        The caller decides where they go (typically :meth:`requeue` onto System V), so none is
+        lost.
+        """
+        with self._lock:
+            queue = self._local.pop(qname, None)
+        return queue.drain() if queue is not None else []
+
+    def local_queue(self, qname: str) -> LocalQueue | None:
+        """The local queue for ``qname``, or ``None`` if it is not declared local."""
+        return self._local.get(qname)
+
+    def is_local(self, qname: str) -> bool:
+        """Whether sends to ``qname`` from this process stay in memory."""
+        return qname in self._local
+
+    # -- the public operations -------------------------------------------------------------
+
+    def send(self, qname: str, message: dict[str, Any], *, timeout: float | None = None,
+             **meta: Any) -> None:
+        """Send ``message`` (a JSON object) to queue ``qname``.
+
+        ``timeout``: seconds to wait for room in a full System V queue (``None``: for ever;
+        ``0``: not at all). ``meta``: extra keys for ``.ipc_transit_meta`` (which always gets
+        ``send_ts`` and ``source_hostname``). The caller's dict is not modified.
+
+        Raises :class:`InvalidQueueName`, :class:`UnserializableMessage`, :class:`QueueFull`
+        (nothing was sent), :class:`TransitBroken`.
+        """
+        local = self._local.get(qname)
+        if local is not None:
+            local.put(_wire.copy_message(message, _wire.make_meta(meta)))
+            return
+        queue = self._sysv.get(qname) or self.sysv_queue(qname)
+        body = _wire.encode_body(message, _wire.make_meta(meta))
+        try:
+            queue.send_body(body, timeout)
+        except QueueRemoved:
+            queue.reopen()
+            queue.send_body(body, timeout)
+
+    def receive(self, qname: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Take the next message from queue ``qname``, waiting up to ``timeout`` seconds.
+
+        ``timeout=None`` blocks until a message comes; ``timeout=0`` does not block. A name
+        declared local is served from memory. Raises :class:`Empty` when the time is up,
+        :class:`BadMessage` when the bytes taken were not a valid message (they are consumed;
+        call again for the next one), :class:`InvalidQueueName`, :class:`TransitBroken`.
+        """
+        local = self._local.get(qname)
+        if local is not None:
+            return local.get(timeout)
+        queue = self._sysv.get(qname) or self.sysv_queue(qname)
+        try:
+            payload = queue.receive_payload(timeout)
+        except QueueRemoved:
+            queue.reopen()
+            payload = queue.receive_payload(timeout)
+        return queue.decode(payload)
+
+    def stat(self, qname: str) -> QueueStat:
+        """Figures for ``qname``: the local queue's if declared local here, else the System V
+        queue's (opening it if the name is registered). Raises :class:`TransitError` for a name
+        that no process has used yet.
+        """
+        local = self._local.get(qname)
+        if local is not None:
+            return local.stat()
+        validate_qname(qname)
+        if qname not in self._sysv and self.directory.lookup_key(qname) is None:
+            raise TransitError(f"no queue named {qname!r} in {self.path}")
+        queue = self.sysv_queue(qname)
+        try:
+            return queue.stat()
+        except QueueRemoved:
+            queue.reopen()
+            return queue.stat()
+
+    def queues(self) -> list[QueueStat]:
+        """Figures for every System V queue registered in the transit directory, by name."""
+        out = []
+        for name in self.directory.names():
+            try:
+                validate_qname(name)
+                out.append(self.sysv_queue(name).stat())
+            except TransitError:
+                continue  # a stray file, or a queue removed between listing and reading
+        return out
+
+    def receiver(self, qname: str, deliver: Deliver, *, on_error: OnError | None = None,
+                 max_pending: int = 1024) -> AsyncReceiver:
+        """An :class:`AsyncReceiver` (not yet started) for the System V queue ``qname``.
+
+        For a name declared local, pass ``self.local_queue(qname).put`` as ``deliver`` so
+        messages from other processes join the same in-order queue.
+        """
+        return AsyncReceiver(self.sysv_queue(qname), deliver, on_error=on_error,
+                             max_pending=max_pending)
+
+    def requeue(self, qname: str, messages: list[dict[str, Any]],
+                timeout: float | None = None) -> None:
+        """Put already-received ``messages`` onto the System V queue ``qname``, in order,
+        keeping their ``.ipc_transit_meta`` (used when a local queue is handed back)."""
+        queue = self.sysv_queue(qname)
+        for message in messages:
+            try:
+                body = orjson.dumps(message)
+            except TypeError as exc:  # cannot happen for messages that came through transit
+                raise TransitBroken(f"cannot requeue a message on {qname!r}: {exc}") from exc
+            queue.send_body(body, timeout)
+
+    def remove(self, qname: str) -> None:
+        """Delete ``qname``'s System V queue, its waiting messages and its name."""
+        with self._lock:
+            self._sysv.pop(qname, None)
+        self.directory.forget(qname)
+
+    def remove_all(self) -> None:
+        """Delete every queue registered in the transit directory (for tests and purges)."""
+        for name in self.directory.names():
+            try:
+                self.remove(name)
+            except TransitError:
+                continue
+        for spill in self.directory.spill_path.iterdir():
+            spill.unlink(missing_ok=True)

@@ -1,0 +1,144 @@
+"""Wire format of one message, and the copy made for in-process delivery.
+
+A message on a System V queue is::
+
+    b"MM" | version (1 byte, currently 1) | kind (1 byte) | body
+
+``kind`` is ``b"J"`` when ``body`` is the message as a JSON object (``orjson``), or ``b"S"`` when
+the message was too large for one System V message and ``body`` is the name of a spill file
+(ASCII) holding the JSON. Anything else on a queue is reported as :class:`BadMessage`.
+
+Every sent message carries ``.ipc_transit_meta``: ``send_ts`` (float seconds since the epoch),
+``source_hostname`` and the caller's extra meta keys (the key name comes from IPC::Transit).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import orjson
+
+from multimodule.errors import BadMessage, UnserializableMessage
+
+MAGIC = b"MM"
+VERSION = 1
+KIND_JSON = b"J"
+KIND_SPILL = b"S"
+HEADER_JSON = MAGIC + bytes([VERSION]) + KIND_JSON
+HEADER_SPILL = MAGIC + bytes([VERSION]) + KIND_SPILL
+HEADER_LEN = len(HEADER_JSON)
+
+META_KEY = ".ipc_transit_meta"
+
+_hostname: str | None = None
+
+
+def hostname() -> str:
+    """This machine's host name, looked up once."""
+    global _hostname
+    if _hostname is None:
+        _hostname = socket.gethostname()
+    return _hostname
+
+
+def make_meta(extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``.ipc_transit_meta`` object for a message sent now, with ``extra`` keys merged in."""
+    meta = {"send_ts": time.time(), "source_hostname": _hostname or hostname()}
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def check_is_object(message: object) -> None:
+    """Raise :class:`UnserializableMessage` unless ``message`` is a ``dict``."""
+    if type(message) is not dict and not isinstance(message, dict):
+        raise UnserializableMessage(
+            f"a message must be a dict (a JSON object), not {type(message).__name__}"
+        )
+
+
+def encode_body(message: dict[str, Any], meta: dict[str, Any]) -> bytes:
+    """The JSON body of ``message`` with ``meta`` set as its ``.ipc_transit_meta``.
+
+    Raises :class:`UnserializableMessage` for non-``str`` keys or values JSON cannot carry.
+    The caller's dict is not modified.
+    """
+    check_is_object(message)
+    out = dict(message)
+    out[META_KEY] = meta
+    try:
+        return orjson.dumps(out)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise UnserializableMessage(f"message is not JSON-serialisable: {exc}") from exc
+
+
+def decode_body(body: bytes | memoryview, qname: str | None = None) -> dict[str, Any]:
+    """Parse a JSON body into a ``dict``; raise :class:`BadMessage` if it is not a JSON object."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessage(f"body is not valid JSON ({exc})", qname=qname, raw=bytes(body)) from exc
+    if type(value) is not dict:
+        raise BadMessage(
+            f"body is JSON {type(value).__name__}, not an object", qname=qname, raw=bytes(body)
+        )
+    return value
+
+
+def split_header(raw: bytes, qname: str | None = None) -> tuple[bytes, memoryview]:
+    """Check the header of a raw System V message; return ``(kind, body)``.
+
+    Raises :class:`BadMessage` for a missing magic, an unknown version or an unknown kind.
+    """
+    if raw[:2] != MAGIC or len(raw) < HEADER_LEN:
+        raise BadMessage("no multimodule header", qname=qname, raw=raw)
+    if raw[2] != VERSION:
+        raise BadMessage(f"unsupported wire format version {raw[2]}", qname=qname, raw=raw)
+    kind = raw[3:4]
+    if kind != KIND_JSON and kind != KIND_SPILL:
+        raise BadMessage(f"unknown message kind {kind!r}", qname=qname, raw=raw)
+    return kind, memoryview(raw)[HEADER_LEN:]
+
+
+def _copy_value(value: Any) -> Any:
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return _copy_object(value)
+    if kind is list:
+        return [_copy_value(v) for v in value]
+    # Tuples, datetimes, dataclasses, enums...: give the receiver exactly what the System V
+    # path would have given it, so that moving a queue between paths changes nothing.
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise UnserializableMessage(f"message is not JSON-serialisable: {exc}") from exc
+
+
+def _copy_object(obj: dict[Any, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in obj.items():
+        if type(key) is not str:
+            raise UnserializableMessage(f"message keys must be str, not {type(key).__name__}")
+        kind = type(value)
+        if kind is str or kind is int or kind is float or kind is bool or value is None:
+            out[key] = value
+        else:
+            out[key] = _copy_value(value)
+    return out
+
+
+def copy_message(message: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``message`` as a receiver over System V would see it, with ``meta`` set.
+
+    No serialisation for JSON-native values (dict, list, str, int, float, bool, None); other
+    values go through ``orjson`` so that the result equals the System V path's. Raises
+    :class:`UnserializableMessage` for what JSON cannot carry.
+    """
+    check_is_object(message)
+    out = _copy_object(message)
+    out[META_KEY] = meta
+    return out
