@@ -1,0 +1,197 @@
+"""The one configuration schema: the daemon's options and the task config file.
+
+The task config file is TOML (``.toml``) or JSON (``.json``) with one top-level table per task
+name. A task's table is free-form for the task, except for the reserved keys validated here:
+
+- ``is_external`` (bool): run the task in its own process (see the external-task issue);
+- ``intervals`` (table of name to seconds): overrides ``named_recur`` intervals, and
+  ``save_state`` (how often a stateful task's state is saved, default 1 s);
+- ``limits`` (table): resource limits and monitor levels (completed by later issues).
+
+A task class may declare a nested pydantic model ``Config`` for the rest of its table; a bad
+value is then refused with the field's name. Every error is a :class:`ConfigError` whose text
+names the file and the field (``Router.routes.0.forwards``) or the line and column.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+
+from multimodule.errors import ConfigError
+
+RESERVED_KEYS = ("is_external", "intervals", "limits")
+
+#: Default seconds between two saves of a stateful task's state.
+DEFAULT_SAVE_STATE_S = 1.0
+
+
+class TaskSection(BaseModel):
+    """The reserved keys of one task's table; other keys pass through to the task."""
+
+    model_config = ConfigDict(extra="allow")
+
+    is_external: bool = Field(False, description="run the task in its own process")
+    intervals: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="seconds per named_recur schedule name; 'save_state' sets how often "
+                    "state is saved",
+    )
+    limits: dict[str, Any] = Field(default_factory=dict,
+                                   description="resource limits and monitor levels")
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per pydantic error: ``field.path: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        got = err.get("input")
+        shown = repr(got)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        lines.append(f"{loc or '(top level)'}: {err['msg']} (got {shown})")
+    return "; ".join(lines)
+
+
+def is_task_name(name: object) -> bool:
+    """Task names are Python identifiers (they name a module and a class)."""
+    return isinstance(name, str) and name.isidentifier()
+
+
+def parse_config_text(text: str, source: str, fmt: str) -> dict[str, dict[str, Any]]:
+    """Parse and check the structure of a config file's text.
+
+    ``fmt``: ``"toml"`` or ``"json"``. Returns task name to table. Raises :class:`ConfigError`
+    naming ``source`` and the line/column of a syntax error or the field of a bad value.
+    """
+    try:
+        if fmt == "json":
+            data = json.loads(text) if text.strip() else {}
+        else:
+            data = tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    return check_config(data, source)
+
+
+def check_config(data: object, source: str) -> dict[str, dict[str, Any]]:
+    """Validate the structure of a parsed config: task names, tables, reserved keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a table of tasks, "
+                          f"not {type(data).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in data.items():
+        if not is_task_name(name):
+            raise ConfigError(f"{source}: {name!r} is not a valid task name "
+                              "(it must be a Python identifier)")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {name}: a task's config must be a table, "
+                              f"not {type(table).__name__}")
+        try:
+            TaskSection.model_validate(table)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {format_validation_error(exc, name)}") from exc
+        out[name] = table
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read and check a config file (format by extension: ``.json``, else TOML).
+
+    Raises :class:`ConfigError` if it cannot be read or does not validate.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    fmt = "json" if path.suffix.lower() == ".json" else "toml"
+    return parse_config_text(text, str(path), fmt)
+
+
+def validate_task_config(task_name: str, config_model: type[BaseModel] | None,
+                         table: dict[str, Any], source: str = "config"
+                         ) -> tuple[dict[str, Any], BaseModel | None]:
+    """Validate one task's table against the task's own ``Config`` model, if it has one.
+
+    Returns ``(config, settings)``: ``config`` is the table with the model's coerced values
+    and defaults filled in (reserved keys kept), ``settings`` the model instance (or ``None``).
+    Raises :class:`ConfigError` naming ``source``, the task and the field.
+    """
+    section = TaskSection.model_validate(table)
+    if config_model is None:
+        return dict(table), None
+    own = {k: v for k, v in table.items() if k not in RESERVED_KEYS}
+    try:
+        settings = config_model.model_validate(own)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc, task_name)}") from exc
+    config = dict(table)
+    config.update(settings.model_dump(mode="json", exclude_unset=False))
+    config.update({k: getattr(section, k) for k in RESERVED_KEYS if k in table})
+    return config, settings
+
+
+class DaemonOptions(BaseModel):
+    """Options of the ``multimodule`` daemon; the command line is built from these fields
+    (``multimodule.cli.daemon``), so help texts and validation live here only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    control_queue: str = Field("MultiModule_control",
+                               description="queue on which the daemon takes control messages")
+    prefixes: list[str] = Field(
+        default_factory=lambda: [""],
+        description="comma-separated module prefixes tried for task NAME (module "
+                    "PREFIX+NAME, class NAME), after the built-in multimodule.tasks.",
+    )
+    config_file: Path | None = Field(None, description="task config file (.toml or .json); "
+                                                       "re-read when it changes and on SIGHUP")
+    state_dir: Path = Field(Path("./state"), description="directory for state, status and "
+                                                         "lock files")
+    debug: int = Field(0, ge=0, description="debug level: debug records up to this level "
+                                            "are written")
+    module: str | None = Field(None, description="run only this one task (an external "
+                                                 "task's process)")
+    oob: str = Field("", description="out-of-band channels, e.g. "
+                                     "log:1,error:2,alert:journal,debug:/var/log/mm.debug")
+    transit_dir: Path | None = Field(None, description="transit directory (default: "
+                                                       "$MULTIMODULE_TRANSIT_DIR or the "
+                                                       "system default)")
+    task_path: list[Path] = Field(default_factory=list,
+                                  description="directory added to sys.path to find task "
+                                              "modules (repeatable)")
+    slow_handler_s: float = Field(0.5, gt=0, description="seconds a message handler may hold "
+                                                         "the event loop before a warning")
+
+    @field_validator("prefixes", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",")]
+        return value
+
+    @field_validator("module")
+    @classmethod
+    def _module_is_task_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_task_name(value):
+            raise ValueError(f"{value!r} is not a task name (a Python identifier)")
+        return value
+
+    @field_validator("control_queue")
+    @classmethod
+    def _control_queue_name(cls, value: str) -> str:
+        from multimodule.transit import validate_qname
+        from multimodule.errors import InvalidQueueName
+
+        try:
+            return validate_qname(value)
+        except InvalidQueueName as exc:
+            raise ValueError(str(exc)) from exc

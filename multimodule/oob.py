@@ -1,0 +1,185 @@
+"""Out-of-band channels: ``log``, ``error``, ``alert`` and ``debug``.
+
+Tasks and the daemon report through these channels, never through their message queues. Each
+channel goes to one sink, chosen by the ``-o`` spec (``log:1,error:2,alert:journal,...``):
+
+- ``1`` / ``2``: standard output / standard error, one line per record:
+  ``TASK: text key=value ...`` (``log``) or ``CHANNEL: TASK: text key=value ...`` (others);
+- ``journal``: journald with structured fields ``MESSAGE``, ``PRIORITY``, ``MULTIMODULE_TASK``,
+  ``MULTIMODULE_CHANNEL`` and the caller's fields upper-cased (``journalctl
+  MULTIMODULE_TASK=Example1``);
+- a path (containing ``/``): appended to that file;
+- any other word: a queue name; the record is sent there as a message (``router`` means the
+  ``Router`` queue), which is how the original routed its channels.
+
+Defaults: ``journal`` for every channel under systemd (``$INVOCATION_ID`` set), else
+``log:1,error:2,alert:2,debug:./debug.out``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+import orjson
+
+from multimodule.errors import ConfigError
+
+CHANNELS = ("log", "error", "alert", "debug")
+
+# syslog priorities, as journald expects them
+_PRIORITY = {"log": 6, "error": 3, "alert": 1, "debug": 7}
+
+Sender = Callable[[str, dict[str, Any]], None]
+
+
+def _format_fields(fields: dict[str, Any]) -> str:
+    if not fields:
+        return ""
+    parts = []
+    for key, value in fields.items():
+        text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+        parts.append(f"{key}={text}")
+    return " " + " ".join(parts)
+
+
+@dataclass
+class Sink:
+    """Where one channel's records go: ``kind`` is ``stdout``, ``stderr``, ``file``,
+    ``journal`` or ``queue``; ``target`` is the path or queue name."""
+
+    kind: str
+    target: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _file: TextIO | None = field(default=None, repr=False)
+
+    def write(self, channel: str, task: str, text: str, fields: dict[str, Any],
+              send: Sender | None) -> None:
+        """Write one record; a failing sink is reported on stderr, never raised."""
+        try:
+            if self.kind == "journal":
+                self._journal(channel, task, text, fields)
+            elif self.kind == "queue":
+                if send is None:
+                    raise RuntimeError("no transit to send the record with")
+                record = {"channel": channel, "task": task, "text": text, "time": time.time()}
+                record.update(fields)
+                send(self.target, record)
+            else:
+                prefix = f"{task}: " if channel == "log" else f"{channel}: {task}: "
+                line = prefix + text + _format_fields(fields) + "\n"
+                stream = self._stream()
+                with self._lock:
+                    stream.write(line)
+                    stream.flush()
+        except Exception as exc:  # a sink must never take the caller down
+            sys.stderr.write(f"oob: cannot write {channel} record to {self.kind} "
+                             f"{self.target}: {exc}: {task}: {text}\n")
+
+    def _stream(self) -> TextIO:
+        if self.kind == "stdout":
+            return sys.stdout
+        if self.kind == "stderr":
+            return sys.stderr
+        if self._file is None:
+            self._file = open(self.target, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        return self._file
+
+    def _journal(self, channel: str, task: str, text: str, fields: dict[str, Any]) -> None:
+        from systemd import journal  # imported only when the journal is used
+
+        extra = {}
+        for key, value in fields.items():
+            name = "".join(c if c.isalnum() else "_" for c in str(key)).upper()
+            extra[name.lstrip("_") or "FIELD"] = value if isinstance(value, str) else \
+                orjson.dumps(value, default=str).decode()
+        journal.send(
+            f"{task}: {text}",
+            PRIORITY=str(_PRIORITY[channel]),
+            MULTIMODULE_TASK=task,
+            MULTIMODULE_CHANNEL=channel,
+            SYSLOG_IDENTIFIER="multimodule",
+            **extra,
+        )
+
+    def close(self) -> None:
+        """Close the file of a ``file`` sink."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def parse_sink(spec: str) -> Sink:
+    """Turn one handler word (``1``, ``2``, ``journal``, a path, a queue name) into a Sink."""
+    if spec == "1":
+        return Sink("stdout")
+    if spec == "2":
+        return Sink("stderr")
+    if spec == "journal":
+        return Sink("journal")
+    if "/" in spec:
+        return Sink("file", spec)
+    if spec.lower() == "router":
+        return Sink("queue", "Router")
+    if not spec:
+        raise ConfigError("empty out-of-band handler")
+    return Sink("queue", spec)
+
+
+def default_spec(environ: dict[str, str] | None = None) -> str:
+    """The default ``-o`` spec: journald under systemd, else stdout/stderr/a debug file."""
+    env = os.environ if environ is None else environ
+    if env.get("INVOCATION_ID"):
+        return "log:journal,error:journal,alert:journal,debug:journal"
+    return "log:1,error:2,alert:2,debug:./debug.out"
+
+
+def parse_spec(spec: str) -> dict[str, Sink]:
+    """Parse ``channel:handler,...`` over the defaults. Raises :class:`ConfigError` naming the
+    bad part (an unknown channel, a part without ``:``)."""
+    sinks = {ch: parse_sink(h) for ch, h in
+             (part.split(":", 1) for part in default_spec().split(","))}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        channel, sep, handler = part.partition(":")
+        if not sep:
+            raise ConfigError(f"out-of-band spec part {part!r} is not CHANNEL:HANDLER")
+        if channel not in CHANNELS:
+            raise ConfigError(
+                f"unknown out-of-band channel {channel!r} (channels: {', '.join(CHANNELS)})"
+            )
+        sinks[channel] = parse_sink(handler)
+    return sinks
+
+
+class Channels:
+    """The four channels of one process.
+
+    ``sinks``: channel name to :class:`Sink` (see :func:`parse_spec`). ``debug_level``: debug
+    records with ``level`` above it are dropped (0: no debug output). ``send``: how queue sinks
+    send (``send(qname, message)``), set once transit is up.
+    """
+
+    def __init__(self, sinks: dict[str, Sink] | None = None, debug_level: int = 0,
+                 send: Sender | None = None):
+        self.sinks = sinks if sinks is not None else parse_spec("")
+        self.debug_level = debug_level
+        self.send = send
+        self.counts = dict.fromkeys(CHANNELS, 0)
+
+    def emit(self, channel: str, task: str, text: str, **fields: Any) -> None:
+        """Write a record on ``channel`` for ``task``; ``fields`` are structured extras."""
+        if channel == "debug":
+            level = fields.pop("level", 1)
+            if level > self.debug_level:
+                return
+        self.counts[channel] += 1
+        self.sinks[channel].write(channel, task, str(text), fields, self.send)
+
+    def close(self) -> None:
+        """Close file sinks."""
+        for sink in self.sinks.values():
+            sink.close()

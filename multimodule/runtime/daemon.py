@@ -1,0 +1,500 @@
+"""The control daemon: loads tasks, routes their messages, keeps their state, obeys its control
+queue, follows its config file.
+
+One asyncio event loop runs every internal task cooperatively. The daemon is the tasks' host
+(:class:`~multimodule.task.TaskHost`): a task's send goes to the in-memory queue of a task in
+this process, loading that task on first use if a task of that name can be found, and otherwise
+to the System V queue of that name through a per-queue outbox that never blocks the loop.
+
+Control messages (on ``-q``, default ``MultiModule_control``) keep the original's shapes::
+
+    {".multimodule": {"config": {"Task": {...}}}}              replace Task's config
+    {".multimodule": {"control": [{"type": "cleanly_exit", "exit_externals": 0}]}}
+    {".multimodule": {"control": [{"type": "reload"}]}}        re-read the config file
+    {".multimodule": {"query": "state"|"config"|"status", "task": "T", "reply_to": "Q"}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from multimodule.config import (
+    DaemonOptions,
+    check_config,
+    load_config_file,
+    validate_task_config,
+)
+from multimodule.errors import ConfigError, MultiModuleError, QueueFull, TransitError
+from multimodule.oob import Channels, parse_spec
+from multimodule.runtime.loader import TaskImportFailed, TaskNotFound, find_task_class
+from multimodule.runtime.runner import CONTROL_KEY, TaskRunner
+from multimodule.state import AlreadyRunning, InstanceLock, StateStore
+from multimodule.task import ROUTER_QNAME, Task, Work
+from multimodule.transit import Transit, _wire
+from multimodule.transit._interrupt import ensure_handler
+
+#: Name used for the daemon's own records and messages.
+DAEMON_SOURCE = "MultiModule"
+
+#: Seconds the daemon waits at exit for outboxes to drain into full System V queues.
+OUTBOX_EXIT_WAIT_S = 5.0
+
+
+class Outbox:
+    """Messages for one System V queue that was full: a thread sends them in order, blocking,
+    so the event loop never waits. While it holds messages, later sends to the same queue
+    join it (order is kept). ``depth``: messages waiting."""
+
+    def __init__(self, daemon: Daemon, qname: str):
+        self.daemon = daemon
+        self.qname = qname
+        self.items: deque[bytes] = deque()
+        self.cond = threading.Condition()
+        self.retired = False
+        self.thread = threading.Thread(target=self._run, name=f"mm-outbox:{qname}", daemon=True)
+
+    def start(self) -> None:
+        """Start the sending thread."""
+        self.thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self.items)
+
+    def put(self, body: bytes) -> bool:
+        """Queue ``body``; ``False`` if this outbox already emptied and retired."""
+        with self.cond:
+            if self.retired:
+                return False
+            self.items.append(body)
+            return True
+
+    def _run(self) -> None:
+        transit = self.daemon.transit
+        while True:
+            with self.cond:
+                if not self.items:
+                    # Nothing left: retire, so the next send tries the fast path again.
+                    self.retired = True
+                    if self.daemon._outboxes.get(self.qname) is self:
+                        del self.daemon._outboxes[self.qname]
+                    return
+                body = self.items[0]
+            try:
+                transit.sysv_queue(self.qname).send_body(body, None)
+            except TransitError as exc:
+                self.daemon.loop.call_soon_threadsafe(
+                    self.daemon.channels.emit, "error", DAEMON_SOURCE,
+                    f"outbox for queue {self.qname!r}: {exc}; retrying in 1 s")
+                time.sleep(1.0)
+                continue
+            with self.cond:
+                self.items.popleft()
+
+    def wait_empty(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+class Daemon:
+    """The control daemon (or, with ``options.module``, the host of one external task).
+
+    ``transit`` and ``channels`` may be passed in (tests); otherwise they are made from
+    ``options``. :meth:`run` returns the process exit status.
+    """
+
+    def __init__(self, options: DaemonOptions, *, transit: Transit | None = None,
+                 channels: Channels | None = None):
+        self.options = options
+        self.transit = transit
+        self.channels = channels or Channels(parse_spec(options.oob), options.debug)
+        self.runners: dict[str, TaskRunner] = {}
+        self.file_config: dict[str, dict[str, Any]] = {}
+        self.overrides: dict[str, dict[str, Any]] = {}
+        self.import_failures: dict[str, str] = {}
+        self.not_tasks: set[str] = set()
+        self._outboxes: dict[str, Outbox] = {}
+        self._stop: asyncio.Event | None = None
+        self._reload_handle: asyncio.TimerHandle | None = None
+        self._control_runner: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.store: StateStore | None = None
+        self.lock: InstanceLock | None = None
+        self.control_receiver = None
+        self.started_at: float | None = None
+        #: Set once the configured tasks are loaded (tests and readiness notification wait on it).
+        self.ready: asyncio.Event | None = None
+        self.exit_status = 0
+
+    # -- TaskHost --------------------------------------------------------------------------
+
+    def send(self, qname: str, message: dict[str, Any]) -> None:
+        """Send for a task: in memory to a task here (loading it on first use), else out over
+        System V without blocking the loop. Raises the transit's usage errors."""
+        transit = self.transit
+        if transit.is_local(qname):
+            transit.send(qname, message)
+            return
+        if (not self.options.module and qname not in self.not_tasks
+                and qname not in self.import_failures and self._load_on_demand(qname)):
+            transit.send(qname, message)
+            return
+        self._send_out(qname, message)
+
+    def _send_out(self, qname: str, message: dict[str, Any]) -> None:
+        """Send over System V now if there is room, else through the queue's outbox."""
+        outbox = self._outboxes.get(qname)
+        if outbox is not None and outbox.put(_wire.encode_body(message, _wire.make_meta({}))):
+            return
+        try:
+            self.transit.send(qname, message, timeout=0)
+            return
+        except QueueFull:
+            pass
+        # Full: queue it behind a thread that waits for room (created before the first put, so
+        # the thread cannot retire before it sees the message).
+        outbox = Outbox(self, qname)
+        outbox.put(_wire.encode_body(message, _wire.make_meta({})))
+        self._outboxes[qname] = outbox
+        outbox.start()
+        self.channels.emit("debug", DAEMON_SOURCE,
+                           f"queue {qname!r} is full; holding messages in order")
+
+    def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
+        """Schedule ``work`` for ``task`` (see :meth:`Task.named_recur`)."""
+        self.runners[task.name].recur(name, interval, work)
+
+    # -- config ----------------------------------------------------------------------------
+
+    def effective_config(self, name: str) -> dict[str, Any]:
+        """The table in force for task ``name``: a control-message override, else the file's."""
+        if name in self.overrides:
+            return self.overrides[name]
+        return self.file_config.get(name, {})
+
+    def _validated(self, name: str, cls: type[Task], table: dict[str, Any], source: str
+                   ) -> tuple[dict[str, Any], BaseModel | None]:
+        return validate_task_config(name, cls.Config, table, source)
+
+    def _load(self, name: str, *, on_demand: bool = False) -> TaskRunner | None:
+        """Import, construct and start task ``name``; report and return ``None`` on failure."""
+        try:
+            cls = find_task_class(name, self.options.prefixes)
+        except TaskNotFound as exc:
+            if on_demand:
+                self.not_tasks.add(name)
+            else:
+                self.channels.emit("error", DAEMON_SOURCE, f"cannot load task {name}: {exc}",
+                                   task=name)
+            return None
+        except TaskImportFailed as exc:
+            self.import_failures[name] = str(exc)
+            self.channels.emit("error", DAEMON_SOURCE, str(exc), task=name,
+                               traceback=exc.details)
+            return None
+        table = self.effective_config(name)
+        if table.get("is_external"):
+            self.channels.emit(
+                "error", DAEMON_SOURCE,
+                f"task {name}: is_external = true is not supported by this version; "
+                "the task is not loaded", task=name)
+            self.import_failures[name] = "external tasks are not supported yet"
+            return None
+        try:
+            config, settings = self._validated(name, cls, table, self._config_source(name))
+        except ConfigError as exc:
+            self.channels.emit("error", DAEMON_SOURCE, f"task {name} not loaded: {exc}",
+                               task=name)
+            return None
+        try:
+            runner = TaskRunner(self, name, cls, store=self.store)
+            self.runners[name] = runner
+            runner.start(config, settings)
+        except Exception as exc:
+            self.runners.pop(name, None)
+            self.transit.undeclare_local(name)
+            self.import_failures[name] = f"{type(exc).__name__}: {exc}"
+            self.channels.emit("error", DAEMON_SOURCE,
+                               f"task {name} failed to start: {type(exc).__name__}: {exc}",
+                               task=name, traceback=traceback.format_exc())
+            return None
+        self.channels.emit("debug", DAEMON_SOURCE, f"loaded task {name} from {cls.__module__}")
+        return runner
+
+    def _load_on_demand(self, name: str) -> bool:
+        return self._load(name, on_demand=True) is not None
+
+    def _config_source(self, name: str) -> str:
+        if name in self.overrides:
+            return "control message"
+        return str(self.options.config_file or "config")
+
+    def reload_config(self) -> bool:
+        """Re-read the config file and apply what changed; refuse (keep the old) if invalid."""
+        path = self.options.config_file
+        if path is None:
+            return True
+        try:
+            new = load_config_file(path)
+            # Check every section against its task's own model before touching anything.
+            for name, table in new.items():
+                runner = self.runners.get(name)
+                if runner is not None:
+                    self._validated(name, runner.cls, table, str(path))
+        except ConfigError as exc:
+            self.channels.emit("error", DAEMON_SOURCE,
+                               f"config refused, the previous config stays in force: {exc}")
+            return False
+        before = {name: self.effective_config(name) for name in set(self.file_config) | set(new)}
+        for name in set(self.file_config) | set(new):
+            if self.file_config.get(name) != new.get(name):
+                self.overrides.pop(name, None)  # the file changed this task: the file wins
+        self.file_config = new
+        self.not_tasks.clear()
+        self.import_failures.clear()
+        for name in sorted(set(before) | set(new)):
+            self._apply(name, before.get(name, {}))
+        self.channels.emit("debug", DAEMON_SOURCE, f"config reloaded from {path}")
+        return True
+
+    def _apply(self, name: str, before: dict[str, Any]) -> None:
+        table = self.effective_config(name)
+        runner = self.runners.get(name)
+        if runner is None:
+            if name in self.file_config or name in self.overrides:
+                self._load(name)
+            return
+        if table == before:
+            return
+        try:
+            config, settings = self._validated(name, runner.cls, table, self._config_source(name))
+        except ConfigError as exc:
+            self.channels.emit("error", DAEMON_SOURCE, f"config for {name} refused: {exc}")
+            return
+        runner.apply_config(config, settings)
+
+    def set_task_config(self, name: str, table: Any) -> None:
+        """Replace task ``name``'s config (a control message); refused with an error if bad."""
+        try:
+            checked = check_config({name: table}, "control message")[name]
+            runner = self.runners.get(name)
+            if runner is not None:
+                self._validated(name, runner.cls, checked, "control message")
+        except ConfigError as exc:
+            self.channels.emit("error", DAEMON_SOURCE, f"config for {name} refused: {exc}")
+            return
+        before = self.effective_config(name)
+        self.overrides[name] = checked
+        self.import_failures.pop(name, None)
+        self.not_tasks.discard(name)
+        self._apply(name, before)
+
+    # -- control queue ---------------------------------------------------------------------
+
+    def _on_control(self, message: dict[str, Any]) -> None:
+        body = message.get(CONTROL_KEY)
+        if not isinstance(body, dict):
+            self.channels.emit("error", DAEMON_SOURCE,
+                               f"control message without a {CONTROL_KEY!r} object ignored",
+                               message=message)
+            return
+        try:
+            if "config" in body:
+                configs = body["config"]
+                if not isinstance(configs, dict):
+                    raise ConfigError("'config' must be an object of task name to config")
+                for name, table in configs.items():
+                    self.set_task_config(name, table)
+            for item in body.get("control") or []:
+                self._control(item)
+            if "query" in body:
+                self._query(body)
+        except MultiModuleError as exc:
+            self.channels.emit("error", DAEMON_SOURCE, f"control message refused: {exc}")
+
+    def _control(self, item: Any) -> None:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "cleanly_exit":
+            self.channels.emit("log", DAEMON_SOURCE, "cleanly_exit requested on control queue")
+            self.request_stop()
+        elif kind == "reload":
+            self.reload_config()
+        else:
+            raise ConfigError(f"unknown control item {item!r} (known: cleanly_exit, reload)")
+
+    def _query(self, body: dict[str, Any]) -> None:
+        reply_to = body.get("reply_to")
+        what = body.get("query")
+        name = body.get("task")
+        reply: dict[str, Any] = {"query": what, "task": name}
+        if what == "status":
+            reply["status"] = self.status()
+        elif what in ("state", "config"):
+            runner = self.runners.get(name)
+            if runner is None:
+                reply["error"] = f"no task {name!r} is loaded"
+            elif what == "state":
+                reply["state"] = runner.task.state if runner.cls.is_stateful else None
+                reply["stateful"] = runner.cls.is_stateful
+            else:
+                reply["config"] = runner.task.config
+        else:
+            reply["error"] = f"unknown query {what!r} (known: state, config, status)"
+        if isinstance(reply_to, str):
+            self._send_out(reply_to, reply)
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's figures: pid, uptime, tasks with their counters, failures."""
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "tasks": {name: r.figures() for name, r in sorted(self.runners.items())},
+            "import_failures": dict(self.import_failures),
+            "outboxes": {q: o.depth for q, o in self._outboxes.items()},
+        }
+
+    # -- running ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Begin an orderly exit (signal handlers and ``cleanly_exit`` call this)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def _schedule_reload(self) -> None:
+        if self._reload_handle is not None:
+            self._reload_handle.cancel()
+        # Coalesce the bursts of events an editor's save makes.
+        self._reload_handle = self.loop.call_later(0.05, self.reload_config)
+
+    def _watch_config(self) -> Any:
+        path = self.options.config_file
+        if path is None:
+            return None
+        try:
+            from inotify_simple import INotify, flags
+        except ImportError:  # pragma: no cover - a dependency; SIGHUP still works
+            return None
+        watcher = INotify(nonblocking=True)
+        watcher.add_watch(str(path.parent), flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE)
+        name = path.name
+
+        def on_events() -> None:
+            try:
+                events = watcher.read(timeout=0)
+            except BlockingIOError:
+                return
+            if any(event.name == name for event in events):
+                self._schedule_reload()
+
+        self.loop.add_reader(watcher.fileno(), on_events)
+        return watcher
+
+    async def _serve_control(self, queue) -> None:
+        while True:
+            message = await queue.get_async()
+            try:
+                self._on_control(message)
+            except Exception as exc:  # the daemon never dies of a control message
+                self.channels.emit("error", DAEMON_SOURCE,
+                                   f"control message failed: {type(exc).__name__}: {exc}",
+                                   traceback=traceback.format_exc())
+
+    async def run(self) -> int:
+        """Run until SIGINT/SIGTERM or ``cleanly_exit``; return the exit status."""
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.started_at = time.time()
+        opts = self.options
+        for path in opts.task_path:
+            if str(path) not in sys.path:
+                sys.path.insert(0, str(path))
+        try:
+            self.store = StateStore(opts.state_dir)
+            lock_name = f"task-{opts.module}" if opts.module else "multimodule"
+            self.lock = InstanceLock(self.store.path, lock_name)
+            self.lock.acquire()
+        except AlreadyRunning as exc:
+            print(f"multimodule: {exc}", file=sys.stderr)
+            return 1
+        except (ConfigError, OSError) as exc:
+            print(f"multimodule: {exc}", file=sys.stderr)
+            return 1
+        watcher = None
+        try:
+            if self.transit is None:
+                self.transit = Transit(opts.transit_dir)
+            self.channels.send = self._send_out
+            if not ensure_handler():
+                raise MultiModuleError("the daemon must run on the main thread")
+            if opts.config_file is not None:
+                self.file_config = load_config_file(opts.config_file)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.loop.add_signal_handler(sig, self.request_stop)
+            self.loop.add_signal_handler(signal.SIGHUP, self.reload_config)
+            if opts.module:
+                self._load(opts.module)
+            else:
+                control = self.transit.declare_local(opts.control_queue)
+                self.control_receiver = self.transit.receiver(opts.control_queue, control.put)
+                self.control_receiver.start()
+                self._control_runner = self.loop.create_task(self._serve_control(control))
+                self._load(ROUTER_QNAME)
+                for name in sorted(self.file_config):
+                    if name not in self.runners:
+                        self._load(name)
+            watcher = self._watch_config()
+            self.channels.emit("log", DAEMON_SOURCE, f"running (pid {os.getpid()}): tasks "
+                                                     f"{', '.join(sorted(self.runners)) or 'none'}")
+            self.ready.set()
+            await self._stop.wait()
+            await self._shutdown()
+        except MultiModuleError as exc:
+            print(f"multimodule: {exc}", file=sys.stderr)
+            self.exit_status = 1
+        finally:
+            if watcher is not None:
+                self.loop.remove_reader(watcher.fileno())
+                watcher.close()
+            self.lock.release()
+            self.channels.close()
+        return self.exit_status
+
+    async def _shutdown(self) -> None:
+        self.channels.emit("log", DAEMON_SOURCE, "stopping: delivering messages in memory, "
+                                                 "saving state")
+        if self._control_runner is not None:
+            await self.control_receiver.stop()
+            self._control_runner.cancel()
+        runners = list(self.runners.values())
+        for runner in runners:
+            runner.stop_intake()
+        for runner in runners:
+            await runner.stop_receiver()
+        # Deliver what is in memory; a delivery may emit to another task, so go round
+        # until every queue is empty (bounded, in case tasks feed each other for ever).
+        for _ in range(100):
+            handled = 0
+            for runner in list(self.runners.values()):
+                handled += await runner.deliver_pending()
+            if not handled:
+                break
+        for runner in list(self.runners.values()):
+            await runner.stop()
+        for outbox in list(self._outboxes.values()):
+            if not await self.loop.run_in_executor(None, outbox.wait_empty, OUTBOX_EXIT_WAIT_S):
+                self.channels.emit("error", DAEMON_SOURCE,
+                                   f"{outbox.depth} messages for full queue {outbox.qname!r} "
+                                   "could not be delivered before exit")
+                self.exit_status = 1

@@ -1,0 +1,75 @@
+"""Finding a task's class: module ``<prefix>NAME`` defining class ``NAME``.
+
+The built-in prefix ``multimodule.tasks.`` is tried first, then each configured prefix in
+order (``-p``); a prefix is a dotted package path ending in ``.`` or the empty string (a
+top-level module on ``sys.path``, e.g. from ``--task-path``). Like Perl's ``use lib``,
+``--task-path`` directories are added to ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from typing import Sequence
+
+from multimodule.config import is_task_name
+from multimodule.errors import TaskError
+from multimodule.task import Task
+
+BUILTIN_PREFIX = "multimodule.tasks."
+
+
+class TaskNotFound(TaskError):
+    """No module ``<prefix>NAME`` with a ``Task`` subclass ``NAME`` exists for any prefix."""
+
+
+class TaskImportFailed(TaskError):
+    """A task module exists but raised while importing (syntax error, missing dependency).
+
+    ``details`` holds the formatted traceback.
+    """
+
+    def __init__(self, message: str, details: str):
+        super().__init__(message)
+        self.details = details
+
+
+def _is_missing(exc: ModuleNotFoundError, module_name: str) -> bool:
+    # Only the module itself (or a parent package) missing means "not here"; a missing
+    # dependency imported by the task module is an import failure.
+    missing = exc.name or ""
+    return module_name == missing or module_name.startswith(missing + ".")
+
+
+def find_task_class(name: str, prefixes: Sequence[str]) -> type[Task]:
+    """The task class for ``name``.
+
+    Raises :class:`TaskNotFound` (no such module or class, or the class is not a ``Task``)
+    or :class:`TaskImportFailed` (a module was found but failed to import).
+    """
+    if not is_task_name(name):
+        raise TaskNotFound(f"{name!r} is not a task name (it must be a Python identifier)")
+    tried = []
+    for prefix in (BUILTIN_PREFIX, *prefixes):
+        module_name = f"{prefix}{name}"
+        tried.append(module_name)
+        try:
+            # A module that failed to import is not kept in sys.modules, so the next lookup
+            # (after a config change) reads the file again.
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if _is_missing(exc, module_name):
+                continue
+            raise TaskImportFailed(f"task module {module_name} failed to import: {exc}",
+                                   traceback.format_exc()) from exc
+        except Exception as exc:  # SyntaxError, or anything the module raised
+            sys.modules.pop(module_name, None)
+            raise TaskImportFailed(f"task module {module_name} failed to import: "
+                                   f"{type(exc).__name__}: {exc}",
+                                   traceback.format_exc()) from exc
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and issubclass(cls, Task):
+            return cls
+    raise TaskNotFound(f"no task {name!r} (tried modules {', '.join(tried)})")
+

@@ -1,0 +1,318 @@
+"""Running one task inside an asyncio event loop: in-order delivery, schedules, state.
+
+Each task has an in-memory queue (declared local in the process's transit) fed by senders in
+this process and by an :class:`~multimodule.transit.AsyncReceiver` for the System V queue of the
+same name. One consumer coroutine per task takes messages in order and calls the handler; it
+hands the loop back every ``BATCH`` messages so that one busy task cannot starve the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from multimodule.errors import BadMessage, TransitError
+from multimodule.state import StateError, StateStore
+from multimodule.task import Task, Work
+
+if TYPE_CHECKING:
+    from multimodule.runtime.daemon import Daemon
+
+#: Messages handled in a row before the consumer yields to the event loop.
+BATCH = 256
+
+#: Key of control instructions inside a message (from the original App::MultiModule).
+CONTROL_KEY = ".multimodule"
+
+#: Seconds ``stop`` waits for a handler in progress before cancelling it.
+STOP_GRACE_S = 10.0
+
+
+def _short(message: Any, limit: int = 300) -> str:
+    text = repr(message)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Schedule:
+    """One ``named_recur`` schedule: fixed rate, missed ticks skipped, not accumulated."""
+
+    def __init__(self, runner: TaskRunner, name: str, interval: float, work: Work):
+        self.runner = runner
+        self.name = name
+        self.requested = interval
+        self.work = work
+        self.handle: asyncio.Task | None = None
+
+    @property
+    def interval(self) -> float:
+        return float(self.runner.intervals.get(self.name, self.requested))
+
+    def start(self) -> None:
+        self.handle = asyncio.get_running_loop().create_task(
+            self._run(), name=f"recur:{self.runner.name}:{self.name}")
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.interval
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            await self.runner.run_work(self.name, self.work)
+            now = loop.time()
+            due += self.interval
+            if due <= now:  # we fell behind: skip the missed ticks
+                due = now + self.interval
+
+
+class TaskRunner:
+    """Hosts one task instance for a :class:`~multimodule.runtime.daemon.Daemon`.
+
+    ``receive_sysv``: also take the task's System V queue (``False`` only in tests).
+    """
+
+    def __init__(self, daemon: Daemon, name: str, cls: type[Task], *,
+                 store: StateStore | None, receive_sysv: bool = True):
+        self.daemon = daemon
+        self.name = name
+        self.cls = cls
+        self.store = store if cls.is_stateful else None
+        self.channels = daemon.channels
+        self.task = cls()
+        self.task.attach(name, daemon)
+        self.queue = daemon.transit.declare_local(name)
+        self.receiver = (daemon.transit.receiver(name, self.queue.put, on_error=self._on_transit_error)
+                         if receive_sysv else None)
+        self.intervals: dict[str, float] = {}
+        self.schedules: dict[str, _Schedule] = {}
+        self._consumer: asyncio.Task | None = None
+        self._saver: asyncio.Task | None = None
+        self._cancellable = False
+        self._stop_after_message = False
+        self.started_at = time.time()
+        self.last_error: str | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self, config: dict[str, Any], settings: BaseModel | None) -> None:
+        """Restore state, apply ``config``, start delivery (call with the loop running)."""
+        if self.store is not None:
+            state, problem = self.store.load(self.name)
+            if problem:
+                self.report_error(problem)
+            self.task.state = state
+        self.apply_config(config, settings)
+        loop = asyncio.get_running_loop()
+        self._consumer = loop.create_task(self._consume(), name=f"consume:{self.name}")
+        if self.receiver is not None:
+            self.receiver.start()
+        if self.store is not None:
+            self._saver = loop.create_task(self._save_periodically(), name=f"save:{self.name}")
+
+    def apply_config(self, config: dict[str, Any], settings: BaseModel | None) -> None:
+        """Give the task its (validated) config; schedules pick up new ``intervals``."""
+        self.intervals = dict(config.get("intervals") or {})
+        self.task.config = config
+        self.task.settings = settings
+        try:
+            self.task.set_config(config)
+        except Exception as exc:
+            self.report_error(f"set_config raised {type(exc).__name__}: {exc}",
+                              traceback=traceback.format_exc())
+        for schedule in self.schedules.values():
+            # restart so that a changed interval applies from now
+            schedule.cancel()
+            schedule.start()
+
+    def recur(self, name: str, interval: float, work: Work) -> None:
+        """Create or replace the schedule ``name`` (see :meth:`Task.named_recur`)."""
+        if not (isinstance(interval, (int, float)) and interval > 0):
+            raise ValueError(f"named_recur interval must be a positive number of seconds, "
+                             f"not {interval!r}")
+        old = self.schedules.pop(name, None)
+        if old is not None:
+            old.cancel()
+        schedule = self.schedules[name] = _Schedule(self, name, float(interval), work)
+        schedule.start()
+
+    def stop_intake(self) -> None:
+        """Cancel schedules (no new work is generated by timers)."""
+        for schedule in self.schedules.values():
+            schedule.cancel()
+        self.schedules.clear()
+
+    async def stop_receiver(self) -> None:
+        """Stop taking from the System V queue; messages already taken stay in memory."""
+        if self.receiver is not None:
+            await self.receiver.stop()
+
+    async def stop(self) -> None:
+        """Stop delivery after the message in progress, deliver what is in memory, save."""
+        self.stop_intake()
+        await self.stop_receiver()
+        consumer = self._consumer
+        if consumer is not None and not consumer.done():
+            if self._cancellable:
+                consumer.cancel()
+            else:
+                self._stop_after_message = True
+            try:
+                await asyncio.wait_for(asyncio.shield(consumer), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                self.report_error(f"handler still busy after {STOP_GRACE_S} s; cancelled")
+                consumer.cancel()
+            except asyncio.CancelledError:
+                pass
+        await self.deliver_pending()
+        if self._saver is not None:
+            self._saver.cancel()
+        self.save_state()
+
+    # -- delivery --------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        queue = self.queue
+        process = self.process
+        try:
+            while True:
+                self._cancellable = True
+                message = await queue.get_async()
+                self._cancellable = False
+                await process(message)
+                handled = 1
+                while queue._items and handled < BATCH:
+                    await process(queue.get_nowait())
+                    handled += 1
+                if self._stop_after_message:
+                    return
+                self._cancellable = True
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if not self._cancellable:
+                raise
+        finally:
+            self._cancellable = False
+
+    async def deliver_pending(self) -> int:
+        """Handle every message waiting in memory now; return how many were handled."""
+        count = 0
+        while self.queue._items:
+            await self.process(self.queue.get_nowait())
+            count += 1
+        return count
+
+    async def process(self, message: dict[str, Any]) -> None:
+        """Deliver one message: a state transform, or the task's handler."""
+        counters = self.task.counters
+        counters.messages_in += 1
+        control = message.get(CONTROL_KEY)
+        if control is not None and type(control) is dict and "transform" in control:
+            self._transform(control["transform"])
+            return
+        started = time.perf_counter()
+        awaited = False
+        try:
+            result = self.task.message(message)
+            if result is not None and inspect.isawaitable(result):
+                awaited = True
+                await result
+        except Exception as exc:
+            counters.task_message_failure += 1
+            self.report_error(
+                f"message handler raised {type(exc).__name__}: {exc}; message: {_short(message)}",
+                traceback=traceback.format_exc(), failure="task_message_failure",
+            )
+        elapsed = time.perf_counter() - started
+        counters.handler_seconds += elapsed
+        if not awaited and elapsed > self.daemon.options.slow_handler_s:
+            counters.slow_handlers += 1
+            self.channels.emit(
+                "error", self.name,
+                f"warning: message handler held the event loop for {elapsed:.3f} s "
+                f"(threshold {self.daemon.options.slow_handler_s} s)",
+                severity="warning", duration_s=round(elapsed, 6),
+            )
+
+    def _transform(self, transform: Any) -> None:
+        if not isinstance(transform, dict):
+            self.report_error(f"state transform must be an object, got {_short(transform)}")
+            return
+        if not self.cls.is_stateful:
+            self.report_error("state transform sent to a stateless task; ignored",
+                              transform=transform)
+            return
+        self.task.state.update(transform)
+        self.channels.emit("debug", self.name, "state transformed", keys=sorted(transform))
+
+    async def run_work(self, name: str, work: Work) -> None:
+        """Run one tick of a schedule, reporting (not raising) its errors."""
+        try:
+            result = work()
+            if result is not None and inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self.task.counters.recur_failure += 1
+            self.report_error(f"scheduled work {name!r} raised {type(exc).__name__}: {exc}",
+                              traceback=traceback.format_exc())
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def save_interval(self) -> float:
+        from multimodule.config import DEFAULT_SAVE_STATE_S
+
+        return float(self.intervals.get("save_state", DEFAULT_SAVE_STATE_S))
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.save_interval)
+            self.save_state()
+
+    def save_state(self) -> None:
+        """Save the task's state now if it changed (stateful tasks only)."""
+        if self.store is None:
+            return
+        try:
+            self.store.save(self.name, self.task.state)
+        except StateError as exc:
+            self.report_error(str(exc))
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def report_error(self, text: str, **fields: Any) -> None:
+        """A record on the ``error`` channel for this task; remembered as ``last_error``."""
+        self.last_error = text
+        self.channels.emit("error", self.name, text, **fields)
+
+    def _on_transit_error(self, exc: TransitError) -> None:
+        if isinstance(exc, BadMessage):
+            self.report_error(f"discarded a malformed message from queue {self.name!r}: "
+                              f"{exc.reason}", raw=exc.raw.decode("utf-8", "replace"))
+        else:
+            self.report_error(f"queue {self.name!r}: {exc}")
+
+    def figures(self) -> dict[str, Any]:
+        """Counters and queue depth, for status queries."""
+        c = self.task.counters
+        return {
+            "name": self.name,
+            "stateful": self.cls.is_stateful,
+            "messages_in": c.messages_in,
+            "messages_out": c.messages_out,
+            "emitted": c.emitted,
+            "task_message_failure": c.task_message_failure,
+            "recur_failure": c.recur_failure,
+            "handler_seconds": round(c.handler_seconds, 6),
+            "slow_handlers": c.slow_handlers,
+            "queue_depth": self.queue.depth,
+            "started_at": self.started_at,
+            "last_error": self.last_error,
+        }

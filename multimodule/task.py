@@ -1,0 +1,162 @@
+"""The task API: what a task author writes against.
+
+A task is a class named like its module (module ``Example1`` defines class ``Example1``)
+deriving from :class:`Task`::
+
+    class Example1(Task):
+        is_stateful = True
+
+        def set_config(self, config):
+            self.named_recur("tick", 1.0, self.tick)
+
+        def tick(self):
+            ct = self.state.get("ct", 0)
+            self.emit({"ct": ct, "outstr": self.config.get("outstr", "")})
+            self.state["ct"] = ct + 1
+
+        def message(self, message):
+            if "new_ct" in message:
+                self.state["ct"] = message["new_ct"]
+
+The framework (the daemon, or the external-task process) constructs the task with no
+arguments, attaches it, restores ``state``, calls :meth:`Task.set_config`, then delivers
+messages in order to :meth:`Task.message`. The task never does file I/O for its state and never
+touches queues directly: it uses :meth:`Task.emit` and :meth:`Task.send`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Protocol
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from multimodule.oob import Channels
+
+#: The queue every emitted message goes to.
+ROUTER_QNAME = "Router"
+
+Work = Callable[[], "None | Awaitable[None]"]
+
+
+class TaskHost(Protocol):
+    """What a task needs from the process that runs it."""
+
+    channels: Channels
+
+    def send(self, qname: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to queue ``qname`` without blocking the event loop."""
+
+    def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
+        """Schedule ``work`` every ``interval`` seconds under ``name`` for ``task``."""
+
+
+@dataclass
+class TaskCounters:
+    """Per-task figures kept by the framework (counts since the task was loaded).
+
+    ``handler_seconds``: wall time spent in :meth:`Task.message` (seconds).
+    """
+
+    messages_in: int = 0
+    messages_out: int = 0
+    emitted: int = 0
+    task_message_failure: int = 0
+    recur_failure: int = 0
+    handler_seconds: float = 0.0
+    slow_handlers: int = 0
+
+
+class Task:
+    """Base class of every task.
+
+    Class attributes: ``is_stateful`` (the framework saves and restores ``self.state``),
+    ``Config`` (an optional pydantic model validating the task's config table; its instance
+    is ``self.settings``).
+
+    Instance attributes set by the framework: ``name`` (str), ``config`` (dict: the task's
+    table, ``{}`` when it has none), ``settings`` (the ``Config`` instance or ``None``),
+    ``state`` (dict, JSON-able), ``counters`` (:class:`TaskCounters`).
+    """
+
+    is_stateful: ClassVar[bool] = False
+    Config: ClassVar[type[BaseModel] | None] = None
+
+    name: str
+    config: dict[str, Any]
+    settings: BaseModel | None
+    state: dict[str, Any]
+    counters: TaskCounters
+    _host: TaskHost
+
+    def attach(self, name: str, host: TaskHost) -> None:
+        """Called once by the framework before anything else (not by task authors)."""
+        self.name = name
+        self._host = host
+        self.config = {}
+        self.settings = None
+        self.state = {}
+        self.counters = TaskCounters()
+
+    # -- what a task implements ------------------------------------------------------------
+
+    def message(self, message: dict[str, Any]) -> None | Awaitable[None]:
+        """Handle one message (a dict; the task's own copy). May be ``async def``.
+
+        An exception is reported on the ``error`` channel with the message and counted in
+        ``task_message_failure``; the next message is delivered as usual.
+        """
+        raise NotImplementedError(f"task {type(self).__name__} does not implement message()")
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        """Called when the task's config is known and on every change (``{}`` if none).
+
+        ``self.config`` and ``self.settings`` are already updated when this runs.
+        """
+
+    # -- what a task calls -----------------------------------------------------------------
+
+    def emit(self, message: dict[str, Any]) -> None:
+        """Send ``message`` to the Router, marked as coming from this task.
+
+        Sets ``source`` to this task's name (an existing ``source`` moves to
+        ``previous_source``); modifies ``message`` in place, the receiver gets its own copy.
+        """
+        if "source" in message:
+            message["previous_source"] = message["source"]
+        message["source"] = self.name
+        self.counters.emitted += 1
+        self.counters.messages_out += 1
+        self._host.send(ROUTER_QNAME, message)
+
+    def send(self, qname: str, message: dict[str, Any]) -> None:
+        """Send ``message`` straight to queue ``qname`` (in memory when the receiver is in this
+        process, else System V). Never blocks the event loop; never drops the message."""
+        self.counters.messages_out += 1
+        self._host.send(qname, message)
+
+    def named_recur(self, name: str, interval: float, work: Work) -> None:
+        """Run ``work`` (sync or async, no arguments) every ``interval`` seconds.
+
+        One schedule per ``name``: calling again replaces the work and interval. The config's
+        ``intervals.<name>`` overrides ``interval``. Cancelled when the task stops. An
+        exception in ``work`` is reported on ``error`` and the schedule goes on.
+        """
+        self._host.recur(self, name, interval, work)
+
+    def log(self, text: str, **fields: Any) -> None:
+        """A record on the ``log`` channel (``fields``: structured extras)."""
+        self._host.channels.emit("log", self.name, text, **fields)
+
+    def error(self, text: str, **fields: Any) -> None:
+        """A record on the ``error`` channel."""
+        self._host.channels.emit("error", self.name, text, **fields)
+
+    def alert(self, text: str, **fields: Any) -> None:
+        """A record on the ``alert`` channel."""
+        self._host.channels.emit("alert", self.name, text, **fields)
+
+    def debug(self, text: str, level: int = 1, **fields: Any) -> None:
+        """A record on the ``debug`` channel, shown when the debug level is ``>= level``."""
+        self._host.channels.emit("debug", self.name, text, level=level, **fields)

@@ -1,0 +1,193 @@
+"""The built-in ``Router`` task: forwards each message by match rules.
+
+Config::
+
+    [Router]
+    routes = [
+      { match = { source = "Example1" }, forwards = [ { qname = "Example2" } ] },
+      { match = { tags = "urgent", text = "/disk (full|failing)/" },
+        transform = { priority = 1 }, forwards = [ { qname = "pager" }, { qname = "log" } ],
+        short_circuit = true },
+    ]
+
+Every matching route fires, in order, until one with ``short_circuit = true`` has matched.
+Match rules: every key of ``match`` must be present in the message; a scalar must be equal
+(``true`` does not equal ``1``); a table recurses into a table; a scalar (or regex) matches a
+list in the message that contains a matching element; a string ``"/regex/"`` is a regular
+expression searched in a string (or number) value; a list must be equal; ``{}`` matches
+everything. ``transform`` sets top-level fields on that route's forwarded copy. Every forward
+gets its own copy; the message is never modified.
+
+A message carrying ``static_forwards`` (a list of hops, each a list of
+``{forward = {qname = ...}, transform = {...}}``) ignores the routes: it goes to the first hop
+and carries the remaining hops with it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from multimodule.errors import InvalidQueueName
+from multimodule.task import Task
+from multimodule.transit import validate_qname
+
+Matcher = Callable[[Any], bool]
+
+
+def _is_regex(pattern: Any) -> bool:
+    return isinstance(pattern, str) and len(pattern) >= 2 and pattern[0] == "/" \
+        and pattern[-1] == "/"
+
+
+def compile_value(pattern: Any, where: str = "match") -> Matcher:
+    """A predicate for one message value against ``pattern`` (see the module docstring).
+
+    Raises ``ValueError`` naming ``where`` for an invalid regular expression.
+    """
+    if isinstance(pattern, dict):
+        match_object = compile_match(pattern, where)
+        single = lambda value: isinstance(value, dict) and match_object(value)  # noqa: E731
+    elif _is_regex(pattern):
+        try:
+            search = re.compile(pattern[1:-1]).search
+        except re.error as exc:
+            raise ValueError(f"{where}: invalid regular expression {pattern!r}: {exc}") from exc
+
+        def single(value: Any) -> bool:
+            if isinstance(value, str):
+                return search(value) is not None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return search(str(value)) is not None
+            return False
+    elif isinstance(pattern, list):
+        return lambda value: value == pattern
+    else:
+        is_bool = isinstance(pattern, bool)
+
+        def single(value: Any) -> bool:
+            return value == pattern and isinstance(value, bool) == is_bool
+
+    def matcher(value: Any) -> bool:
+        if isinstance(value, list):
+            # Membership: look at the elements without consuming the message's list.
+            return any(single(item) for item in value)
+        return single(value)
+
+    return matcher
+
+
+def compile_match(match: dict[str, Any], where: str = "match") -> Callable[[dict], bool]:
+    """A predicate for a whole message against a ``match`` table."""
+    checks = [(key, compile_value(pattern, f"{where}.{key}")) for key, pattern in match.items()]
+    if not checks:
+        return lambda message: True
+
+    def matcher(message: dict[str, Any]) -> bool:
+        for key, check in checks:
+            if key not in message or not check(message[key]):
+                return False
+        return True
+
+    return matcher
+
+
+class Forward(BaseModel):
+    """One destination: the queue name ``qname``."""
+
+    model_config = ConfigDict(extra="forbid")
+    qname: str
+
+    @field_validator("qname")
+    @classmethod
+    def _valid_qname(cls, value: str) -> str:
+        try:
+            return validate_qname(value)
+        except InvalidQueueName as exc:
+            raise ValueError(str(exc)) from exc
+
+
+class Route(BaseModel):
+    """One route: ``match`` (table), optional ``transform`` (table), ``forwards`` (at least
+    one), ``short_circuit`` (stop at this route when it matches)."""
+
+    model_config = ConfigDict(extra="forbid")
+    match: dict[str, Any] = Field(default_factory=dict)
+    transform: dict[str, Any] | None = None
+    forwards: list[Forward] = Field(min_length=1)
+    short_circuit: bool = False
+    _matcher: Callable[[dict], bool] = PrivateAttr()
+
+    def model_post_init(self, __context: Any) -> None:
+        self._matcher = compile_match(self.match)
+
+    @field_validator("match")
+    @classmethod
+    def _compilable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        compile_match(value)  # raises ValueError for a bad regex, reported with the field
+        return value
+
+    def matches(self, message: dict[str, Any]) -> bool:
+        """Whether ``message`` satisfies this route's ``match``."""
+        return self._matcher(message)
+
+
+class StaticForward(BaseModel):
+    """One entry of a ``static_forwards`` hop."""
+
+    forward: Forward
+    transform: dict[str, Any] | None = None
+
+
+class Router(Task):
+    """Forwards messages by routes; see the module docstring. Counts ``unrouted`` messages."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        routes: list[Route] = Field(default_factory=list)
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        self.routes: list[Route] = self.settings.routes if self.settings else []
+        self.unrouted = getattr(self, "unrouted", 0)
+
+    def message(self, message: dict[str, Any]) -> None:
+        if "static_forwards" in message:
+            self._static_forward(message)
+            return
+        matched = False
+        for route in self.routes:
+            if route._matcher(message):
+                matched = True
+                for forward in route.forwards:
+                    out = dict(message)
+                    if route.transform:
+                        out.update(route.transform)
+                    self.send(forward.qname, out)
+                if route.short_circuit:
+                    break
+        if not matched:
+            self.unrouted += 1
+            self.debug("no route matched", source=message.get("source"))
+
+    def _static_forward(self, message: dict[str, Any]) -> None:
+        hops = message["static_forwards"]
+        try:
+            if not isinstance(hops, list) or not hops or not isinstance(hops[0], list):
+                raise ValueError("static_forwards must be a non-empty list of hops (lists)")
+            hop = [StaticForward.model_validate(entry) for entry in hops[0]]
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            self.error(f"malformed static_forwards, message not forwarded: {exc}",
+                       message=message)
+            return
+        rest = hops[1:]
+        for entry in hop:
+            out = dict(message)
+            if rest:
+                out["static_forwards"] = rest
+            else:
+                del out["static_forwards"]
+            if entry.transform:
+                out.update(entry.transform)
+            self.send(entry.forward.qname, out)

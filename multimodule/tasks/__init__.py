@@ -1,0 +1,1 @@
+"""Built-in tasks, found before any configured prefix: ``Router``."""
