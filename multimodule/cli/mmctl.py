@@ -1,7 +1,8 @@
 """``mmctl``: the operator's command-line tool.
 
-Exit status: 0 on success; 1 when the operation failed or timed out (e.g. ``recv`` got fewer
-messages than asked for); 2 for bad usage or bad input (bad JSON, a bad queue name).
+Exit status (as ``systemctl``): 0 on success; 1 when the operation failed or timed out (e.g.
+``recv`` got fewer messages than asked for); 2 for bad usage or bad input (bad JSON, a bad
+queue name); 3 when the daemon did not answer (not running); 4 for no such task.
 ``strans``, ``rtrans`` and ``qtrans`` are ``mmctl send``, ``mmctl recv`` and ``mmctl queues`` for
 users of Perl's IPC::Transit.
 """
@@ -9,6 +10,8 @@ users of Perl's IPC::Transit.
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from typing import Any, Sequence
 
@@ -20,6 +23,11 @@ from multimodule.transit import Transit, default_transit_dir
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_NO_SUCH_TASK = 4
+
+DEFAULT_CONTROL_QUEUE = "MultiModule_control"
+CONTROL_KEY = ".multimodule"
 
 
 class CommandError(Exception):
@@ -37,6 +45,10 @@ def _transit_options() -> argparse.ArgumentParser:
         help="transit directory shared by the processes that talk "
              "(default: $MULTIMODULE_TRANSIT_DIR, else /run/multimodule/transit as root or "
              "under systemd, else $XDG_RUNTIME_DIR/multimodule/transit)",
+    )
+    common.add_argument(
+        "-q", "--control-queue", metavar="QNAME", default=argparse.SUPPRESS,
+        help=f"the daemon's control queue (default: {DEFAULT_CONTROL_QUEUE})",
     )
     return common
 
@@ -126,6 +138,128 @@ def cmd_queues(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _control_queue(args: argparse.Namespace) -> str:
+    return getattr(args, "control_queue", DEFAULT_CONTROL_QUEUE)
+
+
+def _query(args: argparse.Namespace, query: str, task: str | None = None) -> dict[str, Any]:
+    """Ask the daemon over its control queue; the answer comes on a private reply queue."""
+    transit = _open_transit(args)
+    reply_to = f"mmctl-reply-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        transit.sysv_queue(reply_to)  # exists before the daemon answers
+        transit.send(_control_queue(args),
+                     {CONTROL_KEY: {"query": query, "task": task, "reply_to": reply_to}},
+                     timeout=args.wait)
+        try:
+            reply = transit.receive(reply_to, timeout=args.wait)
+        except Empty:
+            raise CommandError(
+                f"the daemon did not answer on {_control_queue(args)!r} within {args.wait} s "
+                "(is it running, with the same transit directory?)", EXIT_NOT_RUNNING,
+            ) from None
+    finally:
+        transit.remove(reply_to)
+    if "error" in reply:
+        status = EXIT_NO_SUCH_TASK if reply["error"].startswith("no task") else EXIT_FAILED
+        raise CommandError(reply["error"], status)
+    return reply
+
+
+def _control(args: argparse.Namespace, body: dict[str, Any]) -> None:
+    _open_transit(args).send(_control_queue(args), {CONTROL_KEY: body}, timeout=args.wait)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``mmctl config TASK [JSON]``: replace a task's config, or print it."""
+    if args.json is None:
+        _print_json(_query(args, "config", args.task)["config"])
+        return EXIT_OK
+    table = _parse_object(args.json, "the config argument")
+    _control(args, {"config": {args.task: table}})
+    return EXIT_OK
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    """``mmctl state TASK [--set JSON]``: print a task's state, or set keys in it."""
+    if args.set is not None:
+        keys = _parse_object(args.set, "--set")
+        _open_transit(args).send(args.task, {CONTROL_KEY: {"transform": keys}},
+                                 timeout=args.wait)
+        return EXIT_OK
+    reply = _query(args, "state", args.task)
+    if not reply.get("stateful"):
+        raise CommandError(f"task {args.task} is not stateful")
+    _print_json(reply["state"])
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """``mmctl stop [--externals]``: ask the daemon to exit cleanly (state saved)."""
+    _control(args, {"control": [{"type": "cleanly_exit",
+                                 "exit_externals": 1 if args.externals else 0}]})
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``mmctl reload``: make the daemon re-read its config file (as SIGHUP does)."""
+    _control(args, {"control": [{"type": "reload"}]})
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``mmctl status``: the daemon's tasks and their counters."""
+    status = _query(args, "status")["status"]
+    if args.json:
+        _print_json(status)
+        return EXIT_OK
+    print(f"multimodule daemon, pid {status['pid']}")
+    headers = ("TASK", "IN", "OUT", "FAILURES", "QUEUE", "LAST ERROR")
+    rows = [(name, str(t["messages_in"]), str(t["messages_out"]),
+             str(t["task_message_failure"]), str(t["queue_depth"]), t["last_error"] or "-")
+            for name, t in status["tasks"].items()]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for name, why in status["import_failures"].items():
+        print(f"{name}: not loaded: {why}")
+    return EXIT_OK
+
+
+def _add_control(sub, common) -> None:
+    wait = argparse.ArgumentParser(add_help=False)
+    wait.add_argument("--wait", type=float, default=5.0, metavar="S",
+                      help="seconds to wait for the daemon (default: 5)")
+    p = sub.add_parser("config", parents=[common, wait], help="show or replace a task's config",
+                       description="Without JSON, print TASK's config in force; with JSON, "
+                                   "replace it (a control message; the file's config for "
+                                   "TASK stays overridden until the file changes it).")
+    p.add_argument("task", metavar="TASK")
+    p.add_argument("json", metavar="JSON", nargs="?", help="the new config, a JSON object")
+    p.set_defaults(func=cmd_config)
+    p = sub.add_parser("state", parents=[common, wait], help="show or set a task's state",
+                       description="Print stateful TASK's state, or with --set, set those "
+                                   "keys in it (the task sees the change at once; it is "
+                                   "saved with the next save).")
+    p.add_argument("task", metavar="TASK")
+    p.add_argument("--set", metavar="JSON", help="keys to set, a JSON object")
+    p.set_defaults(func=cmd_state)
+    p = sub.add_parser("stop", parents=[common, wait], help="stop the daemon cleanly",
+                       description="Ask the daemon to exit: it delivers what it holds in "
+                                   "memory and saves state.")
+    p.add_argument("--externals", action="store_true",
+                   help="also stop external tasks (exit_externals)")
+    p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("reload", parents=[common, wait], help="re-read the config file",
+                       description="Make the daemon re-read its config file, like SIGHUP.")
+    p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("status", parents=[common, wait], help="show the daemon's tasks",
+                       description="Print the daemon's tasks with their counters.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+
+
 def _add_send(sub, common) -> None:
     p = sub.add_parser("send", parents=[common], help="send one message to a queue",
                        description="Send one JSON object to queue QNAME.")
@@ -163,13 +297,15 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
     common = _transit_options()
     parser = argparse.ArgumentParser(
         prog=prog, parents=[common],
-        description="Control multimodule: send and receive messages, list queues.",
+        description="Control multimodule: send and receive messages, list queues, and "
+                    "talk to the daemon (config, state, status, reload, stop).",
         epilog=f"Default transit directory here: {default_transit_dir()}",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_send(sub, common)
     _add_recv(sub, common)
     _add_queues(sub, common)
+    _add_control(sub, common)
     return parser
 
 

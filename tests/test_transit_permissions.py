@@ -1,0 +1,120 @@
+"""Acceptance: the transit directory, its files and the queues are private (or group-shared),
+never world-accessible."""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import sysv_ipc
+
+from multimodule.transit import Transit
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def proc_row(key: int) -> dict:
+    lines = Path("/proc/sysvipc/msg").read_text().splitlines()
+    header = lines[0].split()
+    rows = [dict(zip(header, line.split())) for line in lines[1:]]
+    (row,) = [r for r in rows if int(r["key"]) == key]
+    return row
+
+
+def all_entries(root: Path) -> list[Path]:
+    return [root, *root.rglob("*")]
+
+
+def shared_group() -> int:
+    """An existing group other than ours if there is one (adm, nogroup), else our own."""
+    for name in ("adm", "nogroup"):
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:
+            continue
+        if gid != os.getgid():
+            return gid
+    return os.getgid()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o000])
+def test_private_by_default(transit_dir, umask, mask):
+    # Given a process with a permissive umask
+    umask(mask)
+    transit = Transit(transit_dir)
+
+    # When it uses a queue and leaves a large (spilled) message waiting
+    transit.send("perm-q", {"a": 1})
+    transit.send("perm-big", {"d": "x" * 50_000})
+
+    # Then the directory and the spill directory are 0700, the files 0600
+    assert mode(transit_dir) == 0o700
+    assert mode(transit_dir / ".spill") == 0o700
+    assert mode(transit_dir / "perm-q") == 0o600
+    assert mode(transit_dir / "perm-big") == 0o600
+    (spilled,) = (transit_dir / ".spill").iterdir()
+    assert mode(spilled) == 0o600
+    # And the queues are 0600 (as the kernel reports them, two ways)
+    for name in ("perm-q", "perm-big"):
+        key = int((transit_dir / name).read_text())
+        assert sysv_ipc.MessageQueue(key).mode & 0o777 == 0o600
+        assert proc_row(key)["perms"] == "600"
+    # And nothing is accessible to others
+    assert [p for p in all_entries(transit_dir) if mode(p) & 0o007] == []
+
+
+def test_group_shared_directory_and_queue(transit_dir, umask):
+    # Given a transit shared with a group
+    umask(0o022)
+    gid = shared_group()
+    transit = Transit(transit_dir, group=gid)
+
+    # When a queue is used
+    transit.send("grp-q", {"a": 1})
+
+    # Then the directories are 0770 and belong to the group
+    for d in (transit_dir, transit_dir / ".spill"):
+        assert mode(d) == 0o770
+        assert os.stat(d).st_gid == gid
+    # And the queue is 0660 and belongs to the group
+    key = int((transit_dir / "grp-q").read_text())
+    queue = sysv_ipc.MessageQueue(key)
+    assert queue.mode & 0o777 == 0o660
+    assert queue.gid == gid
+    row = proc_row(key)
+    assert row["perms"] == "660" and int(row["gid"]) == gid
+    # And nothing is accessible to others
+    assert [p for p in all_entries(transit_dir) if mode(p) & 0o007] == []
+
+
+def test_group_by_name(transit_dir):
+    # Given a group given by name
+    gid = shared_group()
+    name = grp.getgrgid(gid).gr_name
+    # When the transit is made and used, Then its queue belongs to that group
+    Transit(transit_dir, group=name).send("grp-name", {"a": 1})
+    key = int((transit_dir / "grp-name").read_text())
+    assert sysv_ipc.MessageQueue(key).gid == gid
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o000])
+def test_group_shared_files_are_group_writable(transit_dir, umask, mask):
+    # Given a transit shared with a group, in a process with the usual umask (or none)
+    umask(mask)
+    gid = shared_group()
+    transit = Transit(transit_dir, group=gid)
+
+    # When a name is registered and a large message waits in the spill area
+    transit.send("grp-files", {"d": "x" * 50_000})
+
+    # Then the name file and the spill file are 0660 and belong to the group (as documented:
+    # the other members must be able to open the name and read and remove the spill file)
+    (spilled,) = (transit_dir / ".spill").iterdir()
+    for path in (transit_dir / "grp-files", spilled):
+        assert os.stat(path).st_gid == gid
+        assert mode(path) == 0o660, f"{path.name}: {oct(mode(path))}"
