@@ -42,7 +42,7 @@ def shared_group() -> int:
     return os.getgid()
 
 
-@pytest.mark.parametrize("mask", [0o022, 0o000])
+@pytest.mark.parametrize("mask", [0o022, 0o000], ids=["umask022", "umask000"])
 def test_private_by_default(transit_dir, umask, mask):
     # Given a process with a permissive umask
     umask(mask)
@@ -102,7 +102,7 @@ def test_group_by_name(transit_dir):
     assert sysv_ipc.MessageQueue(key).gid == gid
 
 
-@pytest.mark.parametrize("mask", [0o022, 0o000])
+@pytest.mark.parametrize("mask", [0o022, 0o000], ids=["umask022", "umask000"])
 def test_group_shared_files_are_group_writable(transit_dir, umask, mask):
     # Given a transit shared with a group, in a process with the usual umask (or none)
     umask(mask)
