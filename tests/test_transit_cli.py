@@ -90,13 +90,15 @@ def test_send_bad_input_exits_2_and_sends_nothing(transit, child_env, argv, stdi
     assert transit.stat("cli-bad").messages == 0
 
 
-@pytest.mark.parametrize("cmd", [MMCTL + ["send"], MMCTL + ["recv"], script("strans")],
-                         ids=["send", "recv", "strans"])
-@pytest.mark.parametrize("name, words", [("a/b", "slash"), (".hidden", "reserved"),
-                                         ("x" * 201, "too long")], ids=["slash", "dot", "long"])
+@pytest.mark.parametrize("cmd, name, words", [
+    (MMCTL + ["send"], "a/b", "slash"),
+    (MMCTL + ["recv"], ".hidden", "reserved"),
+    (script("strans"), "x" * 201, "too long"),
+    (script("rtrans"), "a\nb", "control character"),
+], ids=["send-slash", "recv-dot", "strans-long", "rtrans-newline"])
 def test_bad_queue_name_exits_2(transit_dir, child_env, cmd, name, words):
     # Given a bad queue name, When the CLI is asked to use it
-    rest = ["--timeout", "0"] if "recv" in cmd else ["{}"]
+    rest = ["--timeout", "0"] if "recv" in cmd or "rtrans" in cmd[0] else ["{}"]
     res = run(cmd + [name, *rest], child_env)
     # Then it exits 2 with the reason on stderr, and no queue is registered
     assert res.returncode == 2

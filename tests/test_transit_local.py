@@ -161,6 +161,7 @@ BAD_MESSAGES = {
     "nested_object": {"a": [1, {"b": Opaque()}]},
     "int_too_big": {"a": 2**64},
     "lone_surrogate": {"a": "\ud800"},
+    "lone_surrogate_key": {"\udc80": 1},
 }
 
 

@@ -43,8 +43,9 @@ def shared_group() -> int:
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o000], ids=["umask022", "umask000"])
-def test_private_by_default(transit_dir, umask, mask):
-    # Given a process with a permissive umask
+def test_private_by_default(transit_dir, umask, mask, monkeypatch):
+    # Given a process with a permissive umask (and no group from the environment)
+    monkeypatch.delenv("MULTIMODULE_TRANSIT_GROUP", raising=False)
     umask(mask)
     transit = Transit(transit_dir)
 

@@ -31,7 +31,7 @@ def test_timeout_zero_on_empty_queue_raises_at_once(transit, path):
         transit.receive(qname, timeout=0)
 
     # Then Empty comes at once, naming the queue
-    assert time.monotonic() - t0 < 0.25
+    assert time.monotonic() - t0 < 1.0
     assert qname in str(info.value)
 
 

@@ -193,6 +193,7 @@ class TransitDirectory:
             queue = self._create_queue(max_message_size)
             os.ftruncate(fd, 0)
             os.pwrite(fd, b"%d\n" % queue.key, 0)
+            os.fchmod(fd, self.file_mode)  # the umask must not narrow it
             if self.gid is not None:
                 os.fchown(fd, -1, self.gid)
             return queue

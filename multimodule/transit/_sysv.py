@@ -8,6 +8,7 @@ and removes the file. So no size of message is refused or cut.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -38,6 +39,19 @@ _POLL_MAX_S = 0.02
 
 class Cancelled(TransitError):
     """A blocking receive was interrupted because its owner asked it to stop (internal)."""
+
+
+def _removed(queue: sysv_ipc.MessageQueue, exc: BaseException) -> bool:
+    """Whether ``exc`` means the queue is gone: ``msgsnd`` on a removed id fails with EINVAL
+    (sysv_ipc raises a plain ``OSError``), a queue removed while waiting with EIDRM."""
+    if isinstance(exc, sysv_ipc.ExistentialError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EIDRM):
+        try:
+            queue.current_messages
+        except sysv_ipc.ExistentialError:
+            return True
+    return False
 
 
 def kernel_msgmax(default: int = 8192) -> int:
@@ -147,9 +161,9 @@ class SysvQueue:
         except sysv_ipc.BusyError:
             if timeout is not None and timeout <= 0:
                 raise QueueFull(f"queue {self.qname!r} is full") from None
-        except sysv_ipc.ExistentialError as exc:
-            raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
         except (sysv_ipc.Error, OSError, ValueError) as exc:
+            if _removed(queue, exc):
+                raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
             if not is_eintr(exc):
                 raise TransitBroken(f"cannot send to queue {self.qname!r}: {exc}") from exc
 
@@ -167,6 +181,7 @@ class SysvQueue:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                          self.directory.file_mode)
             try:
+                os.fchmod(fd, self.directory.file_mode)  # the umask must not narrow it
                 if self.directory.gid is not None:
                     os.fchown(fd, -1, self.directory.gid)
                 view = memoryview(body)
@@ -199,9 +214,9 @@ class SysvQueue:
         except sysv_ipc.BusyError:
             if timeout is not None and timeout <= 0:
                 raise Empty(f"queue {self.qname!r} is empty") from None
-        except sysv_ipc.ExistentialError as exc:
-            raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
         except (sysv_ipc.Error, OSError) as exc:
+            if _removed(queue, exc):
+                raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
             if not is_eintr(exc):
                 raise TransitBroken(f"cannot receive from queue {self.qname!r}: {exc}") from exc
 
@@ -253,9 +268,9 @@ class SysvQueue:
             while True:
                 try:
                     return attempt(True)
-                except sysv_ipc.ExistentialError as exc:
-                    raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
                 except (sysv_ipc.Error, OSError) as exc:
+                    if _removed(self.queue, exc):
+                        raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
                     if not is_eintr(exc):
                         raise TransitBroken(f"queue {self.qname!r}: {exc}") from exc
                 if cancelled is not None and cancelled():
@@ -273,9 +288,9 @@ class SysvQueue:
                 return attempt(False)
             except sysv_ipc.BusyError:
                 pass
-            except sysv_ipc.ExistentialError as exc:
-                raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
             except (sysv_ipc.Error, OSError) as exc:
+                if _removed(self.queue, exc):
+                    raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
                 if not is_eintr(exc):
                     raise TransitBroken(f"queue {self.qname!r}: {exc}") from exc
             remaining = deadline - time.monotonic()

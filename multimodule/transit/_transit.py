@@ -94,7 +94,7 @@ class Transit:
 
     def is_local(self, qname: str) -> bool:
         """Whether sends to ``qname`` from this process stay in memory."""
-        return qname in self._local
+        return qname.__class__ is str and qname in self._local
 
     # -- the public operations -------------------------------------------------------------
 
@@ -109,6 +109,8 @@ class Transit:
         Raises :class:`InvalidQueueName`, :class:`UnserializableMessage`, :class:`QueueFull`
         (nothing was sent), :class:`TransitBroken`.
         """
+        if qname.__class__ is not str:
+            validate_qname(qname)
         local = self._local.get(qname)
         if local is not None:
             local.put(_wire.copy_message(message, _wire.make_meta(meta)))
@@ -129,6 +131,8 @@ class Transit:
         :class:`BadMessage` when the bytes taken were not a valid message (they are consumed;
         call again for the next one), :class:`InvalidQueueName`, :class:`TransitBroken`.
         """
+        if qname.__class__ is not str:
+            validate_qname(qname)
         local = self._local.get(qname)
         if local is not None:
             return local.get(timeout)
@@ -145,10 +149,10 @@ class Transit:
         queue's (opening it if the name is registered). Raises :class:`TransitError` for a name
         that no process has used yet.
         """
+        validate_qname(qname)
         local = self._local.get(qname)
         if local is not None:
             return local.stat()
-        validate_qname(qname)
         if qname not in self._sysv and self.directory.lookup_key(qname) is None:
             raise TransitError(f"no queue named {qname!r} in {self.path}")
         queue = self.sysv_queue(qname)

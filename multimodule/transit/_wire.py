@@ -102,9 +102,33 @@ def split_header(raw: bytes, qname: str | None = None) -> tuple[bytes, memoryvie
     return kind, memoryview(raw)[HEADER_LEN:]
 
 
+#: The integer range JSON (orjson) carries: signed and unsigned 64-bit.
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+
+def _checked_str(text: str) -> str:
+    # Lone surrogates cannot be encoded as UTF-8, so JSON cannot carry them.
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UnserializableMessage(f"message has a string that is not valid UTF-8: "
+                                        f"{exc}") from exc
+    return text
+
+
 def _copy_value(value: Any) -> Any:
     kind = type(value)
-    if kind is str or kind is int or kind is float or kind is bool or value is None:
+    if kind is str:
+        return value if value.isascii() else _checked_str(value)
+    if kind is int:
+        if _INT_MIN <= value <= _INT_MAX:
+            return value
+        raise UnserializableMessage(f"integer {value} does not fit in 64 bits")
+    if kind is float:
+        return value if value - value == 0.0 else None  # NaN and ±inf become null, as in JSON
+    if kind is bool or value is None:
         return value
     if kind is dict:
         return _copy_object(value)
@@ -121,13 +145,11 @@ def _copy_value(value: Any) -> Any:
 def _copy_object(obj: dict[Any, Any]) -> dict[str, Any]:
     out = {}
     for key, value in obj.items():
-        if type(key) is not str:
+        if key.__class__ is not str:
             raise UnserializableMessage(f"message keys must be str, not {type(key).__name__}")
-        kind = type(value)
-        if kind is str or kind is int or kind is float or kind is bool or value is None:
-            out[key] = value
-        else:
-            out[key] = _copy_value(value)
+        if not key.isascii():
+            _checked_str(key)
+        out[key] = _copy_value(value)
     return out
 
 
@@ -135,8 +157,9 @@ def copy_message(message: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
     """A deep copy of ``message`` as a receiver over System V would see it, with ``meta`` set.
 
     No serialisation for JSON-native values (dict, list, str, int, float, bool, None); other
-    values go through ``orjson`` so that the result equals the System V path's. Raises
-    :class:`UnserializableMessage` for what JSON cannot carry.
+    values go through ``orjson`` so that the result equals the System V path's (NaN and
+    infinities become ``None``, as orjson writes them). Raises :class:`UnserializableMessage`
+    for what JSON cannot carry (non-``str`` keys, integers beyond 64 bits, lone surrogates).
     """
     check_is_object(message)
     out = _copy_object(message)
