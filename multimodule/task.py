@@ -45,8 +45,9 @@ class TaskHost(Protocol):
 
     channels: Channels
 
-    def send(self, qname: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to queue ``qname`` without blocking the event loop."""
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
+        """Send ``message`` to queue ``qname`` without blocking the event loop (``owned``: see
+        :meth:`Task.send`)."""
 
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """Schedule ``work`` every ``interval`` seconds under ``name`` for ``task``."""
@@ -130,11 +131,16 @@ class Task:
         self.counters.messages_out += 1
         self._host.send(ROUTER_QNAME, message)
 
-    def send(self, qname: str, message: dict[str, Any]) -> None:
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
         """Send ``message`` straight to queue ``qname`` (in memory when the receiver is in this
-        process, else System V). Never blocks the event loop; never drops the message."""
+        process, else System V). Never blocks the event loop; never drops the message.
+
+        ``owned=True``: the task gives ``message`` and everything in it away and never touches
+        it again, so an in-memory receiver may get this very object instead of a copy. Only
+        for messages made of JSON values (e.g. one the task received).
+        """
         self.counters.messages_out += 1
-        self._host.send(qname, message)
+        self._host.send(qname, message, owned=owned)
 
     def named_recur(self, name: str, interval: float, work: Work) -> None:
         """Run ``work`` (sync or async, no arguments) every ``interval`` seconds.

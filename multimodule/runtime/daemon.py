@@ -139,16 +139,18 @@ class Daemon:
 
     # -- TaskHost --------------------------------------------------------------------------
 
-    def send(self, qname: str, message: dict[str, Any]) -> None:
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
         """Send for a task: in memory to a task here (loading it on first use), else out over
-        System V without blocking the loop. Raises the transit's usage errors."""
+        System V without blocking the loop. ``owned``: see :meth:`Task.send`. Raises the
+        transit's usage errors."""
         transit = self.transit
-        if transit.is_local(qname):
-            transit.send(qname, message)
-            return
-        if (not self.options.module and qname not in self.not_tasks
+        if transit.is_local(qname) or (
+                not self.options.module and qname not in self.not_tasks
                 and qname not in self.import_failures and self._load_on_demand(qname)):
-            transit.send(qname, message)
+            if owned:
+                transit.send_owned(qname, message)
+            else:
+                transit.send(qname, message)
             return
         self._send_out(qname, message)
 

@@ -3,7 +3,7 @@
 Each task has an in-memory queue (declared local in the process's transit) fed by senders in
 this process and by an :class:`~multimodule.transit.AsyncReceiver` for the System V queue of the
 same name. One consumer coroutine per task takes messages in order and calls the handler; it
-hands the loop back every ``BATCH`` messages so that one busy task cannot starve the others.
+hands the loop back after about 2 ms of handling so that one busy task cannot starve the others.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from multimodule.task import Task, Work
 if TYPE_CHECKING:
     from multimodule.runtime.daemon import Daemon
 
-#: Messages handled in a row before the consumer yields to the event loop.
-BATCH = 256
+#: Seconds of handling in a row before the consumer yields to the event loop (checked every
+#: ``BATCH_CHECK`` messages): long enough to keep up with a bursty producer, short enough that
+#: no task starves the others.
+BATCH_BUDGET_S = 0.002
+BATCH_CHECK = 64
 
 #: Key of control instructions inside a message (from the original App::MultiModule).
 CONTROL_KEY = ".multimodule"
@@ -187,10 +190,14 @@ class TaskRunner:
                 message = await queue.get_async()
                 self._cancellable = False
                 await process(message)
+                items = queue._items
+                until = time.perf_counter() + BATCH_BUDGET_S
                 handled = 1
-                while queue._items and handled < BATCH:
+                while items:
                     await process(queue.get_nowait())
                     handled += 1
+                    if handled % BATCH_CHECK == 0 and time.perf_counter() > until:
+                        break
                 if self._stop_after_message:
                     return
                 self._cancellable = True

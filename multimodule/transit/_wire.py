@@ -162,6 +162,14 @@ def copy_message(message: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
     for what JSON cannot carry (non-``str`` keys, integers beyond 64 bits, lone surrogates).
     """
     check_is_object(message)
-    out = _copy_object(message)
+    out = {}
+    for key, value in message.items():
+        if key.__class__ is not str:
+            raise UnserializableMessage(f"message keys must be str, not {type(key).__name__}")
+        if key == META_KEY:
+            continue  # replaced below: no need to copy the previous hop's meta
+        if not key.isascii():
+            _checked_str(key)
+        out[key] = _copy_value(value)
     out[META_KEY] = meta
     return out
