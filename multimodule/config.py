@@ -20,7 +20,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 
 from multimodule.errors import ConfigError
 
@@ -35,7 +43,7 @@ class TaskSection(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    is_external: bool = Field(False, description="run the task in its own process")
+    is_external: StrictBool = Field(False, description="run the task in its own process")
     intervals: dict[str, PositiveFloat] = Field(
         default_factory=dict,
         description="seconds per named_recur schedule name; 'save_state' sets how often "

@@ -170,7 +170,7 @@ class Channels:
         self.send = send
         self.counts = dict.fromkeys(CHANNELS, 0)
 
-    def emit(self, channel: str, task: str, text: str, **fields: Any) -> None:
+    def emit(self, channel: str, task: str, text: str, /, **fields: Any) -> None:
         """Write a record on ``channel`` for ``task``; ``fields`` are structured extras."""
         if channel == "debug":
             level = fields.pop("level", 1)

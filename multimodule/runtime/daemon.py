@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from multimodule.config import (
     DaemonOptions,
+    TaskSection,
     check_config,
     load_config_file,
     validate_task_config,
@@ -206,7 +207,7 @@ class Daemon:
                                traceback=exc.details)
             return None
         table = self.effective_config(name)
-        if table.get("is_external"):
+        if TaskSection.model_validate(table).is_external:
             self.channels.emit(
                 "error", DAEMON_SOURCE,
                 f"task {name}: is_external = true is not supported by this version; "
@@ -241,6 +242,17 @@ class Daemon:
         if name in self.overrides:
             return "control message"
         return str(self.options.config_file or "config")
+
+    def _check_startup_config(self) -> None:
+        """At start there is no config in force to keep: a section that its task's own model
+        refuses makes the daemon exit (raises :class:`ConfigError`). Tasks that cannot be
+        found or imported are reported when loaded; the others run."""
+        for name, table in self.file_config.items():
+            try:
+                cls = find_task_class(name, self.options.prefixes)
+            except (TaskNotFound, TaskImportFailed):
+                continue
+            self._validated(name, cls, table, str(self.options.config_file))
 
     def reload_config(self) -> bool:
         """Re-read the config file and apply what changed; refuse (keep the old) if invalid."""
@@ -442,6 +454,7 @@ class Daemon:
                 raise MultiModuleError("the daemon must run on the main thread")
             if opts.config_file is not None:
                 self.file_config = load_config_file(opts.config_file)
+                self._check_startup_config()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.loop.add_signal_handler(sig, self.request_stop)
             self.loop.add_signal_handler(signal.SIGHUP, self.reload_config)
@@ -452,7 +465,9 @@ class Daemon:
                 self.control_receiver = self.transit.receiver(opts.control_queue, control.put)
                 self.control_receiver.start()
                 self._control_runner = self.loop.create_task(self._serve_control(control))
-                self._load(ROUTER_QNAME)
+                if self._load(ROUTER_QNAME) is None:
+                    raise MultiModuleError("the Router could not be started (see the error "
+                                           "above); nothing can be routed, exiting")
                 for name in sorted(self.file_config):
                     if name not in self.runners:
                         self._load(name)
@@ -484,6 +499,8 @@ class Daemon:
             runner.stop_intake()
         for runner in runners:
             await runner.stop_receiver()
+        for runner in runners:
+            await runner.stop_consumer()
         # Deliver what is in memory; a delivery may emit to another task, so go round
         # until every queue is empty (bounded, in case tasks feed each other for ever).
         for _ in range(100):

@@ -161,6 +161,15 @@ class TaskRunner:
         """Stop delivery after the message in progress, deliver what is in memory, save."""
         self.stop_intake()
         await self.stop_receiver()
+        await self.stop_consumer()
+        await self.deliver_pending()
+        if self._saver is not None:
+            self._saver.cancel()
+        self.save_state()
+
+    async def stop_consumer(self) -> None:
+        """Let the message in progress finish, then stop the consumer coroutine (so that
+        :meth:`deliver_pending` never runs two handlers of this task at once)."""
         consumer = self._consumer
         if consumer is not None and not consumer.done():
             if self._cancellable:
@@ -174,10 +183,6 @@ class TaskRunner:
                 consumer.cancel()
             except asyncio.CancelledError:
                 pass
-        await self.deliver_pending()
-        if self._saver is not None:
-            self._saver.cancel()
-        self.save_state()
 
     # -- delivery --------------------------------------------------------------------------
 

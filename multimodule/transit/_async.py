@@ -62,6 +62,11 @@ class AsyncReceiver:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        # Guards _exited and _interrupter: no signal may be sent to the worker once it has
+        # begun to exit (pthread_kill on a finished thread is undefined behaviour).
+        self._exit_lock = threading.Lock()
+        self._exited = False
+        self._interrupter: Interrupter | None = None
 
     @property
     def running(self) -> bool:
@@ -124,6 +129,10 @@ class AsyncReceiver:
                     continue
                 self._hand_over(item)
         finally:
+            with self._exit_lock:
+                self._exited = True
+                if self._interrupter is not None:
+                    self._interrupter.disarm()
             self._done.set()
 
     def _hand_over(self, item: dict[str, Any] | TransitError, fatal: bool = False) -> None:
@@ -158,12 +167,11 @@ class AsyncReceiver:
             return
         self._stopping = True
         self._room.release()  # in case the thread waits for room
-        thread_id = self._thread.ident
-        interrupter = Interrupter(thread_id, None)
-        interrupter.fire_now()
-        try:
+        with self._exit_lock:
+            if not self._exited and self._interrupter is None:
+                self._interrupter = Interrupter(self._thread.ident, None)
+                self._interrupter.fire_now()
+        if not self._done.is_set():
             await asyncio.get_running_loop().run_in_executor(None, self._done.wait)
-        finally:
-            interrupter.disarm()
         self._thread.join()
         self._drain()

@@ -1,0 +1,313 @@
+"""Router unit tests: match rules, routes, transforms, static_forwards, refused routes.
+
+The Router runs in-process against a recording host (no queues): every ``send`` is recorded
+as ``(qname, message)`` exactly as the Router handed it over.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from multimodule.config import validate_task_config
+from multimodule.errors import ConfigError
+from multimodule.tasks.Router import Router, compile_match
+
+
+class RecordingChannels:
+    def __init__(self):
+        self.records: list[tuple[str, str, str, dict]] = []
+
+    def emit(self, channel: str, task: str, text: str, **fields: Any) -> None:
+        self.records.append((channel, task, text, fields))
+
+
+class RecordingHost:
+    """Records sends without copying (stricter than the daemon, which copies unless the
+    sender gives the message away with ``owned=True``)."""
+
+    def __init__(self):
+        self.channels = RecordingChannels()
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.owned: list[bool] = []
+
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
+        self.sent.append((qname, message))
+        self.owned.append(owned)
+
+    def recur(self, task, name, interval, work) -> None:  # pragma: no cover - unused
+        raise AssertionError("the Router schedules nothing")
+
+
+def make_router(routes: list[dict[str, Any]]) -> tuple[Router, RecordingHost]:
+    """A Router configured with ``routes`` the way the daemon does it."""
+    host = RecordingHost()
+    router = Router()
+    router.attach("Router", host)
+    config, settings = validate_task_config("Router", Router.Config, {"routes": routes},
+                                            "test.toml")
+    router.config, router.settings = config, settings
+    router.set_config(config)
+    return router, host
+
+
+def fwd(*qnames: str) -> list[dict[str, str]]:
+    return [{"qname": q} for q in qnames]
+
+
+def qnames(host: RecordingHost) -> list[str]:
+    return [q for q, _ in host.sent]
+
+
+# -- match rules (compile_match) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("match, message, expected", [
+    # field equality
+    ({"source": "A"}, {"source": "A", "x": 1}, True),
+    ({"source": "A"}, {"source": "B"}, False),
+    ({"source": "A"}, {"x": 1}, False),                           # key missing
+    ({"source": "A", "x": 1}, {"source": "A", "x": 2}, False),    # every key must match
+    ({"n": None}, {"n": None}, True),
+    ({"n": None}, {}, False),
+    # nested tables recurse; extra keys in the message are fine
+    ({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}, True),
+    ({"a": {"b": 1}}, {"a": {"b": 2}}, False),
+    ({"a": {"b": 1}}, {"a": 1}, False),
+    ({"a": {"b": {"c": "/x+/"}}}, {"a": {"b": {"c": "axxb"}}}, True),
+    # list membership
+    ({"tags": "urgent"}, {"tags": ["low", "urgent"]}, True),
+    ({"tags": "urgent"}, {"tags": ["low"]}, False),
+    ({"tags": "urgent"}, {"tags": []}, False),
+    ({"items": {"k": "v"}}, {"items": [{"k": "x"}, {"k": "v"}]}, True),
+    ({"items": {"k": "v"}}, {"items": [{"k": "x"}]}, False),
+    # a list pattern must be equal
+    ({"tags": ["a", "b"]}, {"tags": ["a", "b"]}, True),
+    ({"tags": ["a", "b"]}, {"tags": ["b", "a"]}, False),
+    ({"tags": ["a"]}, {"tags": "a"}, False),
+    # regex: searched, not anchored; numbers are searched as text
+    ({"text": "/disk (full|failing)/"}, {"text": "the disk full alarm"}, True),
+    ({"text": "/disk (full|failing)/"}, {"text": "disk ok"}, False),
+    ({"text": "/^disk/"}, {"text": "a disk"}, False),
+    ({"code": "/^4\\d\\d$/"}, {"code": 404}, True),
+    ({"code": "/^4\\d\\d$/"}, {"code": 500}, False),
+    ({"flag": "/True/"}, {"flag": True}, False),                  # bools are not text
+    ({"text": "/b/"}, {"text": ["a", "abc"]}, True),              # regex in a list
+    ({"text": "/x/"}, {"text": {"x": 1}}, False),
+    # a string that merely starts with "/" is not a regex
+    ({"path": "/var"}, {"path": "/var"}, True),
+    ({"path": "/var"}, {"path": "/var/log"}, False),
+    # {} matches everything
+    ({}, {}, True),
+    ({}, {"anything": [1, 2]}, True),
+    # bool vs int strictness
+    ({"flag": True}, {"flag": True}, True),
+    ({"flag": True}, {"flag": 1}, False),
+    ({"n": 1}, {"n": True}, False),
+    ({"n": 0}, {"n": False}, False),
+    ({"flag": False}, {"flag": 0}, False),
+    ({"n": 1}, {"n": [True, 2]}, False),
+    ({"n": 1}, {"n": [True, 1]}, True),
+])
+def test_match_rules(match, message, expected):
+    # Given a compiled match table / When a message is tested / Then the rule decides
+    assert compile_match(match)(message) is expected
+
+
+def test_match_does_not_modify_the_message():
+    message = {"tags": ["a", "b"], "nested": {"k": ["v"]}}
+    before = copy.deepcopy(message)
+    assert compile_match({"tags": "b", "nested": {"k": "v"}})(message)
+    assert message == before
+
+
+# -- routes -----------------------------------------------------------------------------------
+
+
+def test_matching_route_forwards_an_unmodified_copy():
+    # Given a route for source A
+    router, host = make_router([{"match": {"source": "A"}, "forwards": fwd("out")}])
+    message = {"source": "A", "v": [1, 2]}
+    # When a message from A arrives, and one from B
+    router.message(message)
+    router.message({"source": "B"})
+    # Then only A's goes out, equal to the input, and the input dict was not forwarded itself
+    assert host.sent == [("out", {"source": "A", "v": [1, 2]})]
+    assert host.sent[0][1] is not message
+    assert router.unrouted == 1
+
+
+def test_list_is_not_consumed_by_membership_match_two_forwards_both_get_full_list():
+    # Given a route matching on list membership with two forwards
+    router, host = make_router([{"match": {"tags": "b"}, "forwards": fwd("q1", "q2")}])
+    # When a message whose list contains the element arrives
+    router.message({"tags": ["a", "b", "c"]})
+    # Then both queues get the whole list
+    assert host.sent == [("q1", {"tags": ["a", "b", "c"]}), ("q2", {"tags": ["a", "b", "c"]})]
+
+
+def test_every_matching_route_fires_in_order():
+    # Given three routes, the second of which does not match
+    router, host = make_router([
+        {"match": {"source": "A"}, "forwards": fwd("first")},
+        {"match": {"source": "B"}, "forwards": fwd("never")},
+        {"match": {}, "forwards": fwd("second", "third")},
+    ])
+    # When a message from A arrives
+    router.message({"source": "A"})
+    # Then the matching routes fire in order, each forward in order
+    assert qnames(host) == ["first", "second", "third"]
+
+
+def test_short_circuit_stops_at_the_first_matching_short_circuit_route():
+    router, host = make_router([
+        {"match": {"kind": "x"}, "forwards": fwd("before")},
+        {"match": {"level": "high"}, "forwards": fwd("pager"), "short_circuit": True},
+        {"match": {}, "forwards": fwd("catchall")},
+    ])
+    # When a message matches the short-circuit route
+    router.message({"kind": "x", "level": "high"})
+    # Then routes before it fire, routes after it do not
+    assert qnames(host) == ["before", "pager"]
+    host.sent.clear()
+    # When the short-circuit route does not match, later routes fire
+    router.message({"kind": "x", "level": "low"})
+    assert qnames(host) == ["before", "catchall"]
+
+
+def test_transform_applies_to_a_copy_per_forward():
+    # Given two routes with different transforms of the same field, plus one without
+    router, host = make_router([
+        {"match": {}, "transform": {"priority": 1, "tag": "one"}, "forwards": fwd("a", "b")},
+        {"match": {}, "transform": {"priority": 2}, "forwards": fwd("c")},
+        {"match": {}, "forwards": fwd("d")},
+    ])
+    message = {"priority": 0, "body": "x"}
+    # When a message goes through
+    router.message(message)
+    sent = dict(host.sent)
+    # Then each forward carries its own route's transform, and the input is untouched
+    assert sent["a"] == {"priority": 1, "tag": "one", "body": "x"}
+    assert sent["b"] == {"priority": 1, "tag": "one", "body": "x"}
+    assert sent["c"] == {"priority": 2, "body": "x"}
+    assert sent["d"] == {"priority": 0, "body": "x"}
+    assert message == {"priority": 0, "body": "x"}
+    # and the copies are distinct objects (a forward changing one cannot change another)
+    assert len({id(m) for m in sent.values()}) == 4
+    sent["a"]["tag"] = "changed"
+    assert sent["b"]["tag"] == "one"
+
+
+def test_receivers_never_share_objects_with_each_other(monkeypatch):
+    # Given a host that behaves like the daemon: a deep copy per send, unless the sender gives
+    # the message away (owned=True), and routes sending one message to three queues
+    router, host = make_router([
+        {"match": {}, "forwards": fwd("a", "b")},
+        {"match": {"k": "v"}, "forwards": fwd("c")},
+    ])
+    received: dict[str, dict] = {}
+
+    def send(qname, message, *, owned=False):
+        received[qname] = message if owned else copy.deepcopy(message)
+
+    monkeypatch.setattr(host, "send", send)
+    # When a message with nested values goes through
+    router.message({"k": "v", "nested": {"list": [1, 2]}})
+    # Then each receiver can change its message without the others seeing it
+    assert set(received) == {"a", "b", "c"}
+    received["c"]["nested"]["list"].append(3)
+    received["a"]["nested"]["list"].append(4)
+    assert received["b"]["nested"]["list"] == [1, 2]
+    assert received["a"]["nested"]["list"] == [1, 2, 4]
+    assert received["c"]["nested"]["list"] == [1, 2, 3]
+
+
+def test_unrouted_message_is_counted_and_not_sent():
+    router, host = make_router([{"match": {"source": "A"}, "forwards": fwd("out")}])
+    router.message({"source": "Z"})
+    assert host.sent == []
+    assert router.unrouted == 1
+
+
+def test_no_routes_configured_forwards_nothing():
+    router, host = make_router([])
+    router.message({"source": "A"})
+    assert host.sent == [] and router.unrouted == 1
+
+
+# -- static_forwards --------------------------------------------------------------------------
+
+
+def test_static_forwards_first_hop_taken_rest_carried_routes_ignored():
+    # Given routes that would match everything
+    router, host = make_router([{"match": {}, "forwards": fwd("routed")}])
+    hops = [
+        [{"forward": {"qname": "hop1a"}, "transform": {"stage": 1}},
+         {"forward": {"qname": "hop1b"}}],
+        [{"forward": {"qname": "hop2"}, "transform": {"stage": 2}}],
+    ]
+    message = {"v": 1, "static_forwards": copy.deepcopy(hops)}
+    # When a message with static_forwards arrives
+    router.message(message)
+    # Then it goes to every entry of the first hop (not the routes), carrying the rest
+    assert qnames(host) == ["hop1a", "hop1b"]
+    assert host.sent[0][1] == {"v": 1, "stage": 1, "static_forwards": hops[1:]}
+    assert host.sent[1][1] == {"v": 1, "static_forwards": hops[1:]}
+    assert message["static_forwards"] == hops  # the input is not modified
+    # When the forwarded message comes back for its last hop
+    host.sent.clear()
+    last = {"v": 1, "static_forwards": copy.deepcopy(hops[1:])}
+    router.message(last)
+    # Then it goes to hop2 without static_forwards any more
+    assert host.sent == [("hop2", {"v": 1, "stage": 2})]
+    assert last["static_forwards"] == hops[1:]
+
+
+@pytest.mark.parametrize("bad", [
+    [],
+    "hop",
+    [{"forward": {"qname": "x"}}],          # a hop must be a list
+    [[{"forward": {"qname": ""}}]],         # bad queue name
+    [[{"forward": {}}]],                    # no qname
+])
+def test_malformed_static_forwards_reported_not_forwarded(bad):
+    router, host = make_router([{"match": {}, "forwards": fwd("routed")}])
+    router.message({"v": 1, "static_forwards": bad})
+    assert host.sent == []
+    errors = [r for r in host.channels.records if r[0] == "error"]
+    assert len(errors) == 1 and "static_forwards" in errors[0][2]
+
+
+# -- refused routes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("routes, field, words", [
+    ([{"match": {"source": "A"}}], "Router.routes.0.forwards", "Field required"),
+    ([{"match": {}, "forwards": []}], "Router.routes.0.forwards", "at least 1"),
+    ([{"match": {}, "forwards": fwd("ok")}, {"match": {"t": "/(/"}, "forwards": fwd("x")}],
+     "Router.routes.1.match", "invalid regular expression"),
+    ([{"match": {"a": {"b": "/[z/"}}, "forwards": fwd("x")}],
+     "Router.routes.0.match", "invalid regular expression"),
+    ([{"forwards": fwd("a/b")}], "Router.routes.0.forwards.0.qname", "a/b"),
+    ([{"forwards": fwd("")}], "Router.routes.0.forwards.0.qname", ""),
+    ([{"forwards": [{"queue": "x"}]}], "Router.routes.0.forwards.0", "qname"),
+    ([{"forwards": fwd("x"), "short_circut": True}], "Router.routes.0.short_circut",
+     "Extra inputs"),
+    ([{"forwards": fwd("x"), "match": "source"}], "Router.routes.0.match", "dict"),
+])
+def test_invalid_routes_refused_with_the_field_named(routes, field, words):
+    # When a Router config with a bad route is validated
+    with pytest.raises(ConfigError) as info:
+        validate_task_config("Router", Router.Config, {"routes": routes}, "conf.toml")
+    # Then the error names the file and the field, and says what is wrong
+    text = str(info.value)
+    assert text.startswith("conf.toml: "), text
+    assert field in text, text
+    assert words in text, text
+
+
+def test_router_config_unknown_key_refused():
+    with pytest.raises(ConfigError, match=r"Router\.route: Extra inputs"):
+        validate_task_config("Router", Router.Config, {"route": []}, "conf.toml")

@@ -1,0 +1,197 @@
+"""Messages through a running daemon: into an internal task from another process, through the
+Router, to an on-demand stateful task, out to a System V queue; failing and slow handlers."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from multimodule.errors import Empty
+
+from helpers import mm, receive_n, router_section, route, strip_meta  # noqa: F401
+
+UPPER = """
+    from multimodule import Task
+
+    class Upper(Task):
+        def message(self, message):
+            self.emit({"text": message["text"].upper(), "n": message["n"]})
+"""
+
+PRODUCER = """
+    from multimodule import Task
+
+    class Producer(Task):
+        # {"count": N} makes it emit N numbered messages at once.
+        def message(self, message):
+            for i in range(message["count"]):
+                self.emit({"i": i})
+"""
+
+COUNTER = """
+    from multimodule import Task
+
+    class Counter(Task):
+        is_stateful = True
+
+        # Numbers each message from its saved counter and passes it on.
+        def message(self, message):
+            ct = self.state.get("ct", 0) + 1
+            self.state["ct"] = ct
+            message.pop(".ipc_transit_meta", None)
+            message["counter"] = ct
+            self.emit(message)
+"""
+
+
+def test_message_into_internal_task_transformed_and_routed_out(mm, transit):
+    # Given a daemon with task Upper, whose output the Router sends (match on source) to "out"
+    mm.task("Upper", UPPER)
+    mm.config("[Upper]\n\n" + router_section(route("Upper", "out"), route("Nobody", "never")))
+    mm.start()
+    # When this process sends messages to Upper's queue over System V
+    for n, text in enumerate(["hello", "wörld", "x" * 2000]):
+        transit.send("Upper", {"text": text, "n": n})
+    # Then they come out on "out", transformed, marked as from Upper, in order
+    got = receive_n(transit, "out", 3)
+    assert [strip_meta(m) for m in got] == [
+        {"text": "HELLO", "n": 0, "source": "Upper"},
+        {"text": "WÖRLD", "n": 1, "source": "Upper"},
+        {"text": "X" * 2000, "n": 2, "source": "Upper"},
+    ]
+    assert all(".ipc_transit_meta" in m for m in got)
+
+
+def test_producer_to_on_demand_stateful_counter_nothing_lost_or_duplicated(mm, transit):
+    # Given a configured Producer, a stateful Counter with NO config section (loaded on demand
+    # when the Router first forwards to it), and routes Producer -> Counter -> "out"
+    count = 500
+    mm.task("Producer", PRODUCER)
+    mm.task("Counter", COUNTER)
+    mm.config("[Producer]\n\n[Router]\nroutes = [\n"
+              f'  {route("Producer", "Counter")},\n'
+              f'  {route("Counter", "out")},\n'
+              "]\n")
+    daemon = mm.start()
+    assert "Counter" not in daemon.lines_matching("stdout", "running (pid")[0]
+    # When the producer is asked for 500 messages
+    transit.send("Producer", {"count": count})
+    got = receive_n(transit, "out", count)
+    # Then each went through Counter once, in order, with contiguous counters
+    assert [m["source"] for m in got] == ["Counter"] * count
+    assert [m["previous_source"] for m in got] == ["Producer"] * count
+    assert [m["i"] for m in got] == list(range(count))
+    assert [m["counter"] for m in got] == list(range(1, count + 1))
+    # and nothing more comes (no duplicates)
+    try:
+        extra = transit.receive("out", timeout=0.3)
+    except Empty:
+        extra = None
+    assert extra is None, extra
+    # and the daemon's figures agree
+    status, out, _ = mm.mmctl("status", "--json")
+    tasks = json.loads(out)["tasks"]
+    assert tasks["Counter"]["messages_in"] == count and tasks["Counter"]["emitted"] == count
+    assert tasks["Producer"]["emitted"] == count
+    assert tasks["Router"]["messages_in"] == 2 * count
+    status, out, _ = mm.mmctl("state", "Counter")
+    assert json.loads(out) == {"ct": count}
+
+
+def test_failing_handler_reported_counted_and_next_message_handled(mm, transit):
+    # Given a task whose handler raises on messages with "boom"
+    mm.task("Flaky", """
+        from multimodule import Task
+
+        class Flaky(Task):
+            def message(self, message):
+                if message.get("boom"):
+                    raise ValueError("kaboom " + str(message["id"]))
+                self.emit({"id": message["id"]})
+    """)
+    mm.config("[Flaky]\n\n" + router_section(route("Flaky", "out")))
+    daemon = mm.start()
+    # When a failing message and then a good one are sent
+    transit.send("Flaky", {"boom": True, "id": 1})
+    transit.send("Flaky", {"id": 2})
+    # Then the good one is handled
+    assert transit.receive("out", timeout=10)["id"] == 2
+    # and the failure is on stderr naming the task, the exception and the message
+    line = daemon.expect("stderr", "kaboom 1")
+    assert line.startswith("error: Flaky: message handler raised ValueError: kaboom 1"), line
+    assert "'boom': True" in line and "'id': 1" in line, line
+    # and it is counted in the status
+    status, out, err = mm.mmctl("status", "--json")
+    assert status == 0, err
+    flaky = json.loads(out)["tasks"]["Flaky"]
+    assert flaky["task_message_failure"] == 1
+    assert flaky["messages_in"] == 2
+    assert "kaboom 1" in flaky["last_error"]
+
+
+def test_async_handler_failure_also_reported(mm, transit):
+    mm.task("AFlaky", """
+        import asyncio
+        from multimodule import Task
+
+        class AFlaky(Task):
+            async def message(self, message):
+                await asyncio.sleep(0)
+                if message.get("boom"):
+                    raise KeyError("async-kaboom")
+                self.emit({"id": message["id"]})
+    """)
+    # Given an async handler that raises on messages with "boom"
+    mm.config("[AFlaky]\n\n" + router_section(route("AFlaky", "out")))
+    daemon = mm.start()
+    # When a failing and a good message are sent
+    transit.send("AFlaky", {"boom": True, "id": 1})
+    transit.send("AFlaky", {"id": 2})
+    # Then the good one is handled, the failure reported and counted
+    assert transit.receive("out", timeout=10)["id"] == 2
+    daemon.expect("stderr", "error: AFlaky: message handler raised KeyError: 'async-kaboom'")
+    status, out, _ = mm.mmctl("status", "--json")
+    assert json.loads(out)["tasks"]["AFlaky"]["task_message_failure"] == 1
+
+
+def test_handler_holding_the_loop_gets_a_warning_naming_task_and_duration(mm, transit):
+    # Given a threshold of 0.2 s and a task that sleeps (blocking) 0.4 s on "slow" messages
+    mm.task("Sleepy", """
+        import time
+        from multimodule import Task
+
+        class Sleepy(Task):
+            def message(self, message):
+                if message.get("slow"):
+                    time.sleep(0.4)
+                self.emit({"id": message["id"]})
+    """)
+    mm.config("[Sleepy]\n\n" + router_section(route("Sleepy", "out")))
+    daemon = mm.start("--slow-handler-s", "0.2")
+    # When a slow and then a fast message are handled
+    transit.send("Sleepy", {"slow": True, "id": 1})
+    transit.send("Sleepy", {"id": 2})
+    assert [m["id"] for m in receive_n(transit, "out", 2)] == [1, 2]
+    # Then one warning names the task and a duration of at least 0.4 s
+    line = daemon.expect("stderr", "held the event loop")
+    assert line.startswith("error: Sleepy: warning: message handler held the event loop for "), \
+        line
+    duration = float(re.search(r"for (\d+\.\d+) s", line).group(1))
+    assert 0.4 <= duration < 5, line
+    assert "threshold 0.2 s" in line
+    status, out, _ = mm.mmctl("status", "--json")
+    sleepy = json.loads(out)["tasks"]["Sleepy"]
+    assert sleepy["slow_handlers"] == 1
+    assert len(daemon.lines_matching("stderr", "held the event loop")) == 1
+
+
+def test_unroutable_forward_to_unknown_name_goes_to_system_v_queue(mm, transit):
+    # Given a route to a name that is no task (no module of that name)
+    mm.task("Upper", UPPER)
+    mm.config("[Upper]\n\n" + router_section(route("Upper", "plain_queue_name")))
+    mm.start()
+    # When a message passes / Then it lands on the System V queue of that name
+    transit.send("Upper", {"text": "a", "n": 0})
+    assert transit.receive("plain_queue_name", timeout=10)["text"] == "A"
+    transit.send("Upper", {"text": "b", "n": 1})
+    assert transit.receive("plain_queue_name", timeout=10)["text"] == "B"

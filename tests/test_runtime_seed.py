@@ -1,0 +1,56 @@
+"""The seed example end to end: examples/seed.toml with the repository's tasks/ directory.
+
+Example1 ticks once a second (its real interval), so this test takes several seconds."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from helpers import REPO, mm  # noqa: F401 - mm is a fixture
+
+SEED = REPO / "examples" / "seed.toml"
+LINE = re.compile(r"^Example2: received a message: (\d+) \(howdy\)$")
+
+
+def printed_numbers(daemon) -> list[int]:
+    return [int(LINE.match(line).group(1)) for line in daemon.lines_matching("stdout", LINE)]
+
+
+def test_seed_example_counts_persists_and_obeys_new_ct(mm):
+    argv = ("--task-path", str(REPO / "tasks"))
+    # Given the seed example running with an empty state dir
+    first = mm.start(*argv, config=SEED)
+    # Then Example2 prints 0, 1, 2 in order
+    for n in range(3):
+        first.expect("stdout", LINE, timeout=5)
+    assert printed_numbers(first)[:3] == [0, 1, 2]
+    # When it gets SIGTERM
+    first.stop_ok()
+    # Then the saved counter is the next number to print (nothing lost or repeated)
+    printed = printed_numbers(first)
+    assert printed == list(range(len(printed)))
+    saved = json.loads(mm.state_file("Example1").read_text())["ct"]
+    assert saved == printed[-1] + 1
+
+    # Given a second run on the same state dir
+    second = mm.start(*argv, config=SEED)
+    # Then it continues the count from the saved counter
+    n = int(LINE.match(second.expect("stdout", LINE, timeout=5)).group(1))
+    assert n == saved
+    # When mmctl send sets new_ct
+    result = mm.mmctl_proc("send", "Example1", '{"new_ct": 999}')
+    assert result.returncode == 0, result.stderr
+    # Then the count jumps to 999, then 1000
+    line = second.expect("stdout", "received a message: 999 (howdy)", timeout=5)
+    assert LINE.match(line)
+    line = second.expect("stdout", LINE, timeout=5)
+    assert line == "Example2: received a message: 1000 (howdy)"
+    second.wait_line("stdout", "Example1: counter set to 999")
+    # and the numbers before the jump were contiguous from the saved count
+    numbers = printed_numbers(second)
+    jump = numbers.index(999)
+    assert numbers[:jump] == list(range(saved, saved + jump))
+    second.stop_ok()
+    assert json.loads(mm.state_file("Example1").read_text())["ct"] == \
+        printed_numbers(second)[-1] + 1

@@ -1,0 +1,160 @@
+"""State store and instance lock unit tests (files only, no daemon)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from multimodule.state import AlreadyRunning, InstanceLock, StateError, StateStore
+from multimodule.errors import ConfigError
+
+
+def test_save_then_load_round_trip(tmp_path: Path):
+    # Given a store / When a state is saved / Then a new store loads the same state
+    store = StateStore(tmp_path / "state")
+    state = {"ct": 3, "nested": {"l": [1, "two", None]}, "f": 1.5}
+    assert store.save("T", state) is True
+    assert StateStore(tmp_path / "state").load("T") == (state, None)
+    assert json.loads(store.file_for("T").read_text()) == state
+
+
+def test_missing_state_is_empty_without_a_problem(tmp_path: Path):
+    assert StateStore(tmp_path).load("Nothing") == ({}, None)
+
+
+def test_state_dir_created_private(tmp_path: Path):
+    store = StateStore(tmp_path / "a" / "b")
+    assert store.path.is_dir()
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o700
+
+
+def test_state_dir_that_cannot_be_created_is_a_config_error(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot create state directory"):
+        StateStore(blocker / "state")
+
+
+def test_unchanged_state_not_rewritten(tmp_path: Path):
+    store = StateStore(tmp_path)
+    assert store.save("T", {"ct": 1}) is True
+    inode = store.file_for("T").stat().st_ino
+    assert store.save("T", {"ct": 1}) is False
+    assert store.file_for("T").stat().st_ino == inode
+    assert store.save("T", {"ct": 2}) is True
+    assert json.loads(store.file_for("T").read_text()) == {"ct": 2}
+
+
+def test_loaded_state_counts_as_saved(tmp_path: Path):
+    StateStore(tmp_path).save("T", {"ct": 1})
+    store = StateStore(tmp_path)
+    state, _ = store.load("T")
+    assert store.save("T", state) is False
+
+
+def test_save_is_atomic_private_and_leaves_no_temporary(tmp_path: Path):
+    store = StateStore(tmp_path)
+    store.save("T", {"ct": 1})
+    store.save("T", {"ct": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["T.state.json"]
+    assert stat.S_IMODE(store.file_for("T").stat().st_mode) == 0o600
+
+
+def test_unserialisable_state_refused_and_old_file_kept(tmp_path: Path):
+    store = StateStore(tmp_path)
+    store.save("T", {"ct": 1})
+    with pytest.raises(StateError, match="state of T is not JSON-serialisable"):
+        store.save("T", {"ct": object()})
+    assert json.loads(store.file_for("T").read_text()) == {"ct": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["T.state.json"]
+
+
+def test_write_failure_is_a_state_error(tmp_path: Path):
+    # Given a state file path that cannot be replaced (a non-empty directory is in the way)
+    store = StateStore(tmp_path)
+    store.file_for("T").mkdir()
+    (store.file_for("T") / "x").write_text("x")
+    # When the state is saved / Then a StateError names the task and the cause
+    with pytest.raises(StateError, match="cannot save state of T: .*Is a directory"):
+        store.save("T", {"ct": 1})
+
+
+def test_failed_save_leaves_no_temporary_file(tmp_path: Path):
+    # Given a save that fails at the rename
+    store = StateStore(tmp_path)
+    store.file_for("T").mkdir()
+    (store.file_for("T") / "x").write_text("x")
+    with pytest.raises(StateError):
+        store.save("T", {"ct": 1})
+    # Then the temporary file written before the rename is removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["T.state.json"]
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"{not json", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b"[1, 2]", "a JSON list, not an object"),
+    (b'"text"', "a JSON str, not an object"),
+])
+def test_corrupt_state_moved_aside_with_content_kept(tmp_path: Path, content: bytes, why: str):
+    # Given a state file that is not a JSON object
+    store = StateStore(tmp_path)
+    store.file_for("T").write_bytes(content)
+    # When it is loaded
+    state, problem = store.load("T")
+    # Then the task starts empty, the file is moved aside intact, the problem says so
+    assert state == {}
+    aside = list(tmp_path.glob("T.state.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+    assert not store.file_for("T").exists()
+    assert why in problem and aside[0].name in problem and "starting empty" in problem
+    # and saving afterwards writes a fresh file beside the corrupt one
+    store.save("T", {"ct": 0})
+    assert json.loads(store.file_for("T").read_text()) == {"ct": 0}
+    assert aside[0].exists()
+
+
+# -- the instance lock ------------------------------------------------------------------------
+
+
+def test_lock_writes_status_and_second_holder_refused_with_pid(tmp_path: Path):
+    # Given a held lock
+    first = InstanceLock(tmp_path, "multimodule")
+    first.acquire()
+    try:
+        status = orjson.loads((tmp_path / "multimodule.status.json").read_bytes())
+        assert status["pid"] == os.getpid()
+        assert status["argv"] == sys.argv
+        assert isinstance(status["start_time"], float)
+        # When a second lock on the same directory is tried (another open file description)
+        second = InstanceLock(tmp_path, "multimodule")
+        with pytest.raises(AlreadyRunning) as info:
+            second.acquire()
+        # Then it is refused naming the holder's pid, and the holder's status is untouched
+        assert info.value.pid == os.getpid()
+        assert f"pid {os.getpid()}" in str(info.value)
+        assert orjson.loads((tmp_path / "multimodule.status.json").read_bytes()) == status
+    finally:
+        first.release()
+    # After release: the status file is gone and the lock can be taken again
+    assert not (tmp_path / "multimodule.status.json").exists()
+    third = InstanceLock(tmp_path, "multimodule")
+    third.acquire()
+    third.release()
+
+
+def test_locks_of_different_names_do_not_conflict(tmp_path: Path):
+    a = InstanceLock(tmp_path, "multimodule")
+    b = InstanceLock(tmp_path, "task-Example1")
+    a.acquire()
+    try:
+        b.acquire()
+        b.release()
+    finally:
+        a.release()
