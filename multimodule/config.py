@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,12 +31,24 @@ from pydantic import (
     field_validator,
 )
 
-from multimodule.errors import ConfigError
+from multimodule.errors import ConfigError, InvalidQueueName
+from multimodule.transit._directory import validate_qname
 
 RESERVED_KEYS = ("is_external", "intervals", "limits")
 
 #: Default seconds between two saves of a stateful task's state.
 DEFAULT_SAVE_STATE_S = 1.0
+
+
+def _queue_name(value: str) -> str:
+    try:
+        return validate_qname(value)
+    except InvalidQueueName as exc:
+        raise ValueError(str(exc)) from exc
+
+
+#: A ``str`` field holding a queue name, validated as transit does (pydantic reports the field).
+QueueName = Annotated[str, AfterValidator(_queue_name)]
 
 
 class TaskSection(BaseModel):
@@ -153,7 +166,7 @@ class DaemonOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    control_queue: str = Field("MultiModule_control",
+    control_queue: QueueName = Field("MultiModule_control",
                                description="queue on which the daemon takes control messages")
     prefixes: list[str] = Field(
         default_factory=lambda: [""],
@@ -193,13 +206,3 @@ class DaemonOptions(BaseModel):
             raise ValueError(f"{value!r} is not a task name (a Python identifier)")
         return value
 
-    @field_validator("control_queue")
-    @classmethod
-    def _control_queue_name(cls, value: str) -> str:
-        from multimodule.transit import validate_qname
-        from multimodule.errors import InvalidQueueName
-
-        try:
-            return validate_qname(value)
-        except InvalidQueueName as exc:
-            raise ValueError(str(exc)) from exc

@@ -30,9 +30,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from multimodule.errors import InvalidQueueName
+from multimodule.config import QueueName
 from multimodule.task import Task
-from multimodule.transit import validate_qname
 
 Matcher = Callable[[Any], bool]
 
@@ -98,15 +97,7 @@ class Forward(BaseModel):
     """One destination: the queue name ``qname``."""
 
     model_config = ConfigDict(extra="forbid")
-    qname: str
-
-    @field_validator("qname")
-    @classmethod
-    def _valid_qname(cls, value: str) -> str:
-        try:
-            return validate_qname(value)
-        except InvalidQueueName as exc:
-            raise ValueError(str(exc)) from exc
+    qname: QueueName
 
 
 class Route(BaseModel):
