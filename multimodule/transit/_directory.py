@@ -31,6 +31,9 @@ from multimodule.errors import InvalidQueueName, TransitBroken
 #: Longest queue name accepted, in characters (and at most 255 bytes once UTF-8 encoded).
 MAX_NAME_CHARS = 200
 
+#: Keys are drawn from 1 .. 2**31-1: ``key_t`` is a 32-bit signed int on Linux.
+MAX_KEY = 2**31 - 1
+
 ENV_TRANSIT_DIR = "MULTIMODULE_TRANSIT_DIR"
 ENV_TRANSIT_GROUP = "MULTIMODULE_TRANSIT_GROUP"
 
@@ -46,10 +49,12 @@ def validate_qname(qname: object) -> str:
         raise InvalidQueueName(f"queue name must be a str, not {type(qname).__name__}")
     if not qname:
         raise InvalidQueueName("queue name is empty")
-    if len(qname) > MAX_NAME_CHARS or len(qname.encode("utf-8", "surrogatepass")) > 255:
+    if len(qname) > MAX_NAME_CHARS:
         raise InvalidQueueName(
             f"queue name is too long ({len(qname)} characters; at most {MAX_NAME_CHARS})"
         )
+    if len(qname.encode("utf-8", "surrogatepass")) > 255:
+        raise InvalidQueueName("queue name is too long (over 255 bytes in UTF-8)")
     if "/" in qname:
         raise InvalidQueueName(f"queue name {qname!r} contains a slash")
     if qname.startswith("."):
@@ -90,6 +95,18 @@ def _group_id(group: str | int | None) -> int | None:
         return grp.getgrnam(str(group)).gr_gid
     except KeyError as exc:
         raise TransitBroken(f"transit group {group!r} does not exist") from exc
+
+
+def _parse_key(data: bytes) -> int | None:
+    """The key in a name file's content, or ``None`` if it is empty, half-written or corrupt
+    (the locked path then makes a new queue and rewrites the file)."""
+    if not data.endswith(b"\n"):
+        return None
+    try:
+        key = int(data)
+    except ValueError:
+        return None
+    return key if 0 < key <= MAX_KEY else None
 
 
 class TransitDirectory:
@@ -153,9 +170,7 @@ class TransitDirectory:
             return None
         except OSError as exc:
             raise TransitBroken(f"cannot read queue file {self.path / qname}: {exc}") from exc
-        if not data.endswith(b"\n"):
-            return None  # empty or being written: the caller takes the locked path
-        return int(data)
+        return _parse_key(data)
 
     def open_queue(self, qname: str, max_message_size: int) -> sysv_ipc.MessageQueue:
         """Open the System V queue for ``qname``, creating the name and the queue if needed.
@@ -184,10 +199,10 @@ class TransitDirectory:
             raise TransitBroken(f"cannot create queue file {path}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            data = os.pread(fd, 32, 0)
-            if data.endswith(b"\n"):
+            key = _parse_key(os.pread(fd, 32, 0))
+            if key is not None:
                 try:
-                    return sysv_ipc.MessageQueue(int(data), 0, max_message_size=max_message_size)
+                    return sysv_ipc.MessageQueue(key, 0, max_message_size=max_message_size)
                 except sysv_ipc.ExistentialError:
                     pass  # stale key: make a new queue
             queue = self._create_queue(max_message_size)
@@ -205,7 +220,7 @@ class TransitDirectory:
     def _create_queue(self, max_message_size: int) -> sysv_ipc.MessageQueue:
         rng = random.SystemRandom()
         for _ in range(64):
-            key = rng.randint(1, sysv_ipc.KEY_MAX)
+            key = rng.randint(1, MAX_KEY)
             try:
                 queue = sysv_ipc.MessageQueue(
                     key, sysv_ipc.IPC_CREX, self.queue_mode, max_message_size=max_message_size

@@ -74,6 +74,11 @@ def encode_body(message: dict[str, Any], meta: dict[str, Any]) -> bytes:
         raise UnserializableMessage(f"message is not JSON-serialisable: {exc}") from exc
 
 
+def _json_type(value: Any) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def decode_body(body: bytes | memoryview, qname: str | None = None) -> dict[str, Any]:
     """Parse a JSON body into a ``dict``; raise :class:`BadMessage` if it is not a JSON object."""
     try:
@@ -82,7 +87,7 @@ def decode_body(body: bytes | memoryview, qname: str | None = None) -> dict[str,
         raise BadMessage(f"body is not valid JSON ({exc})", qname=qname, raw=bytes(body)) from exc
     if type(value) is not dict:
         raise BadMessage(
-            f"body is JSON {type(value).__name__}, not an object", qname=qname, raw=bytes(body)
+            f"body is JSON {_json_type(value)}, not an object", qname=qname, raw=bytes(body)
         )
     return value
 
@@ -118,7 +123,15 @@ def _checked_str(text: str) -> str:
     return text
 
 
-def _copy_value(value: Any) -> Any:
+#: Deepest nesting of objects and arrays orjson writes (the top-level object counts as 1).
+MAX_DEPTH = 254
+
+
+def _too_deep() -> UnserializableMessage:
+    return UnserializableMessage(f"message is nested deeper than {MAX_DEPTH} levels")
+
+
+def _copy_value(value: Any, depth: int) -> Any:
     kind = type(value)
     if kind is str:
         return value if value.isascii() else _checked_str(value)
@@ -131,9 +144,11 @@ def _copy_value(value: Any) -> Any:
     if kind is bool or value is None:
         return value
     if kind is dict:
-        return _copy_object(value)
+        return _copy_object(value, depth + 1)
     if kind is list:
-        return [_copy_value(v) for v in value]
+        if depth >= MAX_DEPTH:
+            raise _too_deep()
+        return [_copy_value(v, depth + 1) for v in value]
     # Tuples, datetimes, dataclasses, enums...: give the receiver exactly what the System V
     # path would have given it, so that moving a queue between paths changes nothing.
     try:
@@ -142,14 +157,16 @@ def _copy_value(value: Any) -> Any:
         raise UnserializableMessage(f"message is not JSON-serialisable: {exc}") from exc
 
 
-def _copy_object(obj: dict[Any, Any]) -> dict[str, Any]:
+def _copy_object(obj: dict[Any, Any], depth: int) -> dict[str, Any]:
+    if depth > MAX_DEPTH:
+        raise _too_deep()
     out = {}
     for key, value in obj.items():
         if key.__class__ is not str:
             raise UnserializableMessage(f"message keys must be str, not {type(key).__name__}")
         if not key.isascii():
             _checked_str(key)
-        out[key] = _copy_value(value)
+        out[key] = _copy_value(value, depth)
     return out
 
 
@@ -159,7 +176,8 @@ def copy_message(message: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
     No serialisation for JSON-native values (dict, list, str, int, float, bool, None); other
     values go through ``orjson`` so that the result equals the System V path's (NaN and
     infinities become ``None``, as orjson writes them). Raises :class:`UnserializableMessage`
-    for what JSON cannot carry (non-``str`` keys, integers beyond 64 bits, lone surrogates).
+    for what JSON cannot carry (non-``str`` keys, integers beyond 64 bits, lone surrogates,
+    nesting deeper than :data:`MAX_DEPTH`).
     """
     check_is_object(message)
     out = {}
@@ -170,6 +188,6 @@ def copy_message(message: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
             continue  # replaced below: no need to copy the previous hop's meta
         if not key.isascii():
             _checked_str(key)
-        out[key] = _copy_value(value)
+        out[key] = _copy_value(value, 1)
     out[META_KEY] = meta
     return out
