@@ -25,7 +25,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
     StrictBool,
     ValidationError,
     field_validator,
@@ -51,13 +50,17 @@ def _queue_name(value: str) -> str:
 QueueName = Annotated[str, AfterValidator(_queue_name)]
 
 
+#: An interval in seconds: finite, at least 10 ms (a smaller one would only burn CPU).
+Interval = Annotated[float, Field(ge=0.01, allow_inf_nan=False)]
+
+
 class TaskSection(BaseModel):
     """The reserved keys of one task's table; other keys pass through to the task."""
 
     model_config = ConfigDict(extra="allow")
 
     is_external: StrictBool = Field(False, description="run the task in its own process")
-    intervals: dict[str, PositiveFloat] = Field(
+    intervals: dict[str, Interval] = Field(
         default_factory=dict,
         description="seconds per named_recur schedule name; 'save_state' sets how often "
                     "state is saved",

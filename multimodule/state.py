@@ -121,15 +121,16 @@ class StateStore:
 
 
 class InstanceLock:
-    """An exclusive ``flock`` on ``state_dir/NAME.lock`` held for the life of the process,
-    with a status file ``NAME.status.json`` (pid, start time, command line) beside it.
+    """An exclusive ``flock`` on ``DIR/NAME.lock`` held for the life of the process, with a
+    status file ``NAME.status.json`` (pid, start time, command line) beside it unless
+    ``status_file=False``.
 
     :meth:`acquire` raises :class:`AlreadyRunning` naming the holder's pid.
     """
 
-    def __init__(self, state_dir: Path, name: str):
+    def __init__(self, state_dir: Path, name: str, *, status_file: bool = True):
         self.lock_path = state_dir / f"{name}.lock"
-        self.status_path = state_dir / f"{name}.status.json"
+        self.status_path = state_dir / f"{name}.status.json" if status_file else None
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -148,15 +149,17 @@ class InstanceLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"%d\n" % os.getpid(), 0)
         self._fd = fd
-        status = {"pid": os.getpid(), "start_time": time.time(), "argv": sys.argv}
-        write_atomic(self.status_path, orjson.dumps(status, option=orjson.OPT_INDENT_2))
+        if self.status_path is not None:
+            status = {"pid": os.getpid(), "start_time": time.time(), "argv": sys.argv}
+            write_atomic(self.status_path, orjson.dumps(status, option=orjson.OPT_INDENT_2))
 
     def release(self) -> None:
         """Remove the status file and drop the lock."""
         if self._fd is None:
             return
         try:
-            self.status_path.unlink(missing_ok=True)
+            if self.status_path is not None:
+                self.status_path.unlink(missing_ok=True)
         finally:
             os.close(self._fd)
             self._fd = None

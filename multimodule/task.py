@@ -116,6 +116,10 @@ class Task:
         ``self.config`` and ``self.settings`` are already updated when this runs.
         """
 
+    def extra_figures(self) -> dict[str, int | float]:
+        """Task-specific counters for ``mmctl status`` (e.g. the Router's ``unrouted``)."""
+        return {}
+
     # -- what a task calls -----------------------------------------------------------------
 
     def emit(self, message: dict[str, Any]) -> None:

@@ -345,8 +345,8 @@ def receive_n(transit: Transit, qname: str, count: int, *, timeout: float = 10.0
 
 
 def strip_meta(message: dict[str, Any]) -> dict[str, Any]:
-    """``message`` without the transit's ``.ipc_transit_meta``."""
-    return {k: v for k, v in message.items() if k != ".ipc_transit_meta"}
+    """``message`` without the transit's ``.ipc_transit_meta`` and the Router's hop count."""
+    return {k: v for k, v in message.items() if k not in (".ipc_transit_meta", ".router_hops")}
 
 
 def wait_for_file(path: Path, predicate: Callable[[Path], bool] = Path.exists, *,

@@ -13,7 +13,7 @@ import pytest
 
 from multimodule.config import validate_task_config
 from multimodule.errors import ConfigError
-from multimodule.tasks.Router import Router, compile_match
+from multimodule.tasks.Router import HOPS_KEY, MAX_HOPS, Router, compile_match
 
 
 class RecordingChannels:
@@ -32,8 +32,11 @@ class RecordingHost:
         self.channels = RecordingChannels()
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.owned: list[bool] = []
+        self.hops: list[int] = []
 
     def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
+        # The hop counter is checked by its own tests; the others compare the rest.
+        self.hops.append(message.pop(HOPS_KEY))
         self.sent.append((qname, message))
         self.owned.append(owned)
 
@@ -311,3 +314,30 @@ def test_invalid_routes_refused_with_the_field_named(routes, field, words):
 def test_router_config_unknown_key_refused():
     with pytest.raises(ConfigError, match=r"Router\.route: Extra inputs"):
         validate_task_config("Router", Router.Config, {"route": []}, "conf.toml")
+
+
+def test_each_pass_through_the_router_counts_a_hop():
+    # Given a Router with one route
+    router, host = make_router([{"match": {}, "forwards": fwd("out")}])
+    # When a fresh message and one that already passed 5 Routers go through
+    router.message({"a": 1})
+    router.message({"a": 2, HOPS_KEY: 5})
+    # Then the forwarded copies carry the incremented count
+    assert host.hops == [1, 6]
+
+
+def test_a_routing_loop_is_broken_and_reported():
+    # Given a route that sends everything back to the Router itself
+    router, host = make_router([{"match": {}, "forwards": fwd("Router")}])
+    message: dict[str, Any] = {"a": 1}
+    # When the message keeps coming back
+    for _ in range(MAX_HOPS + 5):
+        router.message(message)
+        if not host.sent:
+            break
+        _, message = host.sent.pop()
+        message[HOPS_KEY] = host.hops[-1]
+    # Then after MAX_HOPS passes it is not forwarded, and the error says why
+    assert host.hops[-1] == MAX_HOPS
+    assert router.loops_broken == 1
+    assert any("routing loop" in text for _, _, text, _ in host.channels.records)

@@ -192,8 +192,8 @@ def test_router_config_by_control_message_validated_by_the_router_model(mm, tran
     daemon = mm.start()
     receive_until(transit, "out", outstr_is("x"))
     # When a Router config with a route lacking forwards arrives by control message
-    status, _, _ = mm.mmctl("config", "Router", '{"routes": [{"match": {}}]}')
-    assert status == 0
+    status, _, err = mm.mmctl("config", "Router", '{"routes": [{"match": {}}]}')
+    assert status == 1 and "Router.routes.0.forwards" in err, err
     # Then it is refused naming the field, and routing goes on as before
     line = daemon.expect("stderr", "config for Router refused")
     assert "Router.routes.0.forwards" in line, line

@@ -87,9 +87,10 @@ def test_bad_config_by_control_message_refused_old_kept(mm, transit):
     daemon = mm.start()
     assert transit.receive("out", timeout=10)["config"] == {"outstr": "good"}
     # When a config with a bad reserved key arrives
-    status, _, _ = mm.mmctl("config", "Cfg", '{"outstr": "bad", "intervals": {"tick": -1}}')
-    assert status == 0  # mmctl only sends; the daemon decides
-    # Then the daemon refuses it on the error channel naming the field, and keeps the old
+    status, _, err = mm.mmctl("config", "Cfg", '{"outstr": "bad", "intervals": {"tick": -1}}')
+    # Then mmctl reports the daemon's refusal (exit 1), naming the field
+    assert status == 1 and "Cfg.intervals.tick" in err, err
+    # and the daemon says so on its error channel too, and keeps the old config
     line = daemon.expect("stderr", "config for Cfg refused")
     assert "Cfg.intervals.tick" in line, line
     status, out, _ = mm.mmctl("config", "Cfg")
@@ -197,8 +198,10 @@ def test_unknown_control_item_reported_daemon_keeps_serving(mm, transit):
     transit.send("MultiModule_control", {".multimodule": {"control": [{"type": "dance"}]}})
     transit.send("MultiModule_control", {"no": "key"})
     # Then each is reported, and the daemon still answers queries
-    daemon.expect("stderr", "control message refused: unknown control item")
-    daemon.expect("stderr", "control message without a '.multimodule' object ignored")
+    daemon.expect("stderr", "control message refused: .multimodule.control.0.type: Input "
+                            "should be 'cleanly_exit' or 'reload' (got 'dance')")
+    daemon.expect("stderr", "control message refused: a control message needs a "
+                            "'.multimodule' object")
     status, out, _ = mm.mmctl("status", "--json")
     assert status == 0 and json.loads(out)["pid"] == daemon.pid
 

@@ -3,6 +3,7 @@ with an invalid config file."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -152,16 +153,26 @@ def test_task_whose_constructor_raises_reported_others_keep_running(mm, transit)
     assert "BadInit" not in report["tasks"] and "BadInit" in report["import_failures"]
 
 
-def test_external_task_not_supported_yet_reported_others_keep_running(mm, transit):
+def test_external_task_not_supported_yet_refused_at_start_and_on_reload(mm, transit):
     mm.task("Echo", ECHO)
-    mm.task("Ext", ECHO.replace("Echo", "Ext"))
-    # Given a task marked is_external (not supported by this version), beside a working one
-    mm.config("[Ext]\nis_external = true\n\n[Echo]\n\n" + router_section(route("Echo", "out")))
-    # When the daemon starts / Then the external task is refused and the other task works
+    # Given a task marked is_external (not supported by this version)
+    mm.config("[Echo]\nis_external = true\n\n" + router_section(route("Echo", "out")))
+    # When the daemon starts / Then it refuses the config, naming file and field, and exits 1
+    daemon = mm.start(wait=False)
+    line = daemon.expect("stderr", "Echo.is_external: true is not supported")
+    assert str(mm.config_path) in line, line
+    assert daemon.wait_exit(5) == 1, daemon.output()
+    # Given a daemon running the task internally
+    mm.config("[Echo]\n\n" + router_section(route("Echo", "out")))
     daemon = mm.start()
-    daemon.expect("stderr", "task Ext: is_external = true is not supported")
+    # When is_external is switched on by a control message
+    status, _, err = mm.mmctl("config", "Echo", '{"is_external": true}')
+    # Then mmctl reports the refusal, and the task goes on in the daemon with its old config
+    assert status == 1 and "is_external" in err, err
     transit.send("Echo", {"n": 3})
     assert transit.receive("out", timeout=10)["n"] == 3
+    status, out, _ = mm.mmctl("config", "Echo")
+    assert status == 0 and "is_external" not in json.loads(out)
 
 
 def test_sigint_stops_cleanly_like_sigterm(mm, transit):

@@ -10,14 +10,17 @@ users of Perl's IPC::Transit.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import secrets
 import sys
+import time
 from typing import Any, Sequence
 
 import orjson
 
-from multimodule.errors import Empty, MultiModuleError, UsageError
+from multimodule.config import is_task_name
+from multimodule.errors import BadMessage, Empty, MultiModuleError, QueueFull, UsageError
 from multimodule.transit import Transit, default_transit_dir
 
 EXIT_OK = 0
@@ -87,12 +90,9 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_recv(args: argparse.Namespace) -> int:
     """``mmctl recv QNAME``: print received messages as pretty JSON, one object each."""
-    if args.count < 1:
-        raise CommandError("--count must be at least 1", EXIT_USAGE)
-    if args.timeout is not None and args.timeout < 0:
-        raise CommandError("--timeout must not be negative", EXIT_USAGE)
     transit = _open_transit(args)
-    for got in range(args.count):
+    got = 0
+    while got < args.count:
         try:
             message = transit.receive(args.qname, timeout=args.timeout)
         except Empty:
@@ -100,7 +100,12 @@ def cmd_recv(args: argparse.Namespace) -> int:
                 f"timed out after {args.timeout} s on queue {args.qname!r} "
                 f"({got} of {args.count} messages received)"
             ) from None
+        except BadMessage as exc:
+            print(f"{args.prog}: discarded a malformed message: {exc.reason} "
+                  f"(raw {exc.raw!r})", file=sys.stderr)
+            continue
         _print_json(message)
+        got += 1
     return EXIT_OK
 
 
@@ -142,18 +147,19 @@ def _control_queue(args: argparse.Namespace) -> str:
     return getattr(args, "control_queue", DEFAULT_CONTROL_QUEUE)
 
 
-def _query(args: argparse.Namespace, query: str, task: str | None = None) -> dict[str, Any]:
-    """Ask the daemon over its control queue; the answer comes on a private reply queue."""
+def _ask(args: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
+    """Send ``body`` to the daemon's control queue and wait for its answer, which comes on a
+    private reply queue. The message expires when we stop waiting, so a daemon started later
+    does not act on it. Raises :class:`CommandError` (status 3) if nobody answers."""
     transit = _open_transit(args)
     reply_to = f"mmctl-reply-{os.getpid()}-{secrets.token_hex(4)}"
+    body = {**body, "reply_to": reply_to, "expires_at": time.time() + args.wait}
     try:
         transit.sysv_queue(reply_to)  # exists before the daemon answers
-        transit.send(_control_queue(args),
-                     {CONTROL_KEY: {"query": query, "task": task, "reply_to": reply_to}},
-                     timeout=args.wait)
         try:
+            transit.send(_control_queue(args), {CONTROL_KEY: body}, timeout=args.wait)
             reply = transit.receive(reply_to, timeout=args.wait)
-        except Empty:
+        except (Empty, QueueFull):
             raise CommandError(
                 f"the daemon did not answer on {_control_queue(args)!r} within {args.wait} s "
                 "(is it running, with the same transit directory?)", EXIT_NOT_RUNNING,
@@ -166,50 +172,74 @@ def _query(args: argparse.Namespace, query: str, task: str | None = None) -> dic
     return reply
 
 
-def _control(args: argparse.Namespace, body: dict[str, Any]) -> None:
-    _open_transit(args).send(_control_queue(args), {CONTROL_KEY: body}, timeout=args.wait)
+def _task_name(value: str) -> str:
+    if not is_task_name(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a task name (a Python identifier)")
+    return value
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a finite number >= 0")
+    return seconds
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     """``mmctl config TASK [JSON]``: replace a task's config, or print it."""
     if args.json is None:
-        _print_json(_query(args, "config", args.task)["config"])
+        _print_json(_ask(args, {"query": "config", "task": args.task})["config"])
         return EXIT_OK
     table = _parse_object(args.json, "the config argument")
-    _control(args, {"config": {args.task: table}})
+    _ask(args, {"config": {args.task: table}})
     return EXIT_OK
 
 
 def cmd_state(args: argparse.Namespace) -> int:
     """``mmctl state TASK [--set JSON]``: print a task's state, or set keys in it."""
-    if args.set is not None:
-        keys = _parse_object(args.set, "--set")
-        _open_transit(args).send(args.task, {CONTROL_KEY: {"transform": keys}},
-                                 timeout=args.wait)
-        return EXIT_OK
-    reply = _query(args, "state", args.task)
+    keys = _parse_object(args.set, "--set") if args.set is not None else None
+    reply = _ask(args, {"query": "state", "task": args.task})
     if not reply.get("stateful"):
         raise CommandError(f"task {args.task} is not stateful")
-    _print_json(reply["state"])
+    if keys is None:
+        _print_json(reply["state"])
+    else:
+        # The original's shape: a transform message on the task's own queue, delivered in
+        # order with the task's other messages.
+        _open_transit(args).send(args.task, {CONTROL_KEY: {"transform": keys}},
+                                 timeout=args.wait)
     return EXIT_OK
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """``mmctl stop [--externals]``: ask the daemon to exit cleanly (state saved)."""
-    _control(args, {"control": [{"type": "cleanly_exit",
-                                 "exit_externals": 1 if args.externals else 0}]})
+    _ask(args, {"control": [{"type": "cleanly_exit",
+                             "exit_externals": 1 if args.externals else 0}]})
     return EXIT_OK
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """``mmctl reload``: make the daemon re-read its config file (as SIGHUP does)."""
-    _control(args, {"control": [{"type": "reload"}]})
+    _ask(args, {"control": [{"type": "reload"}]})
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``mmctl status``: the daemon's tasks and their counters."""
-    status = _query(args, "status")["status"]
+    status = _ask(args, {"query": "status"})["status"]
     if args.json:
         _print_json(status)
         return EXIT_OK
@@ -229,20 +259,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _add_control(sub, common) -> None:
     wait = argparse.ArgumentParser(add_help=False)
-    wait.add_argument("--wait", type=float, default=5.0, metavar="S",
-                      help="seconds to wait for the daemon (default: 5)")
+    wait.add_argument("--wait", type=_seconds, default=5.0, metavar="S",
+                      help="seconds to wait for the daemon's answer (default: 5); exit "
+                           "status 3 if none comes")
     p = sub.add_parser("config", parents=[common, wait], help="show or replace a task's config",
                        description="Without JSON, print TASK's config in force; with JSON, "
                                    "replace it (a control message; the file's config for "
                                    "TASK stays overridden until the file changes it).")
-    p.add_argument("task", metavar="TASK")
+    p.add_argument("task", metavar="TASK", type=_task_name)
     p.add_argument("json", metavar="JSON", nargs="?", help="the new config, a JSON object")
     p.set_defaults(func=cmd_config)
     p = sub.add_parser("state", parents=[common, wait], help="show or set a task's state",
                        description="Print stateful TASK's state, or with --set, set those "
                                    "keys in it (the task sees the change at once; it is "
                                    "saved with the next save).")
-    p.add_argument("task", metavar="TASK")
+    p.add_argument("task", metavar="TASK", type=_task_name)
     p.add_argument("--set", metavar="JSON", help="keys to set, a JSON object")
     p.set_defaults(func=cmd_state)
     p = sub.add_parser("stop", parents=[common, wait], help="stop the daemon cleanly",
@@ -266,7 +297,7 @@ def _add_send(sub, common) -> None:
     p.add_argument("qname", metavar="QNAME", help="queue name")
     p.add_argument("json", metavar="JSON", nargs="?",
                    help="the message, a JSON object (default: read from standard input)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                    help="seconds to wait for room in a full queue (default: wait for ever)")
     p.set_defaults(func=cmd_send)
 
@@ -276,9 +307,9 @@ def _add_recv(sub, common) -> None:
                        description="Receive messages from queue QNAME and print each as "
                                    "pretty JSON. Exits 1 if the timeout passes first.")
     p.add_argument("qname", metavar="QNAME", help="queue name")
-    p.add_argument("-n", "--count", type=int, default=1, metavar="N",
+    p.add_argument("-n", "--count", type=_positive_int, default=1, metavar="N",
                    help="how many messages to receive (default: 1)")
-    p.add_argument("-t", "--timeout", type=float, default=None, metavar="S",
+    p.add_argument("-t", "--timeout", type=_seconds, default=None, metavar="S",
                    help="seconds to wait for each message (default: wait for ever; 0: "
                         "only take what is there)")
     p.set_defaults(func=cmd_recv)
@@ -309,10 +340,12 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "mmctl") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "mmctl",
+         parser: argparse.ArgumentParser | None = None) -> int:
     """Run ``mmctl`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    parser = build_parser(prog)
+    parser = parser or build_parser(prog)
     args = parser.parse_args(argv)
+    args.prog = prog
     try:
         return args.func(args)
     except CommandError as exc:
@@ -328,23 +361,26 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmctl") -> int:
         return 130
 
 
-def _alias(command: str) -> int:
-    return main([command, *sys.argv[1:]])
+def _alias(command: str, name: str) -> int:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subparsers.choices[command].prog = name  # so that its usage and errors say "strans ..."
+    return main([command, *sys.argv[1:]], prog=name, parser=parser)
 
 
 def strans() -> int:
     """``strans QNAME [JSON]`` = ``mmctl send``."""
-    return _alias("send")
+    return _alias("send", "strans")
 
 
 def rtrans() -> int:
     """``rtrans QNAME`` = ``mmctl recv``."""
-    return _alias("recv")
+    return _alias("recv", "rtrans")
 
 
 def qtrans() -> int:
     """``qtrans`` = ``mmctl queues``."""
-    return _alias("queues")
+    return _alias("queues", "qtrans")
 
 
 if __name__ == "__main__":

@@ -39,11 +39,15 @@ from multimodule.config import (
 from multimodule.errors import ConfigError, MultiModuleError, QueueFull, TransitError
 from multimodule.oob import Channels, parse_spec
 from multimodule.runtime.loader import TaskImportFailed, TaskNotFound, find_task_class
-from multimodule.runtime.runner import CONTROL_KEY, TaskRunner
-from multimodule.state import AlreadyRunning, InstanceLock, StateStore
+from multimodule.runtime.control import CONTROL_KEY, parse_control
+from multimodule.runtime.runner import TaskRunner
+from multimodule.state import AlreadyRunning, InstanceLock, StateStore, write_atomic
 from multimodule.task import ROUTER_QNAME, Task, Work
 from multimodule.transit import Transit, _wire
 from multimodule.transit._interrupt import ensure_handler
+
+EXTERNAL_REFUSED = ("true is not supported by this version (external tasks come with the "
+                    "systemd integration); run the task internally")
 
 #: Name used for the daemon's own records and messages.
 DAEMON_SOURCE = "MultiModule"
@@ -188,16 +192,23 @@ class Daemon:
 
     def _validated(self, name: str, cls: type[Task], table: dict[str, Any], source: str
                    ) -> tuple[dict[str, Any], BaseModel | None]:
-        return validate_task_config(name, cls.Config, table, source)
+        config, settings = validate_task_config(name, cls.Config, table, source)
+        if config.get("is_external") is True:
+            raise ConfigError(f"{source}: {name}.is_external: {EXTERNAL_REFUSED}")
+        return config, settings
 
     def _load(self, name: str, *, on_demand: bool = False) -> TaskRunner | None:
         """Import, construct and start task ``name``; report and return ``None`` on failure."""
         try:
-            cls = find_task_class(name, self.options.prefixes)
+            # On first use (a message sent to the name), a bare module name is only looked
+            # for in --task-path directories: a queue name must not import any module at all.
+            cls = find_task_class(name, self.options.prefixes,
+                                  bare_paths=self.options.task_path if on_demand else None)
         except TaskNotFound as exc:
             if on_demand:
                 self.not_tasks.add(name)
             else:
+                self.import_failures[name] = str(exc)
                 self.channels.emit("error", DAEMON_SOURCE, f"cannot load task {name}: {exc}",
                                    task=name)
             return None
@@ -207,16 +218,10 @@ class Daemon:
                                traceback=exc.details)
             return None
         table = self.effective_config(name)
-        if TaskSection.model_validate(table).is_external:
-            self.channels.emit(
-                "error", DAEMON_SOURCE,
-                f"task {name}: is_external = true is not supported by this version; "
-                "the task is not loaded", task=name)
-            self.import_failures[name] = "external tasks are not supported yet"
-            return None
         try:
             config, settings = self._validated(name, cls, table, self._config_source(name))
         except ConfigError as exc:
+            self.import_failures[name] = str(exc)
             self.channels.emit("error", DAEMON_SOURCE, f"task {name} not loaded: {exc}",
                                task=name)
             return None
@@ -298,75 +303,84 @@ class Daemon:
             return
         runner.apply_config(config, settings)
 
-    def set_task_config(self, name: str, table: Any) -> None:
-        """Replace task ``name``'s config (a control message); refused with an error if bad."""
+    def set_task_config(self, name: str, table: Any) -> str | None:
+        """Replace task ``name``'s config (a control message). Returns ``None``, or why it
+        was refused (also reported on ``error``)."""
         try:
             checked = check_config({name: table}, "control message")[name]
             runner = self.runners.get(name)
             if runner is not None:
                 self._validated(name, runner.cls, checked, "control message")
+            elif TaskSection.model_validate(checked).is_external:
+                raise ConfigError(f"control message: {name}.is_external: {EXTERNAL_REFUSED}")
         except ConfigError as exc:
             self.channels.emit("error", DAEMON_SOURCE, f"config for {name} refused: {exc}")
-            return
+            return f"config for {name} refused: {exc}"
         before = self.effective_config(name)
         self.overrides[name] = checked
         self.import_failures.pop(name, None)
         self.not_tasks.discard(name)
         self._apply(name, before)
+        return None
 
     # -- control queue ---------------------------------------------------------------------
 
     def _on_control(self, message: dict[str, Any]) -> None:
-        body = message.get(CONTROL_KEY)
-        if not isinstance(body, dict):
-            self.channels.emit("error", DAEMON_SOURCE,
-                               f"control message without a {CONTROL_KEY!r} object ignored",
+        try:
+            body = parse_control(message)
+        except ConfigError as exc:
+            self.channels.emit("error", DAEMON_SOURCE, f"control message refused: {exc}",
+                               message=message)
+            reply_to = (message.get(CONTROL_KEY) or {}).get("reply_to") \
+                if isinstance(message.get(CONTROL_KEY), dict) else None
+            if isinstance(reply_to, str):
+                self._reply(reply_to, {"error": f"control message refused: {exc}"})
+            return
+        if body.expires_at is not None and body.expires_at < time.time():
+            self.channels.emit("log", DAEMON_SOURCE, "ignored an expired control message",
                                message=message)
             return
-        try:
-            if "config" in body:
-                configs = body["config"]
-                if not isinstance(configs, dict):
-                    raise ConfigError("'config' must be an object of task name to config")
-                for name, table in configs.items():
-                    self.set_task_config(name, table)
-            for item in body.get("control") or []:
-                self._control(item)
-            if "query" in body:
-                self._query(body)
-        except MultiModuleError as exc:
-            self.channels.emit("error", DAEMON_SOURCE, f"control message refused: {exc}")
-
-    def _control(self, item: Any) -> None:
-        kind = item.get("type") if isinstance(item, dict) else None
-        if kind == "cleanly_exit":
-            self.channels.emit("log", DAEMON_SOURCE, "cleanly_exit requested on control queue")
-            self.request_stop()
-        elif kind == "reload":
-            self.reload_config()
+        errors: list[str] = []
+        for name, table in (body.config or {}).items():
+            problem = self.set_task_config(name, table)
+            if problem:
+                errors.append(problem)
+        for item in body.control:
+            if item.type == "cleanly_exit":
+                self.channels.emit("log", DAEMON_SOURCE, "cleanly_exit requested on the "
+                                                         "control queue")
+                self.request_stop()
+            elif item.type == "reload" and not self.reload_config():
+                errors.append("config file refused (see the daemon's error channel)")
+        if body.query is not None:
+            reply = self._query(body.query, body.task)
+        elif errors:
+            reply = {"error": "; ".join(errors)}
         else:
-            raise ConfigError(f"unknown control item {item!r} (known: cleanly_exit, reload)")
+            reply = {"ok": True}
+        if body.reply_to is not None:
+            self._reply(body.reply_to, reply)
 
-    def _query(self, body: dict[str, Any]) -> None:
-        reply_to = body.get("reply_to")
-        what = body.get("query")
-        name = body.get("task")
+    def _reply(self, reply_to: str, reply: dict[str, Any]) -> None:
+        # Only to a reply queue that still exists: a client that gave up has removed it, and
+        # sending would create a queue nobody reads.
+        if self.transit.exists(reply_to):
+            self._send_out(reply_to, reply)
+
+    def _query(self, what: str, name: str | None) -> dict[str, Any]:
         reply: dict[str, Any] = {"query": what, "task": name}
         if what == "status":
             reply["status"] = self.status()
-        elif what in ("state", "config"):
-            runner = self.runners.get(name)
-            if runner is None:
-                reply["error"] = f"no task {name!r} is loaded"
-            elif what == "state":
-                reply["state"] = runner.task.state if runner.cls.is_stateful else None
-                reply["stateful"] = runner.cls.is_stateful
-            else:
-                reply["config"] = runner.task.config
+            return reply
+        runner = self.runners.get(name)
+        if runner is None:
+            reply["error"] = f"no task {name!r} is loaded"
+        elif what == "state":
+            reply["state"] = runner.task.state if runner.cls.is_stateful else None
+            reply["stateful"] = runner.cls.is_stateful
         else:
-            reply["error"] = f"unknown query {what!r} (known: state, config, status)"
-        if isinstance(reply_to, str):
-            self._send_out(reply_to, reply)
+            reply["config"] = runner.task.config
+        return reply
 
     def status(self) -> dict[str, Any]:
         """The daemon's figures: pid, uptime, tasks with their counters, failures."""
@@ -446,10 +460,23 @@ class Daemon:
             print(f"multimodule: {exc}", file=sys.stderr)
             return 1
         watcher = None
+        transit_lock = None
         try:
             if self.transit is None:
                 self.transit = Transit(opts.transit_dir)
+            # One daemon per control queue (one host per external task) in a transit
+            # directory too, or two daemons with different state dirs would share queues.
+            transit_lock = InstanceLock(
+                self.transit.path,
+                f".task-{opts.module}" if opts.module else f".daemon-{opts.control_queue}",
+                status_file=False)
+            try:
+                transit_lock.acquire()
+            except AlreadyRunning as exc:
+                transit_lock = None
+                raise MultiModuleError(str(exc)) from None
             self.channels.send = self._send_out
+            self._restore_outboxes()
             if not ensure_handler():
                 raise MultiModuleError("the daemon must run on the main thread")
             if opts.config_file is not None:
@@ -484,6 +511,8 @@ class Daemon:
             if watcher is not None:
                 self.loop.remove_reader(watcher.fileno())
                 watcher.close()
+            if transit_lock is not None:
+                transit_lock.release()
             self.lock.release()
             self.channels.close()
         return self.exit_status
@@ -513,7 +542,43 @@ class Daemon:
             await runner.stop()
         for outbox in list(self._outboxes.values()):
             if not await self.loop.run_in_executor(None, outbox.wait_empty, OUTBOX_EXIT_WAIT_S):
-                self.channels.emit("error", DAEMON_SOURCE,
-                                   f"{outbox.depth} messages for full queue {outbox.qname!r} "
-                                   "could not be delivered before exit")
-                self.exit_status = 1
+                self._save_outbox(outbox)
+
+    def _outbox_file(self, qname: str) -> Path:
+        return self.store.path / f"outbox.{qname}.jsonl"
+
+    def _save_outbox(self, outbox: Outbox) -> None:
+        """Keep what a full queue could not take before exit; the next start sends it."""
+        with outbox.cond:
+            outbox.retired = True
+            bodies = list(outbox.items)
+        path = self._outbox_file(outbox.qname)
+        try:
+            write_atomic(path, b"".join(body + b"\n" for body in bodies))
+        except OSError as exc:
+            self.channels.emit("error", DAEMON_SOURCE,
+                               f"{len(bodies)} messages for full queue {outbox.qname!r} are "
+                               f"lost: cannot save them to {path}: {exc}")
+            self.exit_status = 1
+            return
+        self.channels.emit("error", DAEMON_SOURCE,
+                           f"queue {outbox.qname!r} stayed full: {len(bodies)} messages kept "
+                           f"in {path} and sent when the daemon starts again")
+
+    def _restore_outboxes(self) -> None:
+        for path in sorted(self.store.path.glob("outbox.*.jsonl")):
+            qname = path.name[len("outbox."):-len(".jsonl")]
+            try:
+                bodies = [line for line in path.read_bytes().split(b"\n") if line]
+            except OSError as exc:
+                self.channels.emit("error", DAEMON_SOURCE, f"cannot read {path}: {exc}")
+                continue
+            outbox = Outbox(self, qname)
+            for body in bodies:
+                outbox.put(body)
+            self._outboxes[qname] = outbox
+            outbox.start()
+            path.unlink()
+            self.channels.emit("log", DAEMON_SOURCE,
+                               f"sending {len(bodies)} messages kept for queue {qname!r} "
+                               "at the last exit")

@@ -9,8 +9,10 @@ top-level module on ``sys.path``, e.g. from ``--task-path``). Like Perl's ``use 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import traceback
+from pathlib import Path
 from typing import Sequence
 
 from multimodule.config import is_task_name
@@ -42,8 +44,25 @@ def _is_missing(exc: ModuleNotFoundError, module_name: str) -> bool:
     return module_name == missing or module_name.startswith(missing + ".")
 
 
-def find_task_class(name: str, prefixes: Sequence[str]) -> type[Task]:
+def _found_under(module_name: str, paths: Sequence[Path]) -> bool:
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    origin = Path(spec.origin).resolve()
+    return any(origin.is_relative_to(Path(p).resolve()) for p in paths)
+
+
+def find_task_class(name: str, prefixes: Sequence[str],
+                    bare_paths: Sequence[Path] | None = None) -> type[Task]:
     """The task class for ``name``.
+
+    ``bare_paths``: when given, a module found through the empty prefix (a top-level module)
+    is only imported if its file lies under one of these directories (the daemon passes its
+    ``--task-path`` for tasks loaded on first use, so that a queue name cannot make it import
+    an arbitrary module).
 
     Raises :class:`TaskNotFound` (no such module or class, or the class is not a ``Task``)
     or :class:`TaskImportFailed` (a module was found but failed to import).
@@ -51,8 +70,12 @@ def find_task_class(name: str, prefixes: Sequence[str]) -> type[Task]:
     if not is_task_name(name):
         raise TaskNotFound(f"{name!r} is not a task name (it must be a Python identifier)")
     tried = []
+    not_task = []
     for prefix in (BUILTIN_PREFIX, *prefixes):
         module_name = f"{prefix}{name}"
+        if prefix == "" and bare_paths is not None and not _found_under(module_name,
+                                                                        bare_paths):
+            continue
         tried.append(module_name)
         try:
             # A module that failed to import is not kept in sys.modules, so the next lookup
@@ -71,5 +94,7 @@ def find_task_class(name: str, prefixes: Sequence[str]) -> type[Task]:
         cls = getattr(module, name, None)
         if isinstance(cls, type) and issubclass(cls, Task):
             return cls
-    raise TaskNotFound(f"no task {name!r} (tried modules {', '.join(tried)})")
+        not_task.append(f"module {module_name} has no Task subclass named {name}")
+    detail = f"; {'; '.join(not_task)}" if not_task else ""
+    raise TaskNotFound(f"no task {name!r} (tried modules {', '.join(tried) or 'none'}{detail})")
 

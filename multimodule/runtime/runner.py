@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from multimodule.errors import BadMessage, TransitError
+from multimodule.runtime.control import CONTROL_KEY
 from multimodule.state import StateError, StateStore
 from multimodule.task import Task, Work
 
@@ -29,8 +30,10 @@ if TYPE_CHECKING:
 BATCH_BUDGET_S = 0.002
 BATCH_CHECK = 64
 
-#: Key of control instructions inside a message (from the original App::MultiModule).
-CONTROL_KEY = ".multimodule"
+
+#: What a task's code may raise without taking the daemon down: everything but the
+#: cancellation asyncio uses for its own control flow.
+TASK_FAILURES = (Exception, KeyboardInterrupt, SystemExit)
 
 #: Seconds ``stop`` waits for a handler in progress before cancelling it.
 STOP_GRACE_S = 10.0
@@ -92,7 +95,9 @@ class TaskRunner:
         self.task = cls()
         self.task.attach(name, daemon)
         self.queue = daemon.transit.declare_local(name)
-        self.receiver = (daemon.transit.receiver(name, self.queue.put, on_error=self._on_transit_error)
+        self.receiver = (daemon.transit.receiver(name, self.queue.put,
+                                                 on_error=self._on_transit_error,
+                                                 backlog=self.queue.__len__)
                          if receive_sysv else None)
         self.intervals: dict[str, float] = {}
         self.schedules: dict[str, _Schedule] = {}
@@ -127,7 +132,7 @@ class TaskRunner:
         self.task.settings = settings
         try:
             self.task.set_config(config)
-        except Exception as exc:
+        except TASK_FAILURES as exc:
             self.report_error(f"set_config raised {type(exc).__name__}: {exc}",
                               traceback=traceback.format_exc())
         for schedule in self.schedules.values():
@@ -189,6 +194,7 @@ class TaskRunner:
     async def _consume(self) -> None:
         queue = self.queue
         process = self.process
+        receiver = self.receiver
         try:
             while True:
                 self._cancellable = True
@@ -203,6 +209,8 @@ class TaskRunner:
                     handled += 1
                     if handled % BATCH_CHECK == 0 and time.perf_counter() > until:
                         break
+                if receiver is not None:
+                    receiver.consumed()
                 if self._stop_after_message:
                     return
                 self._cancellable = True
@@ -214,11 +222,11 @@ class TaskRunner:
             self._cancellable = False
 
     async def deliver_pending(self) -> int:
-        """Handle every message waiting in memory now; return how many were handled."""
-        count = 0
-        while self.queue._items:
+        """Handle the messages waiting in memory now (not those they cause to be sent here);
+        return how many were handled."""
+        count = len(self.queue)
+        for _ in range(count):
             await self.process(self.queue.get_nowait())
-            count += 1
         return count
 
     async def process(self, message: dict[str, Any]) -> None:
@@ -236,7 +244,7 @@ class TaskRunner:
             if result is not None and inspect.isawaitable(result):
                 awaited = True
                 await result
-        except Exception as exc:
+        except TASK_FAILURES as exc:
             counters.task_message_failure += 1
             self.report_error(
                 f"message handler raised {type(exc).__name__}: {exc}; message: {_short(message)}",
@@ -270,7 +278,7 @@ class TaskRunner:
             result = work()
             if result is not None and inspect.isawaitable(result):
                 await result
-        except Exception as exc:
+        except TASK_FAILURES as exc:
             self.task.counters.recur_failure += 1
             self.report_error(f"scheduled work {name!r} raised {type(exc).__name__}: {exc}",
                               traceback=traceback.format_exc())
@@ -307,7 +315,7 @@ class TaskRunner:
     def _on_transit_error(self, exc: TransitError) -> None:
         if isinstance(exc, BadMessage):
             self.report_error(f"discarded a malformed message from queue {self.name!r}: "
-                              f"{exc.reason}", raw=exc.raw.decode("utf-8", "replace"))
+                              f"{exc.reason}", raw=repr(exc.raw))
         else:
             self.report_error(f"queue {self.name!r}: {exc}")
 
@@ -327,4 +335,5 @@ class TaskRunner:
             "queue_depth": self.queue.depth,
             "started_at": self.started_at,
             "last_error": self.last_error,
+            **self.task.extra_figures(),
         }

@@ -18,6 +18,9 @@ expression searched in a string (or number) value; a list must be equal; ``{}`` 
 everything. ``transform`` sets top-level fields on that route's forwarded copy. Every forward
 gets its own copy; the message is never modified.
 
+Each pass through a Router counts in the message's ``.router_hops``; after 64 the message is
+reported on ``error`` and not forwarded, which breaks routing loops.
+
 A message carrying ``static_forwards`` (a list of hops, each a list of
 ``{forward = {qname = ...}, transform = {...}}``) ignores the routes: it goes to the first hop
 and carries the remaining hops with it.
@@ -34,6 +37,11 @@ from multimodule.config import QueueName
 from multimodule.task import Task
 
 Matcher = Callable[[Any], bool]
+
+#: Field counting how often a message went through a Router; at MAX_HOPS it is not forwarded
+#: again (a route that leads back to the Router would otherwise spin for ever).
+HOPS_KEY = ".router_hops"
+MAX_HOPS = 64
 
 
 def _is_regex(pattern: Any) -> bool:
@@ -150,9 +158,20 @@ class Router(Task):
         ]
         self.unrouted = getattr(self, "unrouted", 0)
 
+    def extra_figures(self) -> dict[str, int]:
+        return {"unrouted": getattr(self, "unrouted", 0), "loops_broken": self.loops_broken}
+
+    loops_broken = 0
+
     def message(self, message: dict[str, Any]) -> None:
+        hops = message.get(HOPS_KEY, 0)
+        if type(hops) is not int or hops >= MAX_HOPS:
+            self.loops_broken += 1
+            self.error(f"message passed the Router {MAX_HOPS} times: a routing loop? "
+                       "Not forwarded.", message=message)
+            return
         if "static_forwards" in message:
-            self._static_forward(message)
+            self._static_forward(message, hops + 1)
             return
         targets: list[tuple[str, dict[str, Any] | None]] = []
         for matcher, qnames, transform, short_circuit in self.compiled:
@@ -165,15 +184,16 @@ class Router(Task):
             self.unrouted += 1
             self.debug("no route matched", source=message.get("source"))
             return
-        self._forward(message, targets)
+        self._forward(message, targets, hops + 1)
 
     def _forward(self, message: dict[str, Any],
-                 targets: list[tuple[str, dict[str, Any] | None]]) -> None:
+                 targets: list[tuple[str, dict[str, Any] | None]], hops: int) -> None:
         # Every destination but the last gets a copy (made by send); the last one gets this
         # message itself, which the Router owns and no longer needs (one copy saved per hop).
         last = len(targets) - 1
         for i, (qname, transform) in enumerate(targets):
             out = dict(message)
+            out[HOPS_KEY] = hops
             if transform:
                 out.update(transform)
             if i < last or transform:
@@ -181,7 +201,7 @@ class Router(Task):
             else:
                 self.send(qname, out, owned=True)
 
-    def _static_forward(self, message: dict[str, Any]) -> None:
+    def _static_forward(self, message: dict[str, Any], hops: int) -> None:
         hops = message["static_forwards"]
         try:
             if not isinstance(hops, list) or not hops or not isinstance(hops[0], list):
@@ -194,6 +214,7 @@ class Router(Task):
         rest = hops[1:]
         for entry in hop:
             out = dict(message)
+            out[HOPS_KEY] = hops
             if rest:
                 out["static_forwards"] = rest
             else:

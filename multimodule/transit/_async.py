@@ -47,13 +47,19 @@ class AsyncReceiver:
         *,
         on_error: OnError | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
-        max_pending: int = 1024,
+        max_pending: int = 64,
+        backlog: Callable[[], int] | None = None,
+        high_water: int = 256,
     ):
         self.queue = queue
         self.deliver = deliver
         self.on_error = on_error
         self.loop = loop
         self.max_pending = max_pending
+        self.backlog = backlog
+        self.high_water = high_water
+        self._resume = threading.Event()
+        self._throttled = False
         self.error: TransitError | None = None
         self.received = 0
         self._pending: deque[dict[str, Any] | TransitError] = deque()
@@ -97,6 +103,7 @@ class AsyncReceiver:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self._wait_for_backlog()
                 self._room.acquire()
                 if self._stopping:
                     self._room.release()
@@ -135,6 +142,24 @@ class AsyncReceiver:
                     self._interrupter.disarm()
             self._done.set()
 
+    def _wait_for_backlog(self) -> None:
+        # Leave messages in the kernel queue (where they survive a crash of this process, and
+        # senders feel backpressure) while the consumer is behind by high_water or more.
+        backlog = self.backlog
+        if backlog is None or backlog() < self.high_water:
+            return
+        self._resume.clear()
+        self._throttled = True
+        while not self._stopping and backlog() >= self.high_water:
+            self._resume.wait()
+            self._resume.clear()
+        self._throttled = False
+
+    def consumed(self) -> None:
+        """Tell the worker the consumer made progress (call on the loop after handling)."""
+        if self._throttled and self.backlog() < self.high_water:
+            self._resume.set()
+
     def _hand_over(self, item: dict[str, Any] | TransitError, fatal: bool = False) -> None:
         if fatal:
             self.error = item  # type: ignore[assignment]
@@ -167,6 +192,7 @@ class AsyncReceiver:
             return
         self._stopping = True
         self._room.release()  # in case the thread waits for room
+        self._resume.set()  # in case it waits for the backlog
         with self._exit_lock:
             if not self._exited and self._interrupter is None:
                 self._interrupter = Interrupter(self._thread.ident, None)

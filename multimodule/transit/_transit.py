@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import sysv_ipc
 
 from multimodule.errors import QueueRemoved, TransitBroken, TransitError
 from multimodule.transit import _wire
@@ -188,14 +189,29 @@ class Transit:
         return out
 
     def receiver(self, qname: str, deliver: Deliver, *, on_error: OnError | None = None,
-                 max_pending: int = 1024) -> AsyncReceiver:
+                 max_pending: int = 64, backlog=None, high_water: int = 256) -> AsyncReceiver:
         """An :class:`AsyncReceiver` (not yet started) for the System V queue ``qname``.
 
-        For a name declared local, pass ``self.local_queue(qname).put`` as ``deliver`` so
-        messages from other processes join the same in-order queue.
+        For a name declared local, pass ``self.local_queue(qname).put`` as ``deliver`` (and
+        its ``__len__`` as ``backlog``) so messages from other processes join the same
+        in-order queue and stay in the kernel while the consumer is behind.
         """
         return AsyncReceiver(self.sysv_queue(qname), deliver, on_error=on_error,
-                             max_pending=max_pending)
+                             max_pending=max_pending, backlog=backlog, high_water=high_water)
+
+    def exists(self, qname: str) -> bool:
+        """Whether ``qname`` is local here or has a live System V queue (without creating)."""
+        if self.is_local(qname):
+            return True
+        validate_qname(qname)
+        key = self.directory.lookup_key(qname)
+        if key is None:
+            return False
+        try:
+            sysv_ipc.MessageQueue(key, 0)
+        except (sysv_ipc.Error, OSError):  # gone, or not ours to open
+            return False
+        return True
 
     def requeue(self, qname: str, messages: list[dict[str, Any]],
                 timeout: float | None = None) -> None:

@@ -1,0 +1,77 @@
+"""The control message schema, shared by the daemon (server side) and ``mmctl`` (client side).
+
+A control message is ``{".multimodule": BODY}`` sent to the daemon's control queue. BODY keeps
+the original App::MultiModule's shapes and adds a few keys of ours::
+
+    config:     {TASK: {...}, ...}         replace those tasks' config
+    control:    [{type: "cleanly_exit", exit_externals: 0|1}, {type: "reload"}]
+    query:      "state" | "config" | "status"  (with task: TASK for state and config)
+    reply_to:   QNAME                      where the answer goes (``{"ok": true}`` or
+                                           ``{"error": "..."}`` for config/control; the
+                                           figures for a query)
+    expires_at: seconds since the epoch    after this the daemon ignores the message (so a
+                                           command given while no daemon ran does not fire
+                                           when one starts later)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from multimodule.config import QueueName, format_validation_error, is_task_name
+from multimodule.errors import ConfigError
+
+CONTROL_KEY = ".multimodule"
+
+
+class ControlItem(BaseModel):
+    """One entry of ``control``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["cleanly_exit", "reload"]
+    exit_externals: bool = False
+
+
+class ControlBody(BaseModel):
+    """The object under ``.multimodule`` in a control message."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: dict[str, dict[str, Any]] | None = None
+    control: list[ControlItem] = Field(default_factory=list)
+    query: Literal["state", "config", "status"] | None = None
+    task: str | None = None
+    reply_to: QueueName | None = None
+    expires_at: float | None = None
+
+    @field_validator("config")
+    @classmethod
+    def _task_names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in value or {}:
+            if not is_task_name(name):
+                raise ValueError(f"{name!r} is not a task name (a Python identifier)")
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _task_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_task_name(value):
+            raise ValueError(f"{value!r} is not a task name (a Python identifier)")
+        return value
+
+
+def parse_control(message: dict[str, Any]) -> ControlBody:
+    """Validate a control message; raises :class:`ConfigError` naming the bad field."""
+    body = message.get(CONTROL_KEY)
+    if not isinstance(body, dict):
+        raise ConfigError(f"a control message needs a {CONTROL_KEY!r} object")
+    if not body:
+        raise ConfigError(f"the {CONTROL_KEY!r} object is empty: nothing to do")
+    try:
+        parsed = ControlBody.model_validate(body)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, CONTROL_KEY)) from exc
+    if parsed.query in ("state", "config") and parsed.task is None:
+        raise ConfigError(f"query {parsed.query!r} needs a task")
+    return parsed
