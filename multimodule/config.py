@@ -182,8 +182,9 @@ class DaemonOptions(BaseModel):
                                                          "lock files")
     debug: int = Field(0, ge=0, description="debug level: debug records up to this level "
                                             "are written")
-    module: str | None = Field(None, description="run only this one task (an external "
-                                                 "task's process)")
+    module: str | None = Field(None, description="run only this one task in this process "
+                                                 "(its own state and lock; emits go to the "
+                                                 "Router's System V queue)")
     oob: str = Field("", description="out-of-band channels, e.g. "
                                      "log:1,error:2,alert:journal,debug:/var/log/mm.debug")
     transit_dir: Path | None = Field(None, description="transit directory (default: "

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from multimodule.config import DaemonOptions, format_validation_error
+from multimodule.config import DaemonOptions
 from multimodule.errors import ConfigError
 from multimodule.oob import parse_spec
 
@@ -63,7 +63,10 @@ def parse_options(argv: Sequence[str] | None = None) -> DaemonOptions:
         options = DaemonOptions.model_validate(args)
         parse_spec(options.oob)
     except ValidationError as exc:
-        parser.error(format_validation_error(exc))
+        # Name the flag the user typed, not the schema's field.
+        parser.error("; ".join(
+            f"{'/'.join(FLAGS.get(str(err['loc'][0]), (str(err['loc'][0]),)))}: {err['msg']} "
+            f"(got {err.get('input')!r})" for err in exc.errors()))
     except ConfigError as exc:
         parser.error(str(exc))
     return options
