@@ -12,17 +12,24 @@ Measures, for a ~100-byte JSON message:
 1. cross-process one-way throughput (a spawned child sends N, the parent receives N), ours
    (``Transit.send``/``Transit.receive``) vs raw (``MessageQueue.send(orjson.dumps(m))`` /
    ``orjson.loads(q.receive()[0])``), same queue byte capacity and receive buffer size;
+   timed from the parent's "go" to its last receive;
 2. cross-process ping-pong round trip (parent -> queue A -> child -> queue B -> parent),
-   each side using the same API for a variant; p50/p99 latency;
+   each side using the same API for a variant; p50/p99 latency after a warm-up;
+
+1 and 2 run twice: [split] pins parent and child to two different CPUs, [same] pins both to
+one CPU (``--cpus`` to choose). [same] is the stable one and shows the software cost; [split]
+adds the cross-CPU wake-up latency (large and erratic on a VM) and is noisy.
 3. in-process local queue throughput (``Transit.send`` to a queue declared local, consumer
    awaiting ``LocalQueue.get_async``) vs ``asyncio.Queue`` ``put_nowait``/``await get``,
-   same batching (producer yields to the loop every B messages);
+   same batching (producer yields to the loop every B messages: 100, and 1 for a strict
+   alternation); for information also ``Transit.send_owned`` (no copy);
 4. a per-component cost breakdown (single-thread micro-timings) to explain the ratios.
 
-Each measurement is repeated (``--repeat``, default 3), ours and raw interleaved; throughput
-takes the best run, latency percentiles take the median over runs. Goals are printed with
-PASS/MISS; the exit status is 0 whatever the outcome (1 only if the benchmark itself broke).
-A temporary transit directory is used; every queue is removed at the end, even on error.
+Each measurement is repeated (``--repeat``, default 5, quick 3), ours and raw interleaved;
+throughput takes the best run, latency percentiles take the median over runs. Goals are printed
+with PASS/MISS; the exit status is 0 whatever the outcome (1 only if the benchmark itself broke
+or was interrupted). A temporary transit directory is used; every queue is removed at the end,
+even on error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,11 +38,14 @@ import argparse
 import asyncio
 import gc
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import timeit
 import traceback
@@ -66,6 +76,9 @@ Q_PING = "bench_ping"
 Q_PONG = "bench_pong"
 Q_LOCAL = "x"
 
+#: Receive timeout (seconds) of the informational "round trip with a timeout" variant.
+RT_TIMEOUT = 5.0
+
 GOALS = {
     "tput": 0.5,    # ours/raw messages/s, >=
     "rt_p50": 2.0,  # ours/raw p50 round trip, <=
@@ -83,6 +96,7 @@ def _open_raw(key: int, msgmax: int) -> sysv_ipc.MessageQueue:
 
 def child_main(conn, transit_dir: str) -> None:
     """Runs in the spawned child: executes send / echo jobs on request."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us and cleans up
     all_cpus = os.sched_getaffinity(0)
     t = Transit(transit_dir)
     raw_cache: dict[int, sysv_ipc.MessageQueue] = {}
@@ -97,7 +111,10 @@ def child_main(conn, transit_dir: str) -> None:
     perf = time.perf_counter
     cpu = time.process_time
     while True:
-        cmd = conn.recv()
+        try:
+            cmd = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
         op = cmd[0]
         if op == "exit":
             conn.send("bye")
@@ -128,14 +145,14 @@ def child_main(conn, transit_dir: str) -> None:
                     qsend(dumps(msg))
                 conn.send(("done", perf() - t0, cpu() - c0))
             elif op == "echo_ours":
-                _, qa, qb, n = cmd
+                _, qa, qb, n, timeout = cmd
                 send, receive = t.send, t.receive
                 t.sysv_queue(qa)
                 t.sysv_queue(qb)
                 conn.send("ready")
                 c0, t0 = cpu(), perf()
                 for _ in range(n):
-                    send(qb, receive(qa))
+                    send(qb, receive(qa, timeout=timeout))
                 conn.send(("done", perf() - t0, cpu() - c0))
             elif op == "echo_raw":
                 _, ka, kb, n = cmd
@@ -149,16 +166,41 @@ def child_main(conn, transit_dir: str) -> None:
                 conn.send(("done", perf() - t0, cpu() - c0))
             else:
                 conn.send(("error", f"unknown command {op!r}"))
-        except BaseException as exc:  # report, keep serving (the parent decides)
-            conn.send(("error", "".join(traceback.format_exception(exc))))
+        except BaseException as exc:  # report and exit: the parent may be blocked in a receive
+            text = "".join(traceback.format_exception(exc))
+            print(f"transit bench child failed:\n{text}", file=sys.stderr, flush=True)
+            try:
+                conn.send(("error", text))
+            except OSError:
+                pass
+            raise SystemExit(1) from None
 
 
 # ------------------------------------------------------------------------------------------
 # Parent side helpers
 # ------------------------------------------------------------------------------------------
 
+class ChildDied(BaseException):
+    """Raised in the main thread (from a signal handler) when the child dies unexpectedly."""
+
+
+#: Sent by the watchdog to the main thread; its handler raises :class:`ChildDied` (which also
+#: breaks a blocking msgrcv, even inside Transit's EINTR-retrying receive).
+CHILD_DIED_SIGNAL = signal.SIGUSR1
+_cleaning = False
+
+
+def _on_child_died(signum, frame):  # noqa: ARG001
+    if not _cleaning:
+        raise ChildDied
+
+
 class Child:
-    """The spawned child and its control pipe."""
+    """The spawned child and its control pipe.
+
+    A watchdog thread interrupts the main thread if the child dies unexpectedly, so a parent
+    blocked in a receive that the child will never feed stops and cleans up.
+    """
 
     def __init__(self, transit_dir: str):
         ctx = mp.get_context("spawn")
@@ -167,6 +209,16 @@ class Child:
                                 name="transit-bench-child", daemon=True)
         self.proc.start()
         child_conn.close()
+        self.closing = False
+        self.died = False
+        self._main = threading.main_thread().ident
+        threading.Thread(target=self._watch, name="child-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        mp_connection.wait([self.proc.sentinel])
+        if not self.closing:
+            self.died = True
+            signal.pthread_kill(self._main, CHILD_DIED_SIGNAL)
 
     def request(self, *cmd) -> None:
         self.conn.send(cmd)
@@ -183,6 +235,7 @@ class Child:
         return reply[1], reply[2]
 
     def close(self) -> None:
+        self.closing = True
         if self.proc.is_alive():
             try:
                 self.conn.send(("exit",))
@@ -254,17 +307,18 @@ def tput_raw(child: Child, q: sysv_ipc.MessageQueue, n: int) -> dict:
 
 # -- 2. ping-pong ----------------------------------------------------------------------------
 
-def rt_ours(child: Child, t: Transit, warm: int, iters: int) -> dict:
+def rt_ours(child: Child, t: Transit, warm: int, iters: int,
+           timeout: float | None = None) -> dict:
     total = warm + iters
     send, receive = t.send, t.receive
     pc = time.perf_counter_ns
     msg = MESSAGE
     lat = [0] * total
-    child.request("echo_ours", Q_PING, Q_PONG, total)
+    child.request("echo_ours", Q_PING, Q_PONG, total, timeout)
     for i in range(total):
         s = pc()
         send(Q_PING, msg)
-        receive(Q_PONG)
+        receive(Q_PONG, timeout=timeout)
         lat[i] = pc() - s
     child.result()
     vals = sorted(lat[warm:])
@@ -294,7 +348,7 @@ def rt_raw(child: Child, qa: sysv_ipc.MessageQueue, qb: sysv_ipc.MessageQueue,
 
 # -- 3. in-process local queue ---------------------------------------------------------------
 
-async def _local_ours(t: Transit, lq, n: int, batch: int) -> float:
+async def _local_ours(t: Transit, lq, n: int, batch: int, owned: bool = False) -> float:
     msg = MESSAGE
     rounds = n // batch
 
@@ -305,13 +359,20 @@ async def _local_ours(t: Transit, lq, n: int, batch: int) -> float:
                 send(Q_LOCAL, msg)
             await asyncio.sleep(0)
 
+    async def producer_owned():  # a fresh (shallow-copied) message handed over each time
+        send_owned = t.send_owned
+        for _ in range(rounds):
+            for _ in range(batch):
+                send_owned(Q_LOCAL, dict(msg))
+            await asyncio.sleep(0)
+
     async def consumer():
         get = lq.get_async
         for _ in range(rounds * batch):
             await get()
 
     t0 = time.perf_counter()
-    await asyncio.gather(consumer(), producer())
+    await asyncio.gather(consumer(), producer_owned() if owned else producer())
     return time.perf_counter() - t0
 
 
@@ -337,9 +398,9 @@ async def _local_raw(n: int, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def local_ours(t: Transit, n: int, batch: int) -> float:
+def local_ours(t: Transit, n: int, batch: int, owned: bool = False) -> float:
     lq = t.declare_local(Q_LOCAL)
-    elapsed = asyncio.run(_local_ours(t, lq, n, batch))
+    elapsed = asyncio.run(_local_ours(t, lq, n, batch, owned))
     assert len(lq) == 0
     return (n // batch * batch) / elapsed
 
@@ -352,7 +413,7 @@ def local_raw(n: int, batch: int) -> float:
 # -- 4. component breakdown ------------------------------------------------------------------
 
 def breakdown(t: Transit, raw_q: sysv_ipc.MessageQueue, number: int) -> list[tuple[str, float]]:
-    """Single-thread cost of each step, in microseconds per call (best of 5)."""
+    """Single-thread cost of each step, in microseconds per call (best of 7)."""
     msg = MESSAGE
     meta = _wire.make_meta({})
     body_ours = _wire.encode_body(msg, meta)
@@ -364,7 +425,7 @@ def breakdown(t: Transit, raw_q: sysv_ipc.MessageQueue, number: int) -> list[tup
     treceive = t.receive
 
     def best(fn) -> float:
-        return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+        return min(timeit.repeat(fn, number=number, repeat=7)) / number * 1e6
 
     def sysv_roundtrip_ours():
         tsend(Q_TPUT, msg)
@@ -412,11 +473,16 @@ def breakdown(t: Transit, raw_q: sysv_ipc.MessageQueue, number: int) -> list[tup
         ("ours: copy_message (deep copy+meta)", best(lambda: _wire.copy_message(msg, meta))),
         ("ours: make_meta+copy_message", best(lambda: _wire.copy_message(
             msg, _wire.make_meta({})))),
-        ("ours: LocalQueue.put(m)", best(lambda: (lq.put(msg), lq.get_nowait()))),
+        ("ours: LocalQueue.put + get_nowait", best(lambda: (lq.put(msg), lq.get_nowait()))),
         ("ours: Transit.send local + get_nowait", best(local_put_get)),
         ("raw: deque.append+popleft", best(lambda: (lq._items.append(msg),
                                                     lq._items.popleft()))),
         ("time.time()", best(time.time)),
+        # Candidate replacements (not what multimodule does today), for comparison:
+        ("alt: copy = orjson.loads(orjson.dumps(msg))", best(lambda: orjson.loads(
+            orjson.dumps(msg)))),
+        ("alt: decode = orjson.loads(payload[4:])", best(lambda: orjson.loads(
+            payload_ours[4:]))),
     ]
     t.undeclare_local("bench_breakdown")
     return rows
@@ -425,6 +491,25 @@ def breakdown(t: Transit, raw_q: sysv_ipc.MessageQueue, number: int) -> list[tup
 # ------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------
+
+def _report_failure(exc: BaseException | None, child: Child | None) -> None:
+    if child is not None and child.died:
+        child.proc.join(1)
+        print(f"\nthe child process died (exit code {child.proc.exitcode}); stopping",
+              file=sys.stderr)
+    elif exc is None or isinstance(exc, KeyboardInterrupt):
+        print("\ninterrupted", file=sys.stderr)
+    else:
+        traceback.print_exception(exc)
+
+
+def _loadavg() -> list[str]:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[:3]
+    except OSError:
+        return ["?"]
+
 
 def fmt_rate(r: float) -> str:
     return f"{r:,.0f}/s"
@@ -436,29 +521,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=None,
                     help="messages per throughput run (default 100000, quick 20000)")
     ap.add_argument("--rt", type=int, default=None,
-                    help="measured round trips per ping-pong run (default 20000, quick 3000)")
+                    help="measured round trips per ping-pong run (default 15000, quick 3000)")
     ap.add_argument("--local-n", type=int, default=None,
-                    help="messages per local-queue run (default 200000, quick 50000)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (default 3)")
+                    help="messages per local-queue run (default 100000, quick 50000)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="runs per measurement (default 5, quick 3)")
     ap.add_argument("--cpus", choices=("both", "split", "same", "free"), default="both",
                     help="CPU placement for the cross-process tests: split = parent on one CPU, "
                          "child on another; same = both on one CPU; both = split then same "
                          "(default; same only on a 1-CPU machine); free = no pinning (noisy: "
                          "results depend on where the scheduler puts the two processes)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the component timings")
+    ap.add_argument("--only", default="cross,local,breakdown",
+                    help="comma-separated parts to run: cross (1 and 2), local (3), "
+                         "breakdown (4); default all")
     args = ap.parse_args(argv)
+    only = {p.strip() for p in args.only.split(",") if p.strip()}
+    if only - {"cross", "local", "breakdown"}:
+        ap.error(f"--only: unknown part(s) {sorted(only - {'cross', 'local', 'breakdown'})}")
+    if args.no_breakdown:
+        only.discard("breakdown")
 
     n = args.n or (20_000 if args.quick else 100_000)
-    rt_iters = args.rt or (3_000 if args.quick else 20_000)
+    rt_iters = args.rt or (3_000 if args.quick else 15_000)
     rt_warm = max(200, rt_iters // 10)
-    local_n = args.local_n or (50_000 if args.quick else 200_000)
-    repeat = max(1, args.repeat)
+    local_n = args.local_n or (50_000 if args.quick else 100_000)
+    repeat = max(1, args.repeat or (3 if args.quick else 5))
     bd_number = 2_000 if args.quick else 10_000
 
     body = orjson.dumps(MESSAGE)
     wire = _wire.HEADER_JSON + _wire.encode_body(MESSAGE, _wire.make_meta({}))
     start = time.perf_counter()
 
+    def on_term(signum, frame):  # noqa: ARG001
+        if not _cleaning:
+            raise KeyboardInterrupt  # run the cleanup below
+
+    global _cleaning
+    _cleaning = False
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(CHILD_DIED_SIGNAL, _on_child_died)
     tmp = tempfile.mkdtemp(prefix="mm-transit-bench-")
     transit_dir = os.path.join(tmp, "transit")
     t: Transit | None = None
@@ -486,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"message: {len(body)} B JSON raw; {len(wire)} B on the wire for ours "
               f"(4 B header + .ipc_transit_meta); queue capacity {cap} B, "
               f"receive buffer {t.msgmax} B for both")
+        print("load average at start: %s (other CPU load makes the cross-process figures "
+              "noisy, the [split] ones most)" % " ".join(_loadavg()))
         print(f"runs: {repeat}x each, ours/raw interleaved; throughput = best run, "
               f"latency = median of runs; N={n:,}, round trips={rt_iters:,} "
               f"(+{rt_warm:,} warm-up), local N={local_n:,}")
@@ -498,8 +602,10 @@ def main(argv: list[str] | None = None) -> int:
             placements = ["same"]
         else:
             placements = [args.cpus]
+        if "cross" not in only:
+            placements = []
 
-        child = Child(transit_dir)
+        child = Child(transit_dir) if placements else None
         per_placement = []
         for placement in placements:
             if placement == "free":
@@ -524,14 +630,18 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(repeat):
                 rto.append(rt_ours(child, t, rt_warm, rt_iters))
                 rtr.append(rt_raw(child, raw_ping, raw_pong, rt_warm, rt_iters))
+            # 2b. ours again with a finite receive timeout (both sides), for information
+            rtt = [rt_ours(child, t, rt_warm // 10, max(100, rt_iters // 10), RT_TIMEOUT)
+                   for _ in range(min(repeat, 3))]
             per_placement.append((placement, parent_cpu, child_cpu, ours_runs, raw_runs,
-                                  rto, rtr))
+                                  rto, rtr, rtt))
         os.sched_setaffinity(0, all_cpus)
-        child.request("pin", None)
+        if child is not None:
+            child.close()  # not needed any more
 
         # 3. local (single thread, one event loop), ours and raw interleaved
         local_rows = []
-        for batch in (100, 1):
+        for batch in ((100, 1) if "local" in only else ()):
             lo, lr = [], []
             for _ in range(repeat):
                 gc.collect()
@@ -539,10 +649,14 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 lr.append(local_raw(local_n, batch))
             local_rows.append((batch, lo, lr))
+        owned_runs = []
+        if "local" in only and hasattr(t, "send_owned"):
+            # For information: Transit.send_owned (no copy; the caller hands the dict over).
+            owned_runs = [local_ours(t, local_n, 100, owned=True) for _ in range(min(repeat, 3))]
 
         # ------------------------------------------------------------------ report
         rows = []  # (name, ours, raw, ratio, goal-text, pass|None)
-        for placement, _pc, _cc, ours_runs, raw_runs, rto, rtr in per_placement:
+        for placement, _pc, _cc, ours_runs, raw_runs, rto, rtr, rtt in per_placement:
             tag = f"[{placement}]"
             bo = max(r["rate"] for r in ours_runs)
             br = max(r["rate"] for r in raw_runs)
@@ -556,10 +670,18 @@ def main(argv: list[str] | None = None) -> int:
                          f"<= {GOALS['rt_p50']}", o50 / r50 <= GOALS["rt_p50"]))
             rows.append((f"2. round trip p99 {tag}", f"{o99:.1f} us", f"{r99:.1f} us",
                          o99 / r99, "(info)", None))
+            t50 = statistics.median(r["p50"] for r in rtt)
+            rows.append((f"2. round trip p50, receive(timeout={RT_TIMEOUT:g}) {tag}",
+                         f"{t50:.1f} us", f"{r50:.1f} us", t50 / r50, "(info)", None))
         for batch, lo, lr in local_rows:
             rows.append((f"3. local queue, yield every {batch}", fmt_rate(max(lo)),
                          fmt_rate(max(lr)), max(lo) / max(lr), f">= {GOALS['local']}",
                          max(lo) / max(lr) >= GOALS["local"]))
+        if owned_runs:
+            lr100 = max(local_rows[0][2])
+            rows.append(("3. local, send_owned(dict(msg)), yield every 100",
+                         fmt_rate(max(owned_runs)), fmt_rate(lr100), max(owned_runs) / lr100,
+                         "(info)", None))
 
         w = [max(len(r[0]) for r in rows), 14, 14, 6, 8]
         hdr = (f"{'measurement':<{w[0]}}  {'ours':>{w[1]}}  {'raw':>{w[2]}}  "
@@ -570,12 +692,13 @@ def main(argv: list[str] | None = None) -> int:
             res = "" if ok is None else ("PASS" if ok else "MISS")
             print(f"{name:<{w[0]}}  {o:>{w[1]}}  {r:>{w[2]}}  {ratio:>8.2f}  "
                   f"{goal:<{w[4]}}  {res}")
-        print("placements: split = parent and child pinned to different CPUs; same = both "
-              "pinned to one CPU")
+        if per_placement:
+            print("placements: split = parent and child pinned to different CPUs; same = both "
+                  "pinned to one CPU")
         print()
 
         print("details")
-        for placement, pc, cc, ours_runs, raw_runs, rto, rtr in per_placement:
+        for placement, pc, cc, ours_runs, raw_runs, rto, rtr, rtt in per_placement:
             print(f"  [{placement}] parent CPU {pc}, child CPU {cc}")
             for label, runs in (("ours", ours_runs), ("raw ", raw_runs)):
                 print(f"    throughput {label}: runs "
@@ -586,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{b['recv_cpu']*1e6/n:.2f} us/msg ({b['recv_cpu']/b['wall']:.0%} of wall); "
                       f"sender CPU {b['send_cpu']*1e6/n:.2f} us/msg "
                       f"({b['send_cpu']/b['send_wall']:.0%} of its loop)")
-            for label, runs in (("ours", rto), ("raw ", rtr)):
+            for label, runs in (("ours", rto), ("raw ", rtr), (f"ours, timeout={RT_TIMEOUT:g}", rtt)):
                 print(f"    round trip {label}: p50 "
                       + ", ".join(f"{r['p50']:.1f}" for r in runs)
                       + " us; p99 " + ", ".join(f"{r['p99']:.1f}" for r in runs)
@@ -594,21 +717,27 @@ def main(argv: list[str] | None = None) -> int:
         for batch, lo, lr in local_rows:
             print(f"  local, yield every {batch}: ours " + ", ".join(fmt_rate(x) for x in lo)
                   + "; raw " + ", ".join(fmt_rate(x) for x in lr))
+        if owned_runs:
+            print("  local, send_owned, yield every 100: "
+                  + ", ".join(fmt_rate(x) for x in owned_runs))
         print()
 
-        if not args.no_breakdown:
-            print("component costs (single thread, us per call, best of 5)")
+        if "breakdown" in only:
+            print("component costs (single thread, us per call, best of 7)")
             for name, us in breakdown(t, raw_tput, bd_number):
                 print(f"  {name:<46} {us:7.2f}")
             print()
+        print(f"load average at end: {' '.join(_loadavg())}")
         print(f"total time {time.perf_counter() - start:.1f} s")
     except BaseException as exc:  # noqa: BLE001 - report and clean up
-        if isinstance(exc, KeyboardInterrupt):
-            print("\ninterrupted", file=sys.stderr)
-        else:
-            traceback.print_exc()
         status = 1
+        try:
+            _report_failure(exc, child)
+        except BaseException:  # noqa: BLE001 - a late ChildDied / Ctrl-C: report once more
+            _report_failure(None, child)
     finally:
+        # No signal handler may raise from here on: the cleanup must run to its end.
+        _cleaning = True
         if child is not None:
             child.close()
         if t is not None:
