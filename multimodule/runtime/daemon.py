@@ -38,6 +38,7 @@ from multimodule.config import (
 )
 from multimodule.errors import ConfigError, MultiModuleError, QueueFull, TransitError
 from multimodule.oob import Channels, parse_spec
+from multimodule.runtime.notify import Notifier
 from multimodule.runtime.loader import TaskImportFailed, TaskNotFound, find_task_class
 from multimodule.runtime.control import CONTROL_KEY, parse_control
 from multimodule.runtime.runner import TaskRunner
@@ -51,6 +52,9 @@ EXTERNAL_REFUSED = ("true is not supported by this version (external tasks come 
 
 #: Name used for the daemon's own records and messages.
 DAEMON_SOURCE = "MultiModule"
+
+#: Seconds between two STATUS= lines sent to systemd.
+STATUS_EVERY_S = 5.0
 
 #: Seconds the daemon waits at exit for outboxes to drain into full System V queues.
 OUTBOX_EXIT_WAIT_S = 5.0
@@ -141,6 +145,8 @@ class Daemon:
         #: Set once the configured tasks are loaded (tests and readiness notification wait on it).
         self.ready: asyncio.Event | None = None
         self.exit_status = 0
+        self.notifier = Notifier()
+        self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
 
     # -- TaskHost --------------------------------------------------------------------------
 
@@ -260,7 +266,16 @@ class Daemon:
             self._validated(name, cls, table, str(self.options.config_file))
 
     def reload_config(self) -> bool:
-        """Re-read the config file and apply what changed; refuse (keep the old) if invalid."""
+        """Re-read the config file and apply what changed; refuse (keep the old) if invalid.
+
+        Under systemd, ``RELOADING=1`` before and ``READY=1`` after, either way."""
+        self.notifier.reloading()
+        try:
+            return self._reload_config()
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def _reload_config(self) -> bool:
         path = self.options.config_file
         if path is None:
             return True
@@ -382,6 +397,29 @@ class Daemon:
             reply["config"] = runner.task.config
         return reply
 
+    def status_line(self) -> str:
+        """One line for systemd's ``STATUS=``: tasks loaded and failed, messages per second
+        handled since the previous line."""
+        handled = sum(r.task.counters.messages_in for r in self.runners.values())
+        now = time.monotonic()
+        then, before = self._rate_mark
+        self._rate_mark = (now, handled)
+        rate = (handled - before) / (now - then) if now > then else 0.0
+        return (f"{len(self.runners)} tasks internal, 0 external, "
+                f"{len(self.import_failures)} failed; {rate:.0f} messages/s")
+
+    async def _heartbeat(self) -> None:
+        """WATCHDOG=1 from the loop itself at half the watchdog timeout; STATUS= every 5 s."""
+        interval = min(self.notifier.watchdog_interval_s or STATUS_EVERY_S, STATUS_EVERY_S)
+        last_status = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            if self.notifier.watchdog_interval_s is not None:
+                self.notifier.watchdog()
+            if time.monotonic() - last_status >= STATUS_EVERY_S:
+                last_status = time.monotonic()
+                self.notifier.status(self.status_line())
+
     def status(self) -> dict[str, Any]:
         """The daemon's figures: pid, uptime, tasks with their counters, failures."""
         return {
@@ -502,7 +540,13 @@ class Daemon:
             self.channels.emit("log", DAEMON_SOURCE, f"running (pid {os.getpid()}): tasks "
                                                      f"{', '.join(sorted(self.runners)) or 'none'}")
             self.ready.set()
+            self.notifier.ready(self.status_line())
+            heartbeat = self.loop.create_task(self._heartbeat()) if self.notifier.enabled \
+                else None
             await self._stop.wait()
+            self.notifier.stopping()
+            if heartbeat is not None:
+                heartbeat.cancel()
             await self._shutdown()
         except MultiModuleError as exc:
             print(f"multimodule: {exc}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """In-memory queues for queues a process declared *local*.
 
 A send to a local queue appends the receiver's own copy of the message (see
-``_wire.copy_message``) to a deque: no system call, no serialisation. One asyncio consumer (the
+``_wire.copy_message``) to a deque: no system call, no wire format. One asyncio consumer (the
 task that owns the queue) or any number of threads may receive; producers may be on any thread.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 from multimodule.errors import Empty, TransitError
 from multimodule.transit._sysv import QueueStat
+from multimodule.transit._wire import META_KEY
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -39,7 +40,6 @@ class LocalQueue:
         self._waiter_thread: int | None = None
         self.messages_in = 0
         self.messages_out = 0
-        self.last_put_time: float | None = None
         self.last_get_time: float | None = None
 
     def __len__(self) -> int:
@@ -54,7 +54,6 @@ class LocalQueue:
         """Append ``message`` (already the receiver's own copy) and wake a waiting receiver."""
         self._items.append(message)
         self.messages_in += 1
-        self.last_put_time = time.time()
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -135,8 +134,17 @@ class LocalQueue:
         self.messages_out += len(items)
         return items
 
+    @property
+    def last_put_time(self) -> float | None:
+        """When the newest waiting message was sent (its ``send_ts``), else ``None``."""
+        if not self._items:
+            return None
+        meta = self._items[-1].get(META_KEY)
+        return meta.get("send_ts") if isinstance(meta, dict) else None
+
     def stat(self) -> QueueStat:
-        """This queue's figures (``kind="local"``; bytes and capacity are ``None``)."""
+        """This queue's figures (``kind="local"``; bytes and capacity are ``None``; the last
+        send time is that of the newest waiting message)."""
         return QueueStat(
             name=self.qname,
             kind="local",

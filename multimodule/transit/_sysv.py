@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import orjson
 import sysv_ipc
 
 from multimodule.errors import (
@@ -209,6 +210,13 @@ class SysvQueue:
         raised. Raises :class:`Empty`, :class:`QueueRemoved`, :class:`TransitBroken`.
         """
         queue = self.queue
+        if timeout is None:
+            # Block at once: trying a non-blocking receive first would cost a failed system
+            # call on every empty-queue wait. EINTR and the rest are handled in _wait.
+            def attempt_blocking(block: bool) -> bytes:
+                return queue.receive(block, MTYPE)[0]
+
+            return self._wait(attempt_blocking, None, None, cancelled)
         try:
             return queue.receive(False, MTYPE)[0]
         except sysv_ipc.BusyError:
@@ -232,6 +240,13 @@ class SysvQueue:
 
         Raises :class:`BadMessage` for anything that is not a valid message.
         """
+        if payload[:4] == _wire.HEADER_JSON:  # the common case, without memoryviews
+            try:
+                message = orjson.loads(payload[4:])
+            except orjson.JSONDecodeError:
+                message = None
+            if type(message) is dict:
+                return message
         kind, body = _wire.split_header(payload, self.qname)
         if kind == _wire.KIND_JSON:
             return _wire.decode_body(body, self.qname)

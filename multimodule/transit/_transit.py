@@ -68,8 +68,8 @@ class Transit:
     def declare_local(self, qname: str) -> LocalQueue:
         """Serve ``qname`` from an in-memory queue in this process from now on; return it.
 
-        Sends from this process then cost no system call and no serialisation (the receiver
-        gets its own copy). Other processes still reach the name over System V; pair this with
+        Sends from this process then cost no system call (the receiver gets its own copy,
+        made in C by orjson). Other processes still reach the name over System V; pair this with
         :meth:`receiver` to bring those messages into the same local queue. Idempotent.
         """
         validate_qname(qname)
@@ -110,9 +110,11 @@ class Transit:
         Raises :class:`InvalidQueueName`, :class:`UnserializableMessage`, :class:`QueueFull`
         (nothing was sent), :class:`TransitBroken`.
         """
-        if qname.__class__ is not str:
+        try:
+            local = self._local.get(qname)
+        except TypeError:  # unhashable: not a name
             validate_qname(qname)
-        local = self._local.get(qname)
+            raise
         if local is not None:
             local.put(_wire.copy_message(message, _wire.make_meta(meta)))
             return
