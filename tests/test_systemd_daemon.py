@@ -1,0 +1,129 @@
+"""System tests: the daemon as a Type=notify service under a real systemd (in a container).
+
+The unit file is the one in units/; a drop-in made here points ExecStart= at this checkout's
+virtualenv (a test-only drop-in, the way an operator would override it) and runs it as root,
+since the virtualenv's Python may live in root's home.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from systemd_box import SystemdBox, box_available
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+TASKS = "/opt/mmtest/tasks"
+TRANSIT = "/run/multimodule/transit"
+
+SEED = (REPO / "examples" / "seed.toml").read_text()
+
+BLOCKER = '''
+import time
+from multimodule import Task
+
+
+class Blocker(Task):
+    def message(self, message):
+        time.sleep(3600)  # holds the event loop: the watchdog must notice
+'''
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    why = box_available()
+    if why:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"the systemd system tests must run under CI: {why}")
+        pytest.skip(why)
+    with SystemdBox(tmp_path_factory.mktemp("box")) as box:
+        box.write("/etc/systemd/system/multimodule.service",
+                  (REPO / "units" / "multimodule.service").read_text())
+        box.write("/etc/systemd/system/multimodule.service.d/50-test.conf", f"""\
+[Service]
+ExecStart=
+ExecStart={VENV_BIN}/python -m multimodule.cli.daemon -c /etc/multimodule/multimodule.toml \
+-s ${{STATE_DIRECTORY}} -T ${{RUNTIME_DIRECTORY}}/transit --task-path {REPO}/tasks \
+--task-path {TASKS}
+Environment=PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1
+User=root
+Group=root
+ProtectHome=no
+WatchdogSec=4
+RestartSec=1
+""")
+        box.write(f"{TASKS}/Blocker.py", BLOCKER)
+        box.write("/etc/multimodule/multimodule.toml", SEED)
+        box.run("systemctl", "daemon-reload")
+        yield box
+
+
+def mmctl(box: SystemdBox, *args: str, check: bool = True):
+    return box.run(f"{VENV_BIN}/mmctl", "-T", TRANSIT, *args, check=check)
+
+
+def start_fresh(box: SystemdBox, config: str = SEED) -> None:
+    box.run("systemctl", "stop", "multimodule", check=False)
+    box.run("systemctl", "reset-failed", "multimodule", check=False)
+    box.write("/etc/multimodule/multimodule.toml", config)
+    box.run("systemctl", "start", "multimodule")  # returns once READY=1 arrived
+
+
+def test_daemon_reaches_active_through_notify_with_status(box):
+    # Given the unit installed / When it is started
+    start_fresh(box)
+    # Then `systemctl start` returned after READY=1: the service is active and says how it is
+    props = box.show("multimodule", "ActiveState", "SubState", "StatusText", "Type")
+    assert props["ActiveState"] == "active" and props["SubState"] == "running", props
+    assert props["Type"] == "notify"
+    assert "tasks internal" in props["StatusText"], props
+    # and the seed example runs: Example2's lines are in the unit's journal
+    box.wait_for(lambda: "Example2: received a message: 1 (howdy)" in box.journal(
+        "-u", "multimodule"), 15, "Example2's lines in journalctl -u multimodule")
+
+
+def test_reload_applies_config_and_stays_active(box):
+    start_fresh(box)
+    # When the config changes and the service is reloaded (ExecReload sends SIGHUP)
+    box.write("/etc/multimodule/multimodule.toml", SEED.replace('"howdy"', '"reloaded"'))
+    box.run("systemctl", "reload", "multimodule")
+    # Then it stays active and the new config takes effect
+    box.wait_for(lambda: "(reloaded)" in box.journal("-u", "multimodule"), 15,
+                 "the reloaded outstr in the journal")
+    assert box.show("multimodule", "ActiveState")["ActiveState"] == "active"
+    out = mmctl(box, "config", "Example1").stdout
+    assert '"reloaded"' in out, out
+
+
+def test_watchdog_restarts_a_daemon_whose_loop_is_blocked(box):
+    # Given a running daemon with WatchdogSec=4 and a task whose handler blocks the loop
+    start_fresh(box, SEED + "\n[Blocker]\n")
+    before = int(box.show("multimodule", "NRestarts")["NRestarts"])
+    main_pid = box.show("multimodule", "MainPID")["MainPID"]
+    # When the task gets a message
+    mmctl(box, "send", "Blocker", "{}")
+    # Then systemd sees no WATCHDOG=1, kills the daemon and starts it again
+    box.wait_for(lambda: int(box.show("multimodule", "NRestarts")["NRestarts"]) > before,
+                 30, "a restart after the watchdog timeout")
+    assert "Watchdog timeout" in box.journal("-u", "multimodule")
+    box.wait_for(lambda: box.show("multimodule", "ActiveState")["ActiveState"] == "active",
+                 30, "the restarted daemon to be active")
+    assert box.show("multimodule", "MainPID")["MainPID"] != main_pid
+
+
+def test_stop_is_orderly_and_saves_state(box):
+    start_fresh(box)
+    box.wait_for(lambda: "received a message: 2" in box.journal("-u", "multimodule"), 15,
+                 "a few counts")
+    # When the service is stopped
+    box.run("systemctl", "stop", "multimodule")
+    # Then it went through an orderly exit (status 0) and Example1's count is saved
+    props = box.show("multimodule", "ActiveState", "ExecMainStatus", "Result")
+    assert props["ActiveState"] == "inactive" and props["Result"] == "success", props
+    saved = box.run("cat", "/var/lib/multimodule/Example1.state.json").stdout
+    assert '"ct"' in saved
+    assert "stopping: delivering messages in memory" in box.journal("-u", "multimodule")
