@@ -30,8 +30,8 @@ class BoxError(RuntimeError):
 class SystemdBox:
     """A booted systemd container; use as a context manager (always torn down).
 
-    ``root``: the container's root as seen from the host (write files there to place them in
-    the container). :meth:`run` runs a command inside through ``nsenter``.
+    ``root``: the container's root as seen from the host. :meth:`run` runs a command inside
+    through ``nsenter``; :meth:`write` writes a file inside.
     """
 
     def __init__(self, base: Path):
@@ -109,11 +109,10 @@ class SystemdBox:
         return result
 
     def write(self, path: str, text: str, mode: int = 0o644) -> None:
-        """Write a file at ``path`` inside the container."""
-        target = self.root / path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-        target.chmod(mode)
+        """Write a file at ``path`` inside the container (from inside: the container mounts
+        its own /run and /tmp over the overlay)."""
+        self.run("sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"',
+                 "sh", path, f"{mode:o}", input=text)
 
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         """``systemctl show -p ...`` as a dict."""

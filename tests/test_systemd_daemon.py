@@ -1,4 +1,5 @@
-"""System tests: the daemon as a Type=notify service under a real systemd (in a container).
+"""System tests: the daemon as a Type=notify service, and the task unit template, under a real
+systemd (in a container).
 
 The unit file is the one in units/; a drop-in made here points ExecStart= at this checkout's
 virtualenv (a test-only drop-in, the way an operator would override it) and runs it as root,
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from multimodule.supervise.units import dropin_path, parse_limits, render_dropin, unit_name
 from systemd_box import SystemdBox, box_available
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +57,19 @@ Group=root
 ProtectHome=no
 WatchdogSec=4
 RestartSec=1
+""")
+        box.write("/etc/systemd/system/multimodule-task@.service",
+                  (REPO / "units" / "multimodule-task@.service").read_text())
+        box.write("/etc/systemd/system/multimodule-task@.service.d/40-test.conf", f"""\
+[Service]
+ExecStart=
+ExecStart={VENV_BIN}/python -m multimodule.cli.daemon -m %i \
+-c /etc/multimodule/multimodule.toml -s ${{STATE_DIRECTORY}} -T ${{RUNTIME_DIRECTORY}}/transit \
+--task-path {REPO}/tasks --task-path {TASKS}
+Environment=PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1
+User=root
+Group=root
+ProtectHome=no
 """)
         box.write(f"{TASKS}/Blocker.py", BLOCKER)
         box.write("/etc/multimodule/multimodule.toml", SEED)
@@ -127,3 +142,23 @@ def test_stop_is_orderly_and_saves_state(box):
     saved = box.run("cat", "/var/lib/multimodule/Example1.state.json").stdout
     assert '"ct"' in saved
     assert "stopping: delivering messages in memory" in box.journal("-u", "multimodule")
+
+
+def test_task_unit_runs_one_task_with_its_limits_dropin(box):
+    # Given the template unit and the drop-in the daemon renders from a task's limits
+    box.run("systemctl", "stop", "multimodule", check=False)
+    limits = parse_limits("Example1", {"memory_max": "256M", "tasks_max": 32})
+    box.write(str(dropin_path("Example1")), render_dropin("Example1", limits))
+    box.run("systemctl", "daemon-reload")
+    # When the instance is started
+    box.run("systemctl", "start", unit_name("Example1"))
+    try:
+        # Then it is active through notify, with the limits in force
+        props = box.show(unit_name("Example1"), "ActiveState", "MemoryMax", "TasksMax")
+        assert props["ActiveState"] == "active", props
+        assert props["MemoryMax"] == str(256 * 1024 * 1024) and props["TasksMax"] == "32"
+        # and its lines land in the journal under that unit
+        box.wait_for(lambda: "running (pid" in box.journal("-u", unit_name("Example1")), 15,
+                     "the task's lines in journalctl -u multimodule-task@Example1")
+    finally:
+        box.run("systemctl", "stop", unit_name("Example1"), check=False)
