@@ -202,9 +202,9 @@ def test_daemon_option_defaults():
     (["-o", "log"], "'log' is not CHANNEL:HANDLER"),
     (["-o", "log:"], "empty out-of-band handler"),
     (["-m", "not-a-task"], "'not-a-task' is not a task name"),
-    (["-q", "a/b"], "control_queue"),
-    (["--slow-handler-s", "0"], "slow_handler_s"),
-    (["-d", "-1"], "debug"),
+    (["-q", "a/b"], "-q/--control-queue: Value error, queue name 'a/b' contains a slash"),
+    (["--slow-handler-s", "0"], "--slow-handler-s: Input should be greater than 0"),
+    (["-d", "-1"], "-d/--debug: Input should be greater than or equal to 0"),
 ])
 def test_bad_daemon_options_exit_2_with_the_reason(argv, words, capsys):
     # When the daemon's command line is bad / Then it exits 2 (usage) saying why

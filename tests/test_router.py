@@ -36,7 +36,9 @@ class RecordingHost:
 
     def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
         # The hop counter is checked by its own tests; the others compare the rest.
-        self.hops.append(message.pop(HOPS_KEY))
+        hop = message.pop(HOPS_KEY)
+        assert type(hop) is int, f"{HOPS_KEY} must be a count, got {hop!r}"
+        self.hops.append(hop)
         self.sent.append((qname, message))
         self.owned.append(owned)
 

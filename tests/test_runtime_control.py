@@ -5,6 +5,10 @@ queues in its own transit directory."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 from helpers import mm, router_section, route  # noqa: F401 - mm is a fixture
 
@@ -246,3 +250,174 @@ def test_mmctl_bad_json_exits_2(mm):
     assert status == 2 and "not valid JSON" in err
     status, _, err = mm.mmctl("state", "Router", "--set", "[1]")
     assert status == 2 and "must be a JSON object" in err
+
+
+def test_mmctl_state_set_for_unknown_task_exits_4_and_creates_no_queue(mm, transit):
+    # Given a running daemon
+    mm.config(router_section())
+    mm.start()
+    # When mmctl state --set names a task the daemon does not run
+    status, _, err = mm.mmctl("state", "NoSuch", "--set", '{"a": 1}')
+    # Then it exits 4 (no such task), and no transform was sent: no queue "NoSuch" exists
+    assert status == 4, err
+    assert "no task 'NoSuch' is loaded" in err
+    assert not transit.exists("NoSuch")
+    assert "NoSuch" not in os.listdir(mm.transit_dir)
+
+
+def test_mmctl_state_set_for_stateless_task_exits_1(mm):
+    # Given a running daemon / When mmctl state --set names a stateless task
+    mm.config(router_section())
+    mm.start()
+    status, _, err = mm.mmctl("state", "Router", "--set", '{"a": 1}')
+    # Then it exits 1 saying the task is not stateful
+    assert status == 1, err
+    assert "task Router is not stateful" in err
+
+
+# -- expiry and reply queues ------------------------------------------------------------------
+
+
+def _reply_queues(mm) -> list[str]:
+    """Names starting with ``mmctl-reply-`` in the transit dir and in ``mmctl queues``."""
+    status, out, err = mm.mmctl("queues", "--json")
+    assert status == 0, err
+    listed = [row["name"] for row in json.loads(out)]
+    files = os.listdir(mm.transit_dir)
+    return [n for n in listed + files if n.startswith("mmctl-reply-")]
+
+
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait (bounded) until process ``pid`` is stopped (state T after SIGSTOP)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} not stopped within {timeout} s (state {state})")
+        time.sleep(0.002)
+
+
+def test_commands_given_while_no_daemon_runs_expire_instead_of_firing_later(mm, transit):
+    # Given no daemon running, and a task module Cfg that has no config section
+    mm.task("Cfg", CONFIG_ECHO)
+    mm.config(router_section(route("Cfg", "out")))
+    # When mmctl stop, reload and config are run, each waiting 0.5 s
+    for args in (("stop",), ("reload",), ("config", "Cfg", '{"k": 1}')):
+        status, _, err = mm.mmctl(*args, "--wait", "0.5")
+        # Then each exits 3 (not running), leaving no reply queue behind
+        assert status == 3, (args, err)
+        assert "did not answer" in err, err
+    assert _reply_queues(mm) == []
+    # (their messages are still on the control queue)
+    assert transit.stat("MultiModule_control").messages == 3
+
+    # When a daemon is started afterwards on that transit dir
+    daemon = mm.start()
+    # Then it logs the three messages as expired, ignored
+    for _ in range(3):
+        daemon.expect("stdout", "ignored an expired control message")
+    # and keeps running: it answers status (handled after the stale messages, in order)
+    status, out, err = mm.mmctl("status", "--json")
+    assert status == 0, err
+    assert json.loads(out)["pid"] == daemon.pid
+    assert daemon.proc.poll() is None
+    assert not daemon.lines_matching("stdout", "cleanly_exit requested"), daemon.output()
+    # and the stale config did not load Cfg
+    status, _, err = mm.mmctl("config", "Cfg")
+    assert status == 4, err
+    daemon.stop_ok()
+
+
+def test_query_that_timed_out_leaves_no_reply_queue_when_the_daemon_answers_late(mm, transit):
+    # Given a running daemon, stopped with SIGSTOP
+    mm.config(router_section())
+    daemon = mm.start()
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        _wait_stopped(daemon.pid)
+        # When mmctl status gives up after 0.5 s
+        status, _, err = mm.mmctl("status", "--wait", "0.5")
+        assert status == 3, err
+        # and a query that has not expired names a reply queue that is gone by the time
+        # the daemon reads it
+        transit.sysv_queue("mmctl-reply-gone")
+        transit.send("MultiModule_control", {".multimodule": {
+            "query": "status", "reply_to": "mmctl-reply-gone", "expires_at": time.time() + 600}})
+        transit.remove("mmctl-reply-gone")
+    finally:
+        # and the daemon is let go
+        os.kill(daemon.pid, signal.SIGCONT)
+    # Then once it has handled those messages (control messages are handled in order, so a
+    # later status that succeeds comes after them)
+    status, out, err = mm.mmctl("status", "--json")
+    assert status == 0, err
+    assert json.loads(out)["pid"] == daemon.pid
+    daemon.expect("stdout", "ignored an expired control message")
+    # no mmctl-reply-* queue exists: neither mmctl's nor the vanished one was re-created
+    assert _reply_queues(mm) == []
+    daemon.stop_ok()
+
+
+# -- control message validation ---------------------------------------------------------------
+
+REFUSED = [
+    ({".multimodule": "x"}, "a control message needs a '.multimodule' object"),
+    ({".multimodule": {}}, "the '.multimodule' object is empty"),
+    ({".multimodule": {"control": "notalist"}},
+     ".multimodule.control: Input should be a valid list"),
+    ({".multimodule": {"control": [{"type": "bogus"}]}}, ".multimodule.control.0.type: "),
+    ({".multimodule": {"config": {"1bad": {}}}},
+     ".multimodule.config: Value error, '1bad' is not a task name"),
+    ({".multimodule": {"query": "state"}}, "query 'state' needs a task"),
+    ({".multimodule": {"query": "state", "task": ["x"]}},
+     ".multimodule.task: Input should be a valid string"),
+]
+
+
+def test_invalid_control_messages_refused_naming_the_field_daemon_keeps_serving(mm, transit):
+    # Given a running daemon
+    mm.config(router_section())
+    daemon = mm.start()
+    # When each invalid control message arrives
+    for message, words in REFUSED:
+        transit.send("MultiModule_control", message)
+        # Then it is refused with a line naming what is wrong
+        line = daemon.expect("stderr", "control message refused: ")
+        assert words in line, (message, line)
+    # and the daemon still answers, without a traceback anywhere
+    status, out, err = mm.mmctl("status", "--json")
+    assert status == 0, err
+    assert json.loads(out)["pid"] == daemon.pid
+    assert not daemon.lines_matching("stderr", "Traceback"), daemon.output()
+    assert not daemon.lines_matching("stderr", "control message failed"), daemon.output()
+    daemon.stop_ok()
+
+
+def test_refused_control_message_answered_on_its_reply_queue(mm, transit):
+    # Given a running daemon and a reply queue
+    mm.config(router_section())
+    mm.start()
+    transit.sysv_queue("reply-here")
+    # When a control message with a bad query names that reply queue
+    transit.send("MultiModule_control",
+                 {".multimodule": {"query": "bogus", "reply_to": "reply-here"}})
+    # Then the refusal comes back there, naming the field
+    reply = transit.receive("reply-here", timeout=10)
+    assert reply["error"].startswith("control message refused: .multimodule.query"), reply
+
+
+def test_control_message_with_a_bad_reply_queue_name_refused_without_traceback(mm, transit):
+    # Given a running daemon
+    mm.config(router_section())
+    daemon = mm.start()
+    # When a control message names a reply queue that is no valid queue name
+    transit.send("MultiModule_control",
+                 {".multimodule": {"query": "status", "reply_to": "a/b"}})
+    # Then it is refused naming reply_to, with no traceback, and the daemon still answers
+    line = daemon.expect("stderr", "control message")
+    assert "control message refused: .multimodule.reply_to" in line, line
+    status, _, err = mm.mmctl("status")
+    assert status == 0, err
+    assert not daemon.lines_matching("stderr", "Traceback"), daemon.output()

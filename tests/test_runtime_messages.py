@@ -4,7 +4,10 @@ Router, to an on-demand stateful task, out to a System V queue; failing and slow
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 from multimodule.errors import Empty
 
@@ -195,3 +198,106 @@ def test_unroutable_forward_to_unknown_name_goes_to_system_v_queue(mm, transit):
     assert transit.receive("plain_queue_name", timeout=10)["text"] == "A"
     transit.send("Upper", {"text": "b", "n": 1})
     assert transit.receive("plain_queue_name", timeout=10)["text"] == "B"
+
+
+QUITTER = """
+    import asyncio
+    from multimodule import Task
+
+    class Quitter(Task):
+        # {"exit": TEXT} raises SystemExit(TEXT), {"interrupt": TEXT} KeyboardInterrupt(TEXT),
+        # from an async handler if "async" is set; any other message goes out with its id.
+        def message(self, message):
+            if message.get("async"):
+                return self.later(message)
+            self.act(message)
+
+        async def later(self, message):
+            await asyncio.sleep(0)
+            self.act(message)
+
+        def act(self, message):
+            if "exit" in message:
+                raise SystemExit(message["exit"])
+            if "interrupt" in message:
+                raise KeyboardInterrupt(message["interrupt"])
+            self.emit({"id": message["id"]})
+"""
+
+
+def test_handler_raising_systemexit_or_keyboardinterrupt_reported_daemon_goes_on(mm, transit):
+    # Given a task whose handler raises SystemExit or KeyboardInterrupt on request
+    mm.task("Quitter", QUITTER)
+    mm.config("[Quitter]\n\n" + router_section(route("Quitter", "out")))
+    daemon = mm.start()
+    # When each kind is raised (by a plain and by an async handler), each followed by a
+    # normal message
+    for n, bad in enumerate([{"exit": "bye-1"}, {"interrupt": "ctrl-c-2"},
+                             {"exit": "bye-3", "async": True},
+                             {"interrupt": "ctrl-c-4", "async": True}], start=1):
+        transit.send("Quitter", bad)
+        transit.send("Quitter", {"id": n})
+    # Then every next message is still handled, in order
+    assert [m["id"] for m in receive_n(transit, "out", 4)] == [1, 2, 3, 4]
+    # and each failure is reported on the error channel naming the task and the exception
+    for text in ("SystemExit: bye-1", "KeyboardInterrupt: ctrl-c-2", "SystemExit: bye-3",
+                 "KeyboardInterrupt: ctrl-c-4"):
+        line = daemon.expect("stderr", text)
+        assert line.startswith(f"error: Quitter: message handler raised {text}"), line
+    # and counted as task_message_failure
+    status, out, err = mm.mmctl("status", "--json")
+    assert status == 0, err
+    quitter = json.loads(out)["tasks"]["Quitter"]
+    assert (quitter["task_message_failure"], quitter["messages_in"]) == (4, 8)
+    # and the daemon is still running, and exits 0 on SIGTERM
+    assert daemon.proc.poll() is None
+    daemon.stop_ok()
+
+
+EVIL = """
+open({marker!r}, "w").close()  # proof that this module was imported
+
+from multimodule import Task
+
+
+class evil(Task):
+    def message(self, message):
+        pass
+"""
+
+
+def test_on_demand_loading_imports_nothing_outside_the_task_path(mm, transit, tmp_path):
+    # Given a module evil.py outside --task-path but importable by the daemon (on its
+    # PYTHONPATH), whose import would create a marker file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    marker = tmp_path / "evil-was-imported"
+    (elsewhere / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    mm.env["PYTHONPATH"] = os.pathsep.join([str(elsewhere), mm.env["PYTHONPATH"]])
+    probe = subprocess.run([sys.executable, "-c", "import evil"], env=mm.env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=20)
+    assert probe.returncode == 0 and marker.exists(), probe.stderr  # the setup is effective
+    marker.unlink()
+    # and a task module Upper in --task-path with no config section
+    mm.task("Upper", UPPER)
+    mm.config(router_section(route("Upper", "out")))
+    daemon = mm.start()
+    # When the Router is given a static forward to the name "evil"
+    transit.send("Router", {"static_forwards": [[{"forward": {"qname": "evil"}}]], "x": 1})
+    # Then the message lands on the System V queue "evil"
+    landed = transit.receive("evil", timeout=10)
+    assert landed["x"] == 1 and "static_forwards" not in landed
+    # and evil.py was never imported
+    assert not marker.exists()
+    # When a static forward names the task in --task-path
+    transit.send("Router", {"static_forwards": [[{"forward": {"qname": "Upper"}}]],
+                            "text": "y", "n": 2})
+    # Then that task is loaded on first use and handles it
+    assert strip_meta(transit.receive("out", timeout=10)) == \
+        {"text": "Y", "n": 2, "source": "Upper"}
+    status, out, _ = mm.mmctl("status", "--json")
+    report = json.loads(out)
+    assert "Upper" in report["tasks"]
+    assert "evil" not in report["tasks"] and "evil" not in report["import_failures"]
+    assert not marker.exists()
+    daemon.stop_ok()

@@ -166,3 +166,41 @@ def test_schedules_cancelled_at_stop_before_the_final_save(mm, transit):
     assert numbers == list(range(1, len(numbers) + 1))
     saved = json.loads(mm.state_file("Count").read_text())
     assert saved == {"ticks": numbers[-1]}
+
+
+def test_scheduled_work_raising_systemexit_or_keyboardinterrupt_reported_schedule_goes_on(
+        mm, transit):
+    mm.task("Quits", """
+        from multimodule import Task
+
+        class Quits(Task):
+            n = 0
+
+            def set_config(self, config):
+                self.named_recur("tick", 0.05, self.tick)
+
+            # Ticks 1, 5, 9... raise SystemExit, 3, 7, 11... KeyboardInterrupt; even ticks emit.
+            def tick(self):
+                self.n += 1
+                if self.n % 4 == 1:
+                    raise SystemExit(f"tick {self.n}")
+                if self.n % 4 == 3:
+                    raise KeyboardInterrupt(f"tick {self.n}")
+                self.emit({"n": self.n})
+    """)
+    # Given scheduled work that raises SystemExit or KeyboardInterrupt on every odd tick
+    mm.config("[Quits]\n\n" + router_section(route("Quits", "out")))
+    daemon = mm.start()
+    # Then the schedule goes on: the even ticks come through
+    assert [m["n"] for m in receive_n(transit, "out", 3)] == [2, 4, 6]
+    # and the failures are reported naming the task, the schedule and the exception
+    line = daemon.expect("stderr", "scheduled work 'tick' raised SystemExit")
+    assert line.startswith("error: Quits: scheduled work 'tick' raised SystemExit: tick 1"), line
+    line = daemon.expect("stderr", "scheduled work 'tick' raised KeyboardInterrupt")
+    assert line.startswith("error: Quits: scheduled work 'tick' raised KeyboardInterrupt: "
+                           "tick 3"), line
+    status, out, _ = mm.mmctl("status", "--json")
+    assert json.loads(out)["tasks"]["Quits"]["recur_failure"] >= 3
+    # and the daemon still runs, and exits 0 on SIGTERM
+    assert daemon.proc.poll() is None
+    daemon.stop_ok()

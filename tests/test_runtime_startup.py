@@ -184,3 +184,34 @@ def test_sigint_stops_cleanly_like_sigterm(mm, transit):
     assert daemon.wait_exit(10) == 0, daemon.output()
     daemon.expect("stdout", "stopping:")
     assert not (mm.state_dir / "multimodule.status.json").exists()
+
+
+def test_second_daemon_on_same_transit_dir_exits_1_unless_its_control_queue_differs(
+        mm, tmp_path):
+    # Given a daemon running on a transit dir (it holds the control queue's lock there)
+    mm.config(router_section())
+    first = mm.start()
+    lock = mm.transit_dir / ".daemon-MultiModule_control.lock"
+    assert lock.exists()
+    # When a second daemon starts on the same transit dir with another state dir
+    second = mm.run_daemon(state_dir=tmp_path / "state2", timeout=15)
+    # Then it exits 1 naming the first daemon's pid and the lock
+    assert second.returncode == 1, second
+    assert f"pid {first.pid}" in second.stderr, second.stderr
+    assert lock.name in second.stderr, second.stderr
+    assert "running (pid" not in second.stdout
+    assert "Traceback" not in second.stderr, second.stderr
+    # and left nothing behind in its state dir; the first still answers
+    assert not (tmp_path / "state2" / "multimodule.status.json").exists()
+    status, out, err = mm.mmctl("status", "--json")
+    assert status == 0 and orjson.loads(out)["pid"] == first.pid, err
+    # When it is started with a different control queue instead
+    third = mm.start("-q", "Other_control", state_dir=tmp_path / "state3")
+    # Then it runs beside the first, answering on its own control queue
+    assert (mm.transit_dir / ".daemon-Other_control.lock").exists()
+    status, out, err = mm.mmctl("status", "-q", "Other_control", "--json")
+    assert status == 0 and orjson.loads(out)["pid"] == third.pid, err
+    status, out, err = mm.mmctl("status", "--json")
+    assert status == 0 and orjson.loads(out)["pid"] == first.pid, err
+    third.stop_ok()
+    first.stop_ok()

@@ -268,3 +268,64 @@ def test_help_exits_0(child_env, argv):
     res = run(argv, child_env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage:")
+
+
+# -- argument checks -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["recv", "argq", "-t", "nan"], "argument -t/--timeout: 'nan' must be a finite number >= 0"),
+    (["recv", "argq", "-t", "inf"], "argument -t/--timeout: 'inf' must be a finite number >= 0"),
+    (["recv", "argq", "-t", "-1"], "argument -t/--timeout: '-1' must be a finite number >= 0"),
+    (["recv", "argq", "-n", "0"], "argument -n/--count: '0' must be at least 1"),
+    (["status", "--wait", "-1"], "argument --wait: '-1' must be a finite number >= 0"),
+    (["config", "bad name", "{}"], "argument TASK: 'bad name' is not a task name"),
+    (["state", "1x"], "argument TASK: '1x' is not a task name"),
+], ids=["recv-t-nan", "recv-t-inf", "recv-t-negative", "recv-n-0", "status-wait-negative",
+        "config-bad-name", "state-bad-name"])
+def test_bad_arguments_exit_2_with_a_clear_message(transit_dir, child_env, argv, words):
+    # When mmctl is given a bad argument
+    res = run(MMCTL + argv, child_env, timeout=20)
+    # Then it exits 2 (usage) saying which argument and why, and touches no queue
+    assert res.returncode == 2, res
+    assert words in res.stderr, res.stderr
+    assert res.stderr.startswith("usage: mmctl "), res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (transit_dir / "argq").exists()
+    assert not (transit_dir / "MultiModule_control").exists()
+
+
+def test_recv_skips_a_malformed_message_with_a_warning(transit, child_env):
+    # Given a queue holding raw junk and then a good message
+    transit.sysv_queue("mixed").send_raw(b"junk")
+    transit.send("mixed", {"good": 1})
+    # When one message is received with mmctl
+    res = run(MMCTL + ["recv", "mixed", "-t", "5"], child_env)
+    # Then the good one is printed, the junk is reported on stderr, and it exits 0
+    assert res.returncode == 0, res
+    assert [strip_meta(o) for o in parse_objects(res.stdout)] == [{"good": 1}]
+    assert "mmctl: discarded a malformed message" in res.stderr, res.stderr
+    assert "b'junk'" in res.stderr, res.stderr
+    assert transit.stat("mixed").messages == 0
+
+
+@pytest.mark.parametrize("name", ["strans", "rtrans", "qtrans"])
+def test_alias_help_names_the_alias(child_env, name):
+    # When an alias is asked for help / Then its usage names it, not "mmctl send" etc.
+    res = run(script(name) + ["--help"], child_env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: {name} "), res.stdout
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("strans", ["aliasq", "{}", "--no-such-option"]),
+    ("rtrans", ["aliasq", "--no-such-option"]),
+    ("qtrans", ["--no-such-option"]),
+])
+def test_alias_unknown_option_error_names_the_alias(transit_dir, child_env, name, argv):
+    # When an alias is given an option it does not know
+    res = run(script(name) + argv, child_env)
+    # Then it exits 2 with its own usage and name, not mmctl's
+    assert res.returncode == 2, res
+    assert res.stderr.startswith(f"usage: {name} "), res.stderr
+    assert f"{name}: error: unrecognized arguments: --no-such-option" in res.stderr, res.stderr
+    assert not (transit_dir / "aliasq").exists()

@@ -344,7 +344,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmctl",
          parser: argparse.ArgumentParser | None = None) -> int:
     """Run ``mmctl`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = parser or build_parser(prog)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, so that usage and name fit
+        subparsers = next(a for a in parser._actions
+                          if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     args.prog = prog
     try:
         return args.func(args)

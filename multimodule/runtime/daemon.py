@@ -61,16 +61,22 @@ OUTBOX_EXIT_WAIT_S = 5.0
 
 
 class Outbox:
-    """Messages for one System V queue that was full: a thread sends them in order, blocking,
-    so the event loop never waits. While it holds messages, later sends to the same queue
-    join it (order is kept). ``depth``: messages waiting."""
+    """Messages for one System V queue that was full: a thread sends them in order, waiting
+    for room, so the event loop never waits. While it holds messages, later sends to the same
+    queue join it (order is kept). ``depth``: messages waiting. ``kept_file``: the file these
+    messages were restored from at start; removed once they are all sent."""
 
-    def __init__(self, daemon: Daemon, qname: str):
+    #: Seconds of each wait for room, between two looks at the stop flag.
+    WAIT_S = 0.5
+
+    def __init__(self, daemon: Daemon, qname: str, kept_file: Path | None = None):
         self.daemon = daemon
         self.qname = qname
+        self.kept_file = kept_file
         self.items: deque[bytes] = deque()
         self.cond = threading.Condition()
         self.retired = False
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name=f"mm-outbox:{qname}", daemon=True)
 
     def start(self) -> None:
@@ -91,17 +97,21 @@ class Outbox:
 
     def _run(self) -> None:
         transit = self.daemon.transit
-        while True:
+        while not self.stopping:
             with self.cond:
                 if not self.items:
                     # Nothing left: retire, so the next send tries the fast path again.
                     self.retired = True
                     if self.daemon._outboxes.get(self.qname) is self:
                         del self.daemon._outboxes[self.qname]
+                    if self.kept_file is not None:
+                        self.kept_file.unlink(missing_ok=True)
                     return
                 body = self.items[0]
             try:
-                transit.sysv_queue(self.qname).send_body(body, None)
+                transit.sysv_queue(self.qname).send_body(body, self.WAIT_S)
+            except QueueFull:
+                continue
             except TransitError as exc:
                 self.daemon.loop.call_soon_threadsafe(
                     self.daemon.channels.emit, "error", DAEMON_SOURCE,
@@ -112,8 +122,17 @@ class Outbox:
                 self.items.popleft()
 
     def wait_empty(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every message to be sent."""
         self.thread.join(timeout)
         return not self.thread.is_alive()
+
+    def stop_and_take(self) -> list[bytes]:
+        """Stop the thread (within ``WAIT_S``) and return the messages not sent, in order."""
+        self.stopping = True
+        self.thread.join()
+        with self.cond:
+            self.retired = True
+            return list(self.items)
 
 
 class Daemon:
@@ -377,10 +396,11 @@ class Daemon:
             self._reply(body.reply_to, reply)
 
     def _reply(self, reply_to: str, reply: dict[str, Any]) -> None:
-        # Only to a reply queue that still exists: a client that gave up has removed it, and
-        # sending would create a queue nobody reads.
-        if self.transit.exists(reply_to):
-            self._send_out(reply_to, reply)
+        # Only to a reply queue that still exists, never creating or remembering it: a client
+        # that gave up has removed its queue.
+        if not self.transit.send_if_exists(reply_to, reply):
+            self.channels.emit("debug", DAEMON_SOURCE,
+                               f"no reply sent: reply queue {reply_to!r} is gone or full")
 
     def _query(self, what: str, name: str | None) -> dict[str, Any]:
         reply: dict[str, Any] = {"query": what, "task": name}
@@ -427,7 +447,7 @@ class Daemon:
             "started_at": self.started_at,
             "tasks": {name: r.figures() for name, r in sorted(self.runners.items())},
             "import_failures": dict(self.import_failures),
-            "outboxes": {q: o.depth for q, o in self._outboxes.items()},
+            "outboxes": {q: o.depth for q, o in list(self._outboxes.items())},
         }
 
     # -- running ---------------------------------------------------------------------------
@@ -593,9 +613,7 @@ class Daemon:
 
     def _save_outbox(self, outbox: Outbox) -> None:
         """Keep what a full queue could not take before exit; the next start sends it."""
-        with outbox.cond:
-            outbox.retired = True
-            bodies = list(outbox.items)
+        bodies = outbox.stop_and_take()
         path = self._outbox_file(outbox.qname)
         try:
             write_atomic(path, b"".join(body + b"\n" for body in bodies))
@@ -617,12 +635,11 @@ class Daemon:
             except OSError as exc:
                 self.channels.emit("error", DAEMON_SOURCE, f"cannot read {path}: {exc}")
                 continue
-            outbox = Outbox(self, qname)
+            outbox = Outbox(self, qname, kept_file=path)  # removed once all are sent
             for body in bodies:
                 outbox.put(body)
             self._outboxes[qname] = outbox
             outbox.start()
-            path.unlink()
             self.channels.emit("log", DAEMON_SOURCE,
                                f"sending {len(bodies)} messages kept for queue {qname!r} "
                                "at the last exit")

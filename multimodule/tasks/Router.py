@@ -202,16 +202,16 @@ class Router(Task):
                 self.send(qname, out, owned=True)
 
     def _static_forward(self, message: dict[str, Any], hops: int) -> None:
-        hops = message["static_forwards"]
+        plan = message["static_forwards"]
         try:
-            if not isinstance(hops, list) or not hops or not isinstance(hops[0], list):
+            if not isinstance(plan, list) or not plan or not isinstance(plan[0], list):
                 raise ValueError("static_forwards must be a non-empty list of hops (lists)")
-            hop = [StaticForward.model_validate(entry) for entry in hops[0]]
+            hop = [StaticForward.model_validate(entry) for entry in plan[0]]
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             self.error(f"malformed static_forwards, message not forwarded: {exc}",
                        message=message)
             return
-        rest = hops[1:]
+        rest = plan[1:]
         for entry in hop:
             out = dict(message)
             out[HOPS_KEY] = hops

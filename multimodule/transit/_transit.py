@@ -201,6 +201,28 @@ class Transit:
         return AsyncReceiver(self.sysv_queue(qname), deliver, on_error=on_error,
                              max_pending=max_pending, backlog=backlog, high_water=high_water)
 
+    def send_if_exists(self, qname: str, message: dict[str, Any]) -> bool:
+        """Send ``message`` to ``qname``'s System V queue only if that queue exists now,
+        without creating or caching it, and without waiting (for replies to clients that may
+        have given up and removed their queue). Returns whether it was sent."""
+        try:
+            validate_qname(qname)
+        except TransitError:
+            return False
+        key = self.directory.lookup_key(qname)
+        if key is None:
+            return False
+        try:
+            queue = sysv_ipc.MessageQueue(key, 0, max_message_size=self.msgmax)
+        except (sysv_ipc.Error, OSError):
+            return False
+        body = _wire.encode_body(message, _wire.make_meta({}))
+        try:
+            queue.send(_wire.HEADER_JSON + body, False, 1)
+        except (sysv_ipc.Error, OSError, ValueError):
+            return False  # full, gone, or too large for a reply: the client times out
+        return True
+
     def exists(self, qname: str) -> bool:
         """Whether ``qname`` is local here or has a live System V queue (without creating)."""
         if self.is_local(qname):
