@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from multimodule.supervise.systemd import SystemdBackend
 from multimodule.supervise.units import dropin_path, parse_limits, render_dropin, unit_name
 from systemd_box import SystemdBox, box_available
 
@@ -162,3 +163,32 @@ def test_task_unit_runs_one_task_with_its_limits_dropin(box):
                      "the task's lines in journalctl -u multimodule-task@Example1")
     finally:
         box.run("systemctl", "stop", unit_name("Example1"), check=False)
+
+
+def test_systemd_backend_starts_adopts_and_stops_task_units(box, tmp_path):
+    # Given the backend, driving the container's systemd and writing its drop-ins there
+    wrapper = tmp_path / "systemctl-in-box"
+    wrapper.write_text(f'#!/bin/sh\nexec nsenter -t {box.pid1} -a systemctl "$@"\n')
+    wrapper.chmod(0o755)
+    backend = SystemdBackend(dropin_root=Path(f"/proc/{box.pid1}/root/run/systemd/system"),
+                             systemctl=str(wrapper))
+    box.run("systemctl", "stop", "multimodule", unit_name("Example1"), check=False)
+    dropin = render_dropin("Example1", parse_limits("Example1", {"memory_max": "300M"}))
+    try:
+        # When it starts the task with limits
+        first = backend.start("Example1", dropin)
+        # Then the unit runs with them
+        assert first.running and first.main_pid
+        assert box.show(unit_name("Example1"), "MemoryMax")["MemoryMax"] == str(300 << 20)
+        # When it is asked again (a new daemon adopting) / Then the same process stays
+        assert backend.start("Example1", dropin).main_pid == first.main_pid
+        # When the task's process is killed / Then systemd restarts it
+        box.run("kill", "-9", str(first.main_pid))
+        again = box.wait_for(
+            lambda: (s := backend.status("Example1")).restarts >= 1 and s.running
+            and s.main_pid != first.main_pid and s, 20, "systemd to restart the task")
+        assert again.main_pid != first.main_pid
+    finally:
+        # When it is stopped / Then the unit is inactive
+        backend.stop("Example1")
+    assert backend.status("Example1").state.value in ("inactive", "failed")
