@@ -31,10 +31,13 @@ class SystemdBox:
     """A booted systemd container; use as a context manager (always torn down).
 
     ``root``: the container's root as seen from the host. :meth:`run` runs a command inside
-    through ``nsenter``; :meth:`write` writes a file inside.
+    through ``nsenter``; :meth:`write` writes a file inside. ``binds``: host directories made
+    visible read-only at the same path (the container mounts its own /tmp, so a checkout or a
+    Python under /tmp must be bound; see :func:`binds_for`).
     """
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, binds: tuple[Path, ...] = ()):
+        self.binds = tuple(binds)
         self.name = f"mmbox-{uuid.uuid4().hex[:8]}"
         self.base = base / self.name
         self.root = self.base / "root"
@@ -71,7 +74,9 @@ class SystemdBox:
         with open(self.console, "wb") as console:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "-D", str(self.root), "--register=no", "--keep-unit",
-                 f"--machine={self.name}", "--boot", "systemd.firstboot=off"],
+                 f"--machine={self.name}",
+                 *(f"--bind-ro={path}" for path in self.binds),
+                 "--boot", "systemd.firstboot=off"],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + BOOT_TIMEOUT_S
@@ -149,6 +154,17 @@ class SystemdBox:
             subprocess.run(["umount", "-l", str(target)], capture_output=True)
         self._mounted.clear()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def binds_for(*paths: Path) -> tuple[Path, ...]:
+    """Those of ``paths`` the container would hide behind its own /tmp or /var/tmp."""
+    hidden = (Path("/tmp"), Path("/var/tmp"))
+    out = []
+    for path in paths:
+        real = Path(path).resolve()
+        if any(real.is_relative_to(h) for h in hidden) and real not in out:
+            out.append(real)
+    return tuple(out)
 
 
 def box_available() -> str | None:

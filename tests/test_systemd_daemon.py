@@ -1,9 +1,10 @@
 """System tests: the daemon as a Type=notify service, and the task unit template, under a real
 systemd (in a container).
 
-The unit file is the one in units/; a drop-in made here points ExecStart= at this checkout's
-virtualenv (a test-only drop-in, the way an operator would override it) and runs it as root,
-since the virtualenv's Python may live in root's home.
+The unit files are the ones in units/; a drop-in made here points ExecStart= at this checkout's
+virtualenv (a test-only drop-in, the way an operator would override it) and runs it as root
+with ProtectHome=no and PrivateTmp=no, since the checkout and the virtualenv's Python may live
+in root's home or under /tmp.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 from multimodule.supervise.systemd import SystemdBackend
 from multimodule.supervise.units import dropin_path, parse_limits, render_dropin, unit_name
-from systemd_box import SystemdBox, box_available
+from systemd_box import SystemdBox, binds_for, box_available
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -43,7 +44,9 @@ def box(tmp_path_factory):
         if os.environ.get("CI"):
             raise RuntimeError(f"the systemd system tests must run under CI: {why}")
         pytest.skip(why)
-    with SystemdBox(tmp_path_factory.mktemp("box")) as box:
+    binds = binds_for(REPO, Path(sys.prefix), Path(sys.base_prefix),
+                      Path(os.path.realpath(sys.executable)).parent)
+    with SystemdBox(tmp_path_factory.mktemp("box"), binds) as box:
         box.write("/etc/systemd/system/multimodule.service",
                   (REPO / "units" / "multimodule.service").read_text())
         box.write("/etc/systemd/system/multimodule.service.d/50-test.conf", f"""\
@@ -56,6 +59,7 @@ Environment=PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1
 User=root
 Group=root
 ProtectHome=no
+PrivateTmp=no
 WatchdogSec=4
 RestartSec=1
 """)
@@ -71,6 +75,7 @@ Environment=PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1
 User=root
 Group=root
 ProtectHome=no
+PrivateTmp=no
 """)
         box.write(f"{TASKS}/Blocker.py", BLOCKER)
         box.write("/etc/multimodule/multimodule.toml", SEED)
@@ -86,7 +91,8 @@ def start_fresh(box: SystemdBox, config: str = SEED) -> None:
     box.run("systemctl", "stop", "multimodule", check=False)
     box.run("systemctl", "reset-failed", "multimodule", check=False)
     box.write("/etc/multimodule/multimodule.toml", config)
-    box.run("systemctl", "start", "multimodule")  # returns once READY=1 arrived
+    started = box.run("systemctl", "start", "multimodule", check=False)  # waits for READY=1
+    assert started.returncode == 0, started.stderr + box.journal("-u", "multimodule", "-n", "40")
 
 
 def test_daemon_reaches_active_through_notify_with_status(box):
