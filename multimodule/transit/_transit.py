@@ -118,6 +118,10 @@ class Transit:
         if local is not None:
             local.put(_wire.copy_message(message, _wire.make_meta(meta)))
             return
+        self._send_sysv(qname, message, timeout, meta)
+
+    def _send_sysv(self, qname: str, message: dict[str, Any], timeout: float | None,
+                   meta: dict[str, Any]) -> None:
         queue = self._sysv.get(qname) or self.sysv_queue(qname)
         body = _wire.encode_body(message, _wire.make_meta(meta))
         try:

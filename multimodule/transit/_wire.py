@@ -46,8 +46,11 @@ def hostname() -> str:
 def make_meta(extra: dict[str, Any]) -> dict[str, Any]:
     """The ``.ipc_transit_meta`` object for a message sent now, with ``extra`` keys merged in."""
     if extra:
-        return {"send_ts": time.time(), "source_hostname": _hostname or hostname(), **extra}
-    return {"send_ts": time.time(), "source_hostname": _hostname or hostname()}
+        return {"send_ts": _time(), "source_hostname": _hostname or hostname(), **extra}
+    return {"send_ts": _time(), "source_hostname": _hostname or hostname()}
+
+
+_time = time.time
 
 
 def check_is_object(message: object) -> None:
@@ -117,10 +120,16 @@ def copy_message(message: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
     carry (non-``str`` keys, integers beyond 64 bits, lone surrogates, nesting deeper than
     orjson's limit of 254).
     """
-    check_is_object(message)
     try:
-        out = orjson.loads(orjson.dumps(message))
+        out = _loads(_dumps(message))
     except (TypeError, orjson.JSONEncodeError) as exc:
+        check_is_object(message)
         raise UnserializableMessage(f"message is not JSON-serialisable: {exc}") from exc
+    if out.__class__ is not dict:
+        check_is_object(message)
     out[META_KEY] = meta
     return out
+
+
+_loads = orjson.loads
+_dumps = orjson.dumps
