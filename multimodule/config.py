@@ -50,6 +50,15 @@ def _queue_name(value: str) -> str:
 QueueName = Annotated[str, AfterValidator(_queue_name)]
 
 
+def _task_name(value: str) -> str:
+    if not is_task_name(value):
+        raise ValueError(f"{value!r} is not a task name (a Python identifier)")
+    return value
+
+
+#: A ``str`` field holding a task name (a Python identifier: it names a module and a class).
+TaskName = Annotated[str, AfterValidator(_task_name)]
+
 #: An interval in seconds: finite, at least 10 ms (a smaller one would only burn CPU).
 Interval = Annotated[float, Field(ge=0.01, allow_inf_nan=False)]
 
@@ -182,7 +191,7 @@ class DaemonOptions(BaseModel):
                                                          "lock files")
     debug: int = Field(0, ge=0, description="debug level: debug records up to this level "
                                             "are written")
-    module: str | None = Field(None, description="run only this one task in this process "
+    module: TaskName | None = Field(None, description="run only this one task in this process "
                                                  "(its own state and lock; emits go to the "
                                                  "Router's System V queue)")
     oob: str = Field("", description="out-of-band channels, e.g. "
@@ -203,10 +212,4 @@ class DaemonOptions(BaseModel):
             return [p.strip() for p in value.split(",")]
         return value
 
-    @field_validator("module")
-    @classmethod
-    def _module_is_task_name(cls, value: str | None) -> str | None:
-        if value is not None and not is_task_name(value):
-            raise ValueError(f"{value!r} is not a task name (a Python identifier)")
-        return value
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from multimodule.config import QueueName, format_validation_error, is_task_name
+from multimodule.config import QueueName, TaskName, format_validation_error
 from multimodule.errors import ConfigError
 
 CONTROL_KEY = ".multimodule"
@@ -38,27 +38,13 @@ class ControlBody(BaseModel):
     """The object under ``.multimodule`` in a control message."""
 
     model_config = ConfigDict(extra="forbid")
-    config: dict[str, dict[str, Any]] | None = None
+    config: dict[TaskName, dict[str, Any]] | None = None
     control: list[ControlItem] = Field(default_factory=list)
     query: Literal["state", "config", "status"] | None = None
-    task: str | None = None
+    task: TaskName | None = None
     reply_to: QueueName | None = None
     expires_at: float | None = None
 
-    @field_validator("config")
-    @classmethod
-    def _task_names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        for name in value or {}:
-            if not is_task_name(name):
-                raise ValueError(f"{name!r} is not a task name (a Python identifier)")
-        return value
-
-    @field_validator("task")
-    @classmethod
-    def _task_name(cls, value: str | None) -> str | None:
-        if value is not None and not is_task_name(value):
-            raise ValueError(f"{value!r} is not a task name (a Python identifier)")
-        return value
 
 
 def parse_control(message: dict[str, Any]) -> ControlBody:
