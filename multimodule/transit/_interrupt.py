@@ -67,16 +67,28 @@ class _AlarmClock:
         self.cond = threading.Condition(threading.Lock())
         self.heap: list[tuple[float, int, Interrupter]] = []
         self.seq = 0
+        self.live = 0  # armed interrupters
         self.thread: threading.Thread | None = None
 
     def arm(self, interrupter: Interrupter, at: float) -> None:
         with self.cond:
+            # The alarm thread only needs waking when this deadline comes before the one it
+            # waits for (disarmed entries stay in the heap until due, so that is rare).
+            wake = not self.heap or at < self.heap[0][0]
+            if len(self.heap) > 1024 and len(self.heap) > 4 * self.live:
+                # Mostly disarmed entries: drop them, so many timed waits cannot pile up.
+                self.heap = [entry for entry in self.heap if entry[2].armed]
+                heapq.heapify(self.heap)
+            if not interrupter.counted:
+                interrupter.counted = True
+                self.live += 1
             self.seq += 1
             heapq.heappush(self.heap, (at, self.seq, interrupter))
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="mm-alarm", daemon=True)
                 self.thread.start()
-            self.cond.notify()
+            if wake:
+                self.cond.notify()
 
     def _run(self) -> None:
         with self.cond:
@@ -95,7 +107,7 @@ class _AlarmClock:
                 try:
                     signal.pthread_kill(interrupter.thread_id, INTERRUPT_SIGNAL)
                 except ProcessLookupError:
-                    interrupter.armed = False  # the thread is gone
+                    interrupter._disarm_locked()  # the thread is gone
                     continue
                 self.seq += 1
                 heapq.heappush(self.heap, (time.monotonic() + _REPEAT_S, self.seq, interrupter))
@@ -113,11 +125,12 @@ class Interrupter:
     blocking call cannot be lost. The owner must disarm before the target thread exits.
     """
 
-    __slots__ = ("thread_id", "armed")
+    __slots__ = ("thread_id", "armed", "counted")
 
     def __init__(self, thread_id: int, at: float | None):
         self.thread_id = thread_id
         self.armed = True
+        self.counted = False
         if at is not None:
             _clock.arm(self, at)
 
@@ -128,4 +141,9 @@ class Interrupter:
     def disarm(self) -> None:
         """Stop signalling; after this returns no further signal is sent."""
         with _clock.cond:
-            self.armed = False
+            self._disarm_locked()
+
+    def _disarm_locked(self) -> None:
+        if self.armed and self.counted:
+            _clock.live -= 1
+        self.armed = False
