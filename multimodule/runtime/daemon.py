@@ -165,6 +165,7 @@ class Daemon:
         self.ready: asyncio.Event | None = None
         self.exit_status = 0
         self.notifier = Notifier()
+        self.last_config_error: str | None = None
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
 
     # -- TaskHost --------------------------------------------------------------------------
@@ -306,8 +307,8 @@ class Daemon:
                 if runner is not None:
                     self._validated(name, runner.cls, table, str(path))
         except ConfigError as exc:
-            self.channels.emit("error", DAEMON_SOURCE,
-                               f"config refused, the previous config stays in force: {exc}")
+            self.last_config_error = f"config refused, the previous config stays in force: {exc}"
+            self.channels.emit("error", DAEMON_SOURCE, self.last_config_error)
             return False
         before = {name: self.effective_config(name) for name in set(self.file_config) | set(new)}
         for name in set(self.file_config) | set(new):
@@ -385,7 +386,7 @@ class Daemon:
                                                          "control queue")
                 self.request_stop()
             elif item.type == "reload" and not self.reload_config():
-                errors.append("config file refused (see the daemon's error channel)")
+                errors.append(self.last_config_error or "config file refused")
         if body.query is not None:
             reply = self._query(body.query, body.task)
         elif errors:
