@@ -99,6 +99,9 @@ def test_bad_config_files_refused_old_config_keeps_running(mm, transit):
         assert str(mm.config_path) in line and words in line, (words, line)
         # and the old config keeps working: ticks still flow, routed, with the old outstr
         assert [m["outstr"] for m in receive_n(transit, "out", 3)] == ["good"] * 3
+        # and `mmctl reload` of that file fails, saying why
+        status, _, err = mm.mmctl("reload")
+        assert status == 1 and words in err and str(mm.config_path) in err, err
     # When a good file follows / Then it is taken
     written = time.monotonic()
     mm.config(ticker_config("fixed"), atomic=True)
