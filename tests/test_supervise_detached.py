@@ -44,7 +44,10 @@ def spec(tmp_path, transit_dir, monkeypatch) -> LaunchSpec:
     tasks.mkdir()
     (tasks / "Ticker.py").write_text(TICKER)
     config = tmp_path / "config.toml"
-    config.write_text("[Ticker]\nintervals = { save_state = 0.05 }\n")
+    # Marked external (as the daemon will see it), beside another external task that this
+    # process must not check or load.
+    config.write_text("[Ticker]\nis_external = true\nintervals = { save_state = 0.05 }\n\n"
+                      "[Other]\nis_external = true\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return LaunchSpec(argv_prefix=(sys.executable, "-m", "multimodule.cli.daemon"),
                       state_dir=tmp_path / "state", config_file=config,

@@ -219,7 +219,8 @@ class Daemon:
     def _validated(self, name: str, cls: type[Task], table: dict[str, Any], source: str
                    ) -> tuple[dict[str, Any], BaseModel | None]:
         config, settings = validate_task_config(name, cls.Config, table, source)
-        if config.get("is_external") is True:
+        # The process of an external task (-m NAME) is where is_external = true belongs.
+        if config.get("is_external") is True and self.options.module != name:
             raise ConfigError(f"{source}: {name}.is_external: {EXTERNAL_REFUSED}")
         return config, settings
 
@@ -278,7 +279,10 @@ class Daemon:
         """At start there is no config in force to keep: a section that its task's own model
         refuses makes the daemon exit (raises :class:`ConfigError`). Tasks that cannot be
         found or imported are reported when loaded; the others run."""
+        module = self.options.module
         for name, table in self.file_config.items():
+            if module and name != module:
+                continue  # the process of one external task checks only its own section
             try:
                 cls = find_task_class(name, self.options.prefixes)
             except (TaskNotFound, TaskImportFailed):
