@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -204,6 +204,10 @@ class DaemonOptions(BaseModel):
                                               "modules (repeatable)")
     slow_handler_s: float = Field(0.5, gt=0, description="seconds a message handler may hold "
                                                          "the event loop before a warning")
+    task_backend: Literal["auto", "systemd", "detached"] = Field(
+        "auto", description="how external tasks run: systemd units "
+                            "(multimodule-task@NAME.service), detached processes, or auto "
+                            "(systemd when the daemon is a systemd service)")
 
     @field_validator("prefixes", mode="before")
     @classmethod

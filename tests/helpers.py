@@ -40,6 +40,9 @@ from typing import Any, Callable, Iterator, Pattern
 
 import pytest
 
+from multimodule.supervise.base import LaunchSpec
+from multimodule.supervise.detached import DetachedBackend
+
 from multimodule.cli import mmctl as mmctl_cli
 from multimodule.errors import Empty
 from multimodule.transit import Transit
@@ -295,6 +298,10 @@ class Harness:
             if status != 0:
                 problems.append(f"daemon {daemon.pid} exited with {status} at teardown\n"
                                 f"{daemon.output()}")
+        # External tasks outlive their daemon by design: stop those the test left running.
+        leftover = DetachedBackend(LaunchSpec(argv_prefix=(), state_dir=self.state_dir))
+        for lock in sorted(self.state_dir.glob("task-*.lock")):
+            leftover.stop(lock.name[len("task-"):-len(".lock")], timeout=10)
         return problems
 
 

@@ -153,26 +153,15 @@ def test_task_whose_constructor_raises_reported_others_keep_running(mm, transit)
     assert "BadInit" not in report["tasks"] and "BadInit" in report["import_failures"]
 
 
-def test_external_task_not_supported_yet_refused_at_start_and_on_reload(mm, transit):
+def test_stateless_task_marked_external_refused_naming_file_and_field(mm):
     mm.task("Echo", ECHO)
-    # Given a task marked is_external (not supported by this version)
+    # Given a stateless task marked is_external (only stateful tasks run external)
     mm.config("[Echo]\nis_external = true\n\n" + router_section(route("Echo", "out")))
     # When the daemon starts / Then it refuses the config, naming file and field, and exits 1
     daemon = mm.start(wait=False)
-    line = daemon.expect("stderr", "Echo.is_external: true is not supported")
+    line = daemon.expect("stderr", "Echo.is_external: only a stateful task runs external")
     assert str(mm.config_path) in line, line
     assert daemon.wait_exit(5) == 1, daemon.output()
-    # Given a daemon running the task internally
-    mm.config("[Echo]\n\n" + router_section(route("Echo", "out")))
-    daemon = mm.start()
-    # When is_external is switched on by a control message
-    status, _, err = mm.mmctl("config", "Echo", '{"is_external": true}')
-    # Then mmctl reports the refusal, and the task goes on in the daemon with its old config
-    assert status == 1 and "is_external" in err, err
-    transit.send("Echo", {"n": 3})
-    assert transit.receive("out", timeout=10)["n"] == 3
-    status, out, _ = mm.mmctl("config", "Echo")
-    assert status == 0 and "is_external" not in json.loads(out)
 
 
 def test_sigint_stops_cleanly_like_sigterm(mm, transit):

@@ -26,11 +26,13 @@ FLAGS = {
     "transit_dir": ("-T", "--transit-dir"),
     "task_path": ("--task-path",),
     "slow_handler_s": ("--slow-handler-s",),
+    "task_backend": ("--task-backend",),
 }
 
 _METAVARS = {"prefixes": "P1,P2", "config_file": "FILE", "state_dir": "DIR", "debug": "N",
              "module": "TASK", "oob": "SPEC", "transit_dir": "DIR", "task_path": "DIR",
-             "slow_handler_s": "S", "control_queue": "QNAME"}
+             "slow_handler_s": "S", "control_queue": "QNAME",
+             "task_backend": "{auto,systemd,detached}"}
 
 
 def build_parser() -> argparse.ArgumentParser:

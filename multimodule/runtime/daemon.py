@@ -43,12 +43,22 @@ from multimodule.runtime.loader import TaskImportFailed, TaskNotFound, find_task
 from multimodule.runtime.control import CONTROL_KEY, parse_control
 from multimodule.runtime.runner import TaskRunner
 from multimodule.state import AlreadyRunning, InstanceLock, StateStore, write_atomic
+from multimodule.supervise.base import (
+    LaunchSpec,
+    TaskBackend,
+    TaskProcess,
+    UnitError,
+    choose_backend_name,
+)
+from multimodule.supervise.detached import DetachedBackend
+from multimodule.supervise.systemd import SystemdBackend
+from multimodule.supervise.units import parse_limits, render_dropin
 from multimodule.task import ROUTER_QNAME, Task, Work
 from multimodule.transit import Transit, _wire
 from multimodule.transit._interrupt import ensure_handler
 
-EXTERNAL_REFUSED = ("true is not supported by this version (external tasks come with the "
-                    "systemd integration); run the task internally")
+MIGRATION_REFUSED = ("changing it while the task runs (migration) is not supported by this "
+                     "version; restart the daemon to apply it")
 
 #: Name used for the daemon's own records and messages.
 DAEMON_SOURCE = "MultiModule"
@@ -166,6 +176,10 @@ class Daemon:
         self.exit_status = 0
         self.notifier = Notifier()
         self.last_config_error: str | None = None
+        #: How external tasks run (made in run(); None in the process of an external task).
+        self.backend: TaskBackend | None = None
+        self.externals: dict[str, TaskProcess] = {}
+        self._exit_externals = False
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
 
     # -- TaskHost --------------------------------------------------------------------------
@@ -177,6 +191,7 @@ class Daemon:
         transit = self.transit
         if transit.is_local(qname) or (
                 not self.options.module and qname not in self.not_tasks
+                and qname not in self.externals
                 and qname not in self.import_failures and self._load_on_demand(qname)):
             if owned:
                 transit.send_owned(qname, message)
@@ -219,9 +234,13 @@ class Daemon:
     def _validated(self, name: str, cls: type[Task], table: dict[str, Any], source: str
                    ) -> tuple[dict[str, Any], BaseModel | None]:
         config, settings = validate_task_config(name, cls.Config, table, source)
-        # The process of an external task (-m NAME) is where is_external = true belongs.
-        if config.get("is_external") is True and self.options.module != name:
-            raise ConfigError(f"{source}: {name}.is_external: {EXTERNAL_REFUSED}")
+        external = config.get("is_external") is True
+        if external and not cls.is_stateful:
+            raise ConfigError(f"{source}: {name}.is_external: only a stateful task runs "
+                              "external (a stateless one is served by the daemon's copy)")
+        if not self.options.module and self.loop is not None and (
+                (name in self.runners and external) or (name in self.externals and not external)):
+            raise ConfigError(f"{source}: {name}.is_external: {MIGRATION_REFUSED}")
         return config, settings
 
     def _load(self, name: str, *, on_demand: bool = False) -> TaskRunner | None:
@@ -247,7 +266,10 @@ class Daemon:
         table = self.effective_config(name)
         try:
             config, settings = self._validated(name, cls, table, self._config_source(name))
-        except ConfigError as exc:
+            if config.get("is_external") is True and not self.options.module:
+                self._start_external(name, config)
+                return None
+        except (ConfigError, UnitError) as exc:
             self.import_failures[name] = str(exc)
             self.channels.emit("error", DAEMON_SOURCE, f"task {name} not loaded: {exc}",
                                task=name)
@@ -266,6 +288,33 @@ class Daemon:
             return None
         self.channels.emit("debug", DAEMON_SOURCE, f"loaded task {name} from {cls.__module__}")
         return runner
+
+    def _start_external(self, name: str, config: dict[str, Any]) -> None:
+        """Start (or adopt) external task ``name`` through the backend. Raises
+        :class:`ConfigError` for bad limits, :class:`UnitError` if the backend fails."""
+        limits = parse_limits(name, config.get("limits"), self._config_source(name))
+        process = self.backend.start(name, render_dropin(name, limits))
+        self.externals[name] = process
+        self.channels.emit("log", DAEMON_SOURCE,
+                           f"external task {name} runs as {process.where} "
+                           f"(pid {process.main_pid}, {self.backend.name})", task=name)
+
+    def _make_backend(self) -> TaskBackend:
+        opts = self.options
+        if choose_backend_name(opts.task_backend) == "systemd":
+            return SystemdBackend()
+
+        def on_event(task: str, text: str) -> None:
+            self.channels.emit("log", DAEMON_SOURCE, f"external task {task}: {text}", task=task)
+
+        spec = LaunchSpec(
+            argv_prefix=(sys.executable, "-m", "multimodule.cli.daemon"),
+            state_dir=self.store.path.resolve(),
+            config_file=opts.config_file.resolve() if opts.config_file else None,
+            transit_dir=self.transit.path.resolve(),
+            task_path=tuple(p.resolve() for p in opts.task_path),
+            prefixes=tuple(opts.prefixes))
+        return DetachedBackend(spec, loop=self.loop, on_event=on_event)
 
     def _load_on_demand(self, name: str) -> bool:
         return self._load(name, on_demand=True) is not None
@@ -310,6 +359,9 @@ class Daemon:
                 runner = self.runners.get(name)
                 if runner is not None:
                     self._validated(name, runner.cls, table, str(path))
+                elif name in self.externals and not TaskSection.model_validate(
+                        table).is_external:
+                    raise ConfigError(f"{path}: {name}.is_external: {MIGRATION_REFUSED}")
         except ConfigError as exc:
             self.last_config_error = f"config refused, the previous config stays in force: {exc}"
             self.channels.emit("error", DAEMON_SOURCE, self.last_config_error)
@@ -327,6 +379,8 @@ class Daemon:
         return True
 
     def _apply(self, name: str, before: dict[str, Any]) -> None:
+        if name in self.externals:
+            return  # the task's own process follows the config file
         table = self.effective_config(name)
         runner = self.runners.get(name)
         if runner is None:
@@ -350,8 +404,8 @@ class Daemon:
             runner = self.runners.get(name)
             if runner is not None:
                 self._validated(name, runner.cls, checked, "control message")
-            elif TaskSection.model_validate(checked).is_external:
-                raise ConfigError(f"control message: {name}.is_external: {EXTERNAL_REFUSED}")
+            elif name in self.externals and not TaskSection.model_validate(checked).is_external:
+                raise ConfigError(f"control message: {name}.is_external: {MIGRATION_REFUSED}")
         except ConfigError as exc:
             self.channels.emit("error", DAEMON_SOURCE, f"config for {name} refused: {exc}")
             return f"config for {name} refused: {exc}"
@@ -387,7 +441,9 @@ class Daemon:
         for item in body.control:
             if item.type == "cleanly_exit":
                 self.channels.emit("log", DAEMON_SOURCE, "cleanly_exit requested on the "
-                                                         "control queue")
+                                                         "control queue" +
+                                   (", external tasks too" if item.exit_externals else ""))
+                self._exit_externals = item.exit_externals
                 self.request_stop()
             elif item.type == "reload" and not self.reload_config():
                 errors.append(self.last_config_error or "config file refused")
@@ -430,7 +486,7 @@ class Daemon:
         then, before = self._rate_mark
         self._rate_mark = (now, handled)
         rate = (handled - before) / (now - then) if now > then else 0.0
-        return (f"{len(self.runners)} tasks internal, 0 external, "
+        return (f"{len(self.runners)} tasks internal, {len(self.externals)} external, "
                 f"{len(self.import_failures)} failed; {rate:.0f} messages/s")
 
     async def _heartbeat(self) -> None:
@@ -445,12 +501,26 @@ class Daemon:
                 last_status = time.monotonic()
                 self.notifier.status(self.status_line())
 
+    def _external_status(self) -> dict[str, Any]:
+        out = {}
+        for name in sorted(self.externals):
+            try:
+                process = self.backend.status(name)
+            except UnitError as exc:
+                out[name] = {"backend": self.backend.name, "error": str(exc)}
+                continue
+            out[name] = {"backend": self.backend.name, "state": process.state.value,
+                         "pid": process.main_pid, "restarts": process.restarts,
+                         "where": process.where}
+        return out
+
     def status(self) -> dict[str, Any]:
         """The daemon's figures: pid, uptime, tasks with their counters, failures."""
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
             "tasks": {name: r.figures() for name, r in sorted(self.runners.items())},
+            "externals": self._external_status(),
             "import_failures": dict(self.import_failures),
             "outboxes": {q: o.depth for q, o in list(self._outboxes.items())},
         }
@@ -540,6 +610,8 @@ class Daemon:
                 raise MultiModuleError(str(exc)) from None
             self.channels.send = self._send_out
             self._restore_outboxes()
+            if not opts.module:
+                self.backend = self._make_backend()
             if not ensure_handler():
                 raise MultiModuleError("the daemon must run on the main thread")
             if opts.config_file is not None:
@@ -612,6 +684,26 @@ class Daemon:
         for outbox in list(self._outboxes.values()):
             if not await self.loop.run_in_executor(None, outbox.wait_empty, OUTBOX_EXIT_WAIT_S):
                 self._save_outbox(outbox)
+        await self._leave_externals()
+
+    async def _leave_externals(self) -> None:
+        """External tasks outlive the daemon unless ``exit_externals`` was asked for."""
+        if self.backend is None:
+            return
+        if self._exit_externals:
+            for name in list(self.externals):
+                try:
+                    await self.loop.run_in_executor(None, self.backend.stop, name)
+                    self.channels.emit("log", DAEMON_SOURCE, f"external task {name} stopped")
+                except UnitError as exc:
+                    self.channels.emit("error", DAEMON_SOURCE,
+                                       f"cannot stop external task {name}: {exc}")
+        elif self.externals:
+            self.channels.emit("log", DAEMON_SOURCE, "external tasks keep running: "
+                                                     + ", ".join(sorted(self.externals)))
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     def _outbox_file(self, qname: str) -> Path:
         return self.store.path / f"outbox.{qname}.jsonl"

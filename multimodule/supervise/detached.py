@@ -31,6 +31,15 @@ STABLE_AFTER_S = 60.0
 OnEvent = Callable[[str, str], None]
 
 
+def _child_env() -> dict[str, str]:
+    # A detached task is no part of the daemon's service: it must not notify or feed the
+    # daemon's watchdog, nor pass for a systemd service itself.
+    env = dict(os.environ)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID"):
+        env.pop(name, None)
+    return env
+
+
 class DetachedBackend:
     """Runs external tasks as detached processes (see the module docstring).
 
@@ -121,7 +130,8 @@ class DetachedBackend:
             try:
                 child = subprocess.Popen(
                     self.spec.argv(task), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                    env=_child_env())
             except OSError as exc:
                 raise UnitError(f"cannot start task {task}: {exc}") from exc
         self._children[task] = child

@@ -1,0 +1,119 @@
+"""External tasks with the detached-process backend (no systemd): started by the daemon,
+outliving it, adopted by the next one, restarted on a crash, stopped on request."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import psutil
+
+from helpers import mm, receive_until, router_section, route  # noqa: F401 - mm is a fixture
+
+COUNTER = """
+    from multimodule import Task
+
+    class Counter(Task):
+        is_stateful = True
+
+        def set_config(self, config):
+            self.named_recur("tick", 0.05, self.tick)
+
+        def tick(self):
+            ct = self.state.get("ct", 0)
+            self.emit({"ct": ct, "pid": __import__("os").getpid()})
+            self.state["ct"] = ct + 1
+"""
+
+CONFIG = ("[Counter]\nis_external = true\nintervals = { save_state = 0.05 }\n\n"
+          + router_section(route("Counter", "out")))
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie whose parent exited does not count: on some machines
+    PID 1 never reaps)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def external_status(mm, name="Counter"):
+    status, out, err = mm.mmctl("status", "--json")
+    assert status == 0, err
+    return json.loads(out)["externals"][name]
+
+
+def next_count(transit, after_pid=None, above=-1):
+    """The next count routed to "out" (from a process other than ``after_pid``, above
+    ``above``)."""
+    return receive_until(transit, "out", lambda m: m["pid"] != after_pid and m["ct"] > above,
+                         timeout=20)[0]
+
+
+def test_external_task_runs_detached_and_its_emits_are_routed(mm, transit):
+    mm.task("Counter", COUNTER)
+    mm.config(CONFIG)
+    # Given a daemon whose config marks the stateful Counter external
+    daemon = mm.start("--task-backend", "detached")
+    # Then Counter runs in its own process, whose emits the daemon's Router routes to "out"
+    first = next_count(transit)
+    assert first["pid"] != daemon.pid
+    ext = external_status(mm)
+    assert ext["backend"] == "detached" and ext["state"] == "active"
+    assert ext["pid"] == first["pid"] and os.getsid(ext["pid"]) == ext["pid"]
+    status, out, _ = mm.mmctl("status", "--json")
+    assert "Counter" not in json.loads(out)["tasks"]  # not loaded in the daemon
+
+
+def test_external_task_outlives_the_daemon_and_is_adopted_by_the_next(mm, transit):
+    mm.task("Counter", COUNTER)
+    mm.config(CONFIG)
+    daemon = mm.start()
+    pid = next_count(transit)["pid"]
+    # When the daemon stops without exit_externals
+    daemon.stop_ok()
+    daemon.expect("stdout", "external tasks keep running: Counter")
+    # Then the task process goes on
+    assert alive(pid)
+    # When a new daemon starts
+    second = mm.start()
+    # Then it adopts the running process instead of starting another, and routing resumes
+    second.wait_line("stdout", f"external task Counter: adopted running process {pid}")
+    assert external_status(mm)["pid"] == pid
+    assert next_count(transit)["pid"] == pid
+    # When it is told to exit with its externals
+    status, _, err = mm.mmctl("stop", "--externals")
+    assert status == 0, err
+    assert second.wait_exit(20) == 0, second.output()
+    # Then the task process is gone and its state saved
+    second.expect("stdout", "external task Counter stopped")
+    assert not alive(pid), f"task process {pid} still runs"
+    assert json.loads(mm.state_file("Counter").read_text())["ct"] > 0
+
+
+def test_crashed_external_task_restarts_and_resumes_from_saved_state(mm, transit):
+    mm.task("Counter", COUNTER)
+    mm.config(CONFIG)
+    daemon = mm.start()
+    seen = next_count(transit, above=5)
+    # When the task's process is killed
+    os.kill(seen["pid"], signal.SIGKILL)
+    # Then the daemon notices, starts it again, and the count resumes from the saved state
+    daemon.expect("stdout", "external task Counter: process exited", timeout=10)
+    resumed = next_count(transit, after_pid=seen["pid"])
+    assert resumed["ct"] >= seen["ct"] - 3, (seen, resumed)  # not from 0: from saved state
+    assert external_status(mm)["restarts"] == 1
+
+
+def test_switching_is_external_at_run_time_is_refused_until_migration_exists(mm, transit):
+    mm.task("Counter", COUNTER)
+    mm.config(CONFIG)
+    mm.start()
+    next_count(transit)
+    # When a control message asks to run Counter internally
+    status, _, err = mm.mmctl("config", "Counter", '{"is_external": false}')
+    # Then it is refused naming the field, and the task goes on externally
+    assert status == 1 and "Counter.is_external" in err, err
+    assert external_status(mm)["state"] == "active"
