@@ -62,6 +62,7 @@ ProtectHome=no
 PrivateTmp=no
 WatchdogSec=4
 RestartSec=1
+ReadWritePaths=/run/systemd/system
 """)
         box.write("/etc/systemd/system/multimodule-task@.service",
                   (REPO / "units" / "multimodule-task@.service").read_text())
@@ -198,3 +199,47 @@ def test_systemd_backend_starts_adopts_and_stops_task_units(box, tmp_path):
         # When it is stopped / Then the unit is inactive
         backend.stop("Example1")
     assert backend.status("Example1").state.value in ("inactive", "failed")
+
+
+def last_count(box: SystemdBox) -> int:
+    """The last count Example2 printed in the daemon's journal (-1 if none yet)."""
+    import re
+
+    counts = re.findall(r"Example2: received a message: (\d+)", box.journal("-u", "multimodule"))
+    return int(counts[-1]) if counts else -1
+
+
+def test_external_task_as_unit_survives_daemon_restart_and_crash(box):
+    # Given the seed example with Example1 external, with a memory limit
+    config = SEED.replace('[Example1]\n', '[Example1]\nis_external = true\n'
+                          'limits = { memory_max = "200M" }\n')
+    box.run("systemctl", "stop", unit_name("Example1"), check=False)
+    start_fresh(box, config)
+    unit = unit_name("Example1")
+    try:
+        # Then the daemon started multimodule-task@Example1 with the limit, and its counts
+        # reach Example2 in the daemon
+        box.wait_for(lambda: box.show(unit, "ActiveState")["ActiveState"] == "active", 20,
+                     "the task unit to be active")
+        assert box.show(unit, "MemoryMax")["MemoryMax"] == str(200 << 20)
+        box.wait_for(lambda: "running (pid" in box.journal("-u", unit), 15,
+                     "the task's lines in journalctl -u multimodule-task@Example1")
+        box.wait_for(lambda: last_count(box) >= 1, 20, "counts from the external task")
+        pid = box.show(unit, "MainPID")["MainPID"]
+        # When the daemon restarts
+        box.run("systemctl", "restart", "multimodule")
+        # Then the task unit kept its process, and the count goes on
+        assert box.show(unit, "MainPID")["MainPID"] == pid
+        before = last_count(box)
+        box.wait_for(lambda: last_count(box) > before + 1, 20, "counts after the restart")
+        # When the task's process is killed
+        box.run("kill", "-9", pid)
+        # Then systemd restarts it, and the count continues from the saved state
+        box.wait_for(lambda: box.show(unit, "NRestarts")["NRestarts"] != "0"
+                     and box.show(unit, "ActiveState")["ActiveState"] == "active", 20,
+                     "systemd to restart the task")
+        before = last_count(box)
+        box.wait_for(lambda: last_count(box) > before + 1, 20, "counts after the crash")
+        assert last_count(box) > 3  # not back to 0
+    finally:
+        box.run("systemctl", "stop", "multimodule", unit, check=False)
