@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 
 import psutil
 
@@ -107,13 +108,77 @@ def test_crashed_external_task_restarts_and_resumes_from_saved_state(mm, transit
     assert external_status(mm)["restarts"] == 1
 
 
-def test_switching_is_external_at_run_time_is_refused_until_migration_exists(mm, transit):
+SEQ = """
+    from multimodule import Task
+
+    class Seq(Task):
+        is_stateful = True
+
+        def message(self, message):
+            self.state["handled"] = self.state.get("handled", 0) + 1
+            self.emit({"n": message["n"], "pid": __import__("os").getpid()})
+"""
+
+
+def test_migration_both_ways_keeps_state_and_every_message_in_order(mm, transit):
+    # Given a stateful task Seq running in the daemon, its emits routed to "out"
+    mm.task("Seq", SEQ)
+    mm.config("[Seq]\nintervals = { save_state = 0.05 }\n\n" + router_section(route("Seq", "out")))
+    daemon = mm.start()
+    sent = [0]
+    progress = threading.Condition()
+    stop = threading.Event()
+
+    def sender():  # a steady stream, about one message per millisecond
+        while not stop.is_set():
+            transit.send("Seq", {"n": sent[0]})
+            with progress:
+                sent[0] += 1
+                progress.notify_all()
+            stop.wait(0.001)
+
+    def wait_sent(count):
+        with progress:
+            assert progress.wait_for(lambda: sent[0] >= count, 30), sent[0]
+
+    thread = threading.Thread(target=sender)
+    # When messages stream to it while it migrates out, runs outside, and migrates back in
+    thread.start()
+    try:
+        wait_sent(50)
+        status, _, err = mm.mmctl("migrate", "Seq", "--external", "--wait", "20")
+        assert status == 0, err
+        daemon.wait_line("stdout", "task Seq now runs in its own process", timeout=20)
+        pid_external = external_status(mm, "Seq")["pid"]
+        wait_sent(sent[0] + 200)
+        status, _, err = mm.mmctl("migrate", "Seq", "--internal", "--wait", "20")
+        assert status == 0, err
+        daemon.wait_line("stdout", "task Seq now runs in the daemon", timeout=20)
+        wait_sent(sent[0] + 50)
+    finally:
+        stop.set()
+        thread.join(30)
+    total = sent[0]
+    # Then every message came out exactly once, in order, some handled by each process
+    got = [transit.receive("out", timeout=20) for _ in range(total)]
+    assert [m["n"] for m in got] == list(range(total))
+    pids = {m["pid"] for m in got}
+    assert pid_external in pids and daemon.pid in pids
+    assert transit.stat("out").messages == 0
+    # and the state came along both ways: every message counted once
+    status, out, _ = mm.mmctl("state", "Seq")
+    assert status == 0 and json.loads(out)["handled"] == total
+    assert not alive(pid_external)
+
+
+def test_is_external_changed_in_the_config_file_migrates(mm, transit):
     mm.task("Counter", COUNTER)
-    mm.config(CONFIG)
-    mm.start()
-    next_count(transit)
-    # When a control message asks to run Counter internally
-    status, _, err = mm.mmctl("config", "Counter", '{"is_external": false}')
-    # Then it is refused naming the field, and the task goes on externally
-    assert status == 1 and "Counter.is_external" in err, err
-    assert external_status(mm)["state"] == "active"
+    mm.config(CONFIG.replace("is_external = true", "is_external = false"))
+    daemon = mm.start()
+    seen = next_count(transit, above=3)
+    assert seen["pid"] == daemon.pid
+    # When the file switches the task to external
+    mm.config(CONFIG, atomic=True)
+    # Then it moves to its own process and counts on from its state
+    moved = next_count(transit, after_pid=daemon.pid)
+    assert moved["ct"] >= seen["ct"] and external_status(mm)["pid"] == moved["pid"]

@@ -224,6 +224,13 @@ def cmd_state(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``mmctl migrate TASK --external|--internal``: move a task, keeping state and messages."""
+    _ask(args, {"migrate": {"task": args.task,
+                            "to": "external" if args.external else "internal"}})
+    return EXIT_OK
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     """``mmctl stop [--externals]``: ask the daemon to exit cleanly (state saved)."""
     _ask(args, {"control": [{"type": "cleanly_exit",
@@ -276,6 +283,18 @@ def _add_control(sub, common) -> None:
     p.add_argument("task", metavar="TASK", type=_task_name)
     p.add_argument("--set", metavar="JSON", help="keys to set, a JSON object")
     p.set_defaults(func=cmd_state)
+    p = sub.add_parser("migrate", parents=[common, wait],
+                       help="move a task to its own process or into the daemon",
+                       description="Move stateful TASK to its own process (a systemd unit "
+                                   "multimodule-task@TASK.service, or a detached process "
+                                   "without systemd) or back into the daemon. Its state and "
+                                   "the messages sent to it meanwhile are kept, in order. "
+                                   "Sets is_external in TASK's config in force.")
+    p.add_argument("task", metavar="TASK", type=_task_name)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--external", action="store_true", help="to its own process")
+    where.add_argument("--internal", action="store_true", help="into the daemon")
+    p.set_defaults(func=cmd_migrate)
     p = sub.add_parser("stop", parents=[common, wait], help="stop the daemon cleanly",
                        description="Ask the daemon to exit: it delivers what it holds in "
                                    "memory and saves state.")
@@ -329,7 +348,7 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, parents=[common],
         description="Control multimodule: send and receive messages, list queues, and "
-                    "talk to the daemon (config, state, status, reload, stop).",
+                    "talk to the daemon (config, state, status, migrate, reload, stop).",
         epilog=f"Default transit directory here: {default_transit_dir()}",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

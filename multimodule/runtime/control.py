@@ -6,6 +6,7 @@ the original App::MultiModule's shapes and adds a few keys of ours::
     config:     {TASK: {...}, ...}         replace those tasks' config
     control:    [{type: "cleanly_exit", exit_externals: 0|1}, {type: "reload"}]
     query:      "state" | "config" | "status"  (with task: TASK for state and config)
+    migrate:    {task: TASK, to: "external"|"internal"}  move a task (mmctl migrate)
     reply_to:   QNAME                      where the answer goes (``{"ok": true}`` or
                                            ``{"error": "..."}`` for config/control; the
                                            figures for a query)
@@ -34,12 +35,22 @@ class ControlItem(BaseModel):
     exit_externals: bool = False
 
 
+class Migrate(BaseModel):
+    """``migrate``: move ``task`` to its own process (``to = "external"``) or into the
+    daemon (``"internal"``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: TaskName
+    to: Literal["external", "internal"]
+
+
 class ControlBody(BaseModel):
     """The object under ``.multimodule`` in a control message."""
 
     model_config = ConfigDict(extra="forbid")
     config: dict[TaskName, dict[str, Any]] | None = None
     control: list[ControlItem] = Field(default_factory=list)
+    migrate: Migrate | None = None
     query: Literal["state", "config", "status"] | None = None
     task: TaskName | None = None
     reply_to: QueueName | None = None

@@ -31,7 +31,6 @@ from pydantic import BaseModel
 
 from multimodule.config import (
     DaemonOptions,
-    TaskSection,
     check_config,
     load_config_file,
     validate_task_config,
@@ -57,8 +56,6 @@ from multimodule.task import ROUTER_QNAME, Task, Work
 from multimodule.transit import Transit, _wire
 from multimodule.transit._interrupt import ensure_handler
 
-MIGRATION_REFUSED = ("changing it while the task runs (migration) is not supported by this "
-                     "version; restart the daemon to apply it")
 
 #: Name used for the daemon's own records and messages.
 DAEMON_SOURCE = "MultiModule"
@@ -178,7 +175,8 @@ class Daemon:
         self.last_config_error: str | None = None
         #: How external tasks run (made in run(); None in the process of an external task).
         self.backend: TaskBackend | None = None
-        self.externals: dict[str, TaskProcess] = {}
+        self.externals: dict[str, TaskProcess | None] = {}  # None while being started
+        self.migrating: set[str] = set()
         self._exit_externals = False
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
 
@@ -238,9 +236,6 @@ class Daemon:
         if external and not cls.is_stateful:
             raise ConfigError(f"{source}: {name}.is_external: only a stateful task runs "
                               "external (a stateless one is served by the daemon's copy)")
-        if not self.options.module and self.loop is not None and (
-                (name in self.runners and external) or (name in self.externals and not external)):
-            raise ConfigError(f"{source}: {name}.is_external: {MIGRATION_REFUSED}")
         return config, settings
 
     def _load(self, name: str, *, on_demand: bool = False) -> TaskRunner | None:
@@ -298,6 +293,64 @@ class Daemon:
         self.channels.emit("log", DAEMON_SOURCE,
                            f"external task {name} runs as {process.where} "
                            f"(pid {process.main_pid}, {self.backend.name})", task=name)
+
+    # -- migration -------------------------------------------------------------------------
+
+    def _begin_migration(self, name: str, *, to_external: bool) -> None:
+        self.migrating.add(name)
+        self.loop.create_task(self._migrate(name, to_external), name=f"migrate:{name}")
+
+    async def _migrate(self, name: str, to_external: bool) -> None:
+        """Move task ``name`` between the daemon and its own process, keeping its state and
+        every message, in order.
+
+        To external: stop the runner (the message in hand finishes, what is in memory is
+        delivered, state saved), then, in one step of the loop, hand the name over to System V
+        (messages sent meanwhile by other tasks join the queue behind the leftovers) and start
+        the task's process, which restores the state and reads the queue. To internal: stop
+        the task's process (it delivers what it holds and saves), then load it here.
+        """
+        where = "its own process" if to_external else "the daemon"
+        self.channels.emit("log", DAEMON_SOURCE, f"migrating task {name} to {where}", task=name)
+        try:
+            if to_external:
+                runner = self.runners[name]
+                await runner.stop()
+                leftover = self.transit.undeclare_local(name)
+                del self.runners[name]
+                self.externals[name] = None  # sends go out over System V from now on
+                for message in leftover:
+                    self._send_out(name, message)
+                config = self.effective_config(name)
+                limits = parse_limits(name, config.get("limits"), self._config_source(name))
+                process = await self.loop.run_in_executor(
+                    None, self.backend.start, name, render_dropin(name, limits))
+                self.externals[name] = process
+            else:
+                await self.loop.run_in_executor(None, self.backend.stop, name)
+                del self.externals[name]
+                if self._load(name) is None:
+                    raise MultiModuleError(f"task {name} could not be loaded in the daemon")
+        except (MultiModuleError, OSError) as exc:
+            self.channels.emit("error", DAEMON_SOURCE, f"migration of task {name} to {where} "
+                                                       f"failed: {exc}", task=name)
+        else:
+            self.channels.emit("log", DAEMON_SOURCE, f"task {name} now runs in {where}",
+                               task=name)
+        finally:
+            self.migrating.discard(name)
+        # The config may have changed again while we were busy.
+        if bool(self.effective_config(name).get("is_external")) != (name in self.externals):
+            self._apply(name, {})
+
+    def migrate(self, name: str, to_external: bool) -> str | None:
+        """``mmctl migrate``: set ``is_external`` for ``name`` (a control-message override of
+        its config) and move it. Returns why it was refused, or ``None``."""
+        if name not in self.runners and name not in self.externals:
+            return f"no task {name!r} is loaded"
+        table = dict(self.effective_config(name))
+        table["is_external"] = to_external
+        return self.set_task_config(name, table)
 
     def _make_backend(self) -> TaskBackend:
         opts = self.options
@@ -359,9 +412,6 @@ class Daemon:
                 runner = self.runners.get(name)
                 if runner is not None:
                     self._validated(name, runner.cls, table, str(path))
-                elif name in self.externals and not TaskSection.model_validate(
-                        table).is_external:
-                    raise ConfigError(f"{path}: {name}.is_external: {MIGRATION_REFUSED}")
         except ConfigError as exc:
             self.last_config_error = f"config refused, the previous config stays in force: {exc}"
             self.channels.emit("error", DAEMON_SOURCE, self.last_config_error)
@@ -379,10 +429,18 @@ class Daemon:
         return True
 
     def _apply(self, name: str, before: dict[str, Any]) -> None:
-        if name in self.externals:
-            return  # the task's own process follows the config file
         table = self.effective_config(name)
+        external = bool(table.get("is_external"))
+        if name in self.migrating:
+            return  # the migration in progress reads the config in force when it ends
+        if name in self.externals:
+            if not external:
+                self._begin_migration(name, to_external=False)
+            return  # otherwise the task's own process follows the config file
         runner = self.runners.get(name)
+        if runner is not None and external:
+            self._begin_migration(name, to_external=True)
+            return
         if runner is None:
             if name in self.file_config or name in self.overrides:
                 self._load(name)
@@ -404,8 +462,6 @@ class Daemon:
             runner = self.runners.get(name)
             if runner is not None:
                 self._validated(name, runner.cls, checked, "control message")
-            elif name in self.externals and not TaskSection.model_validate(checked).is_external:
-                raise ConfigError(f"control message: {name}.is_external: {MIGRATION_REFUSED}")
         except ConfigError as exc:
             self.channels.emit("error", DAEMON_SOURCE, f"config for {name} refused: {exc}")
             return f"config for {name} refused: {exc}"
@@ -436,6 +492,10 @@ class Daemon:
         errors: list[str] = []
         for name, table in (body.config or {}).items():
             problem = self.set_task_config(name, table)
+            if problem:
+                errors.append(problem)
+        if body.migrate is not None:
+            problem = self.migrate(body.migrate.task, body.migrate.to == "external")
             if problem:
                 errors.append(problem)
         for item in body.control:
@@ -504,6 +564,10 @@ class Daemon:
     def _external_status(self) -> dict[str, Any]:
         out = {}
         for name in sorted(self.externals):
+            if self.externals[name] is None:
+                out[name] = {"backend": self.backend.name, "state": "activating", "pid": None,
+                             "restarts": 0, "where": ""}
+                continue
             try:
                 process = self.backend.status(name)
             except UnitError as exc:
