@@ -243,3 +243,28 @@ def test_external_task_as_unit_survives_daemon_restart_and_crash(box):
         assert last_count(box) > 3  # not back to 0
     finally:
         box.run("systemctl", "stop", "multimodule", unit, check=False)
+
+
+def test_mmctl_migrate_moves_a_task_into_its_unit_and_back(box):
+    unit = unit_name("Example1")
+    box.run("systemctl", "stop", unit, check=False)
+    start_fresh(box)
+    try:
+        box.wait_for(lambda: last_count(box) >= 1, 20, "counts from the internal task")
+        # When Example1 is migrated out
+        mmctl(box, "migrate", "Example1", "--external", "--wait", "30")
+        # Then its unit runs, logs under its own name, and the count goes on
+        box.wait_for(lambda: box.show(unit, "ActiveState")["ActiveState"] == "active", 20,
+                     "the task unit to be active")
+        box.wait_for(lambda: "running (pid" in box.journal("-u", unit), 15,
+                     "the task's lines in journalctl -u multimodule-task@Example1")
+        before = last_count(box)
+        box.wait_for(lambda: last_count(box) > before + 1, 20, "counts from the unit")
+        # When it is migrated back in
+        mmctl(box, "migrate", "Example1", "--internal", "--wait", "30")
+        # Then the unit is gone and the daemon counts on from the saved state
+        assert box.show(unit, "ActiveState")["ActiveState"] in ("inactive", "failed")
+        before = last_count(box)
+        box.wait_for(lambda: last_count(box) > before + 1, 20, "counts in the daemon again")
+    finally:
+        box.run("systemctl", "stop", "multimodule", unit, check=False)

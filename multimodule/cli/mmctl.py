@@ -289,7 +289,8 @@ def _add_control(sub, common) -> None:
                                    "multimodule-task@TASK.service, or a detached process "
                                    "without systemd) or back into the daemon. Its state and "
                                    "the messages sent to it meanwhile are kept, in order. "
-                                   "Sets is_external in TASK's config in force.")
+                                   "Sets is_external in TASK's config in force; returns "
+                                   "once the task has moved (allow --wait for it).")
     p.add_argument("task", metavar="TASK", type=_task_name)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--external", action="store_true", help="to its own process")

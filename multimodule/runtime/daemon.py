@@ -177,6 +177,7 @@ class Daemon:
         self.backend: TaskBackend | None = None
         self.externals: dict[str, TaskProcess | None] = {}  # None while being started
         self.migrating: set[str] = set()
+        self.migrations: dict[str, asyncio.Task] = {}
         self._exit_externals = False
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
 
@@ -298,9 +299,10 @@ class Daemon:
 
     def _begin_migration(self, name: str, *, to_external: bool) -> None:
         self.migrating.add(name)
-        self.loop.create_task(self._migrate(name, to_external), name=f"migrate:{name}")
+        self.migrations[name] = self.loop.create_task(self._migrate(name, to_external),
+                                                      name=f"migrate:{name}")
 
-    async def _migrate(self, name: str, to_external: bool) -> None:
+    async def _migrate(self, name: str, to_external: bool) -> str | None:
         """Move task ``name`` between the daemon and its own process, keeping its state and
         every message, in order.
 
@@ -332,9 +334,10 @@ class Daemon:
                 if self._load(name) is None:
                     raise MultiModuleError(f"task {name} could not be loaded in the daemon")
         except (MultiModuleError, OSError) as exc:
-            self.channels.emit("error", DAEMON_SOURCE, f"migration of task {name} to {where} "
-                                                       f"failed: {exc}", task=name)
+            problem = f"migration of task {name} to {where} failed: {exc}"
+            self.channels.emit("error", DAEMON_SOURCE, problem, task=name)
         else:
+            problem = None
             self.channels.emit("log", DAEMON_SOURCE, f"task {name} now runs in {where}",
                                task=name)
         finally:
@@ -342,6 +345,7 @@ class Daemon:
         # The config may have changed again while we were busy.
         if bool(self.effective_config(name).get("is_external")) != (name in self.externals):
             self._apply(name, {})
+        return problem
 
     def migrate(self, name: str, to_external: bool) -> str | None:
         """``mmctl migrate``: set ``is_external`` for ``name`` (a control-message override of
@@ -494,10 +498,13 @@ class Daemon:
             problem = self.set_task_config(name, table)
             if problem:
                 errors.append(problem)
+        migration = None
         if body.migrate is not None:
             problem = self.migrate(body.migrate.task, body.migrate.to == "external")
             if problem:
                 errors.append(problem)
+            else:
+                migration = self.migrations.get(body.migrate.task)
         for item in body.control:
             if item.type == "cleanly_exit":
                 self.channels.emit("log", DAEMON_SOURCE, "cleanly_exit requested on the "
@@ -514,7 +521,17 @@ class Daemon:
         else:
             reply = {"ok": True}
         if body.reply_to is not None:
-            self._reply(body.reply_to, reply)
+            if migration is not None and not migration.done() and "error" not in reply:
+                # Answer once the task has moved, so that `mmctl migrate` returns then.
+                reply_to = body.reply_to
+
+                def answer(task: asyncio.Task) -> None:
+                    problem = task.result() if not task.cancelled() else "cancelled"
+                    self._reply(reply_to, {"error": problem} if problem else {"ok": True})
+
+                migration.add_done_callback(answer)
+            else:
+                self._reply(body.reply_to, reply)
 
     def _reply(self, reply_to: str, reply: dict[str, Any]) -> None:
         # Only to a reply queue that still exists, never creating or remembering it: a client
