@@ -182,3 +182,24 @@ def test_is_external_changed_in_the_config_file_migrates(mm, transit):
     # Then it moves to its own process and counts on from its state
     moved = next_count(transit, after_pid=daemon.pid)
     assert moved["ct"] >= seen["ct"] and external_status(mm)["pid"] == moved["pid"]
+
+
+def test_several_externals_beside_an_internal_task(mm, transit):
+    # Given two external counters and one internal, all routed to "out"
+    for name in ("CountA", "CountB", "CountC"):
+        mm.task(name, COUNTER.replace("class Counter", f"class {name}"))
+    mm.config("[CountA]\nis_external = true\n\n[CountB]\nis_external = true\n\n[CountC]\n\n"
+              + router_section(route("CountA", "out"), route("CountB", "out"),
+                               route("CountC", "out")))
+    daemon = mm.start()
+    # Then each runs where configured: A and B in processes of their own, C in the daemon
+    pids: dict[str, int] = {}
+    while len(pids) < 3:
+        message = transit.receive("out", timeout=20)
+        pids[message["source"]] = message["pid"]
+    assert pids["CountC"] == daemon.pid
+    assert len({pids["CountA"], pids["CountB"], daemon.pid}) == 3
+    status, out, _ = mm.mmctl("status", "--json")
+    report = json.loads(out)
+    assert sorted(report["externals"]) == ["CountA", "CountB"]
+    assert "CountC" in report["tasks"]

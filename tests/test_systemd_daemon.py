@@ -268,3 +268,19 @@ def test_mmctl_migrate_moves_a_task_into_its_unit_and_back(box):
         box.wait_for(lambda: last_count(box) > before + 1, 20, "counts in the daemon again")
     finally:
         box.run("systemctl", "stop", "multimodule", unit, check=False)
+
+
+def test_units_pass_systemd_analyze_verify_and_are_hardened(box):
+    # Given the units as shipped, with an executable where the package puts the command
+    box.write("/usr/local/lib/mmtest/multimodule", "#!/bin/sh\nexit 0\n", 0o755)
+    box.run("sh", "-c", "test -e /usr/bin/multimodule || "
+                        "ln -s /usr/local/lib/mmtest/multimodule /usr/bin/multimodule")
+    # When systemd checks them / Then it finds nothing wrong
+    result = box.run("systemd-analyze", "verify", "/etc/systemd/system/multimodule.service",
+                     "/etc/systemd/system/multimodule-task@.service", check=False)
+    assert result.returncode == 0, result.stderr
+    # and their exposure is low (the figure quoted in the README)
+    for unit in ("multimodule.service", "multimodule-task@x.service"):
+        out = box.run("systemd-analyze", "security", unit, check=False).stdout
+        level = float(out.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
+        assert level <= 2.0, out[-400:]
