@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import threading
 
@@ -203,3 +204,63 @@ def test_several_externals_beside_an_internal_task(mm, transit):
     report = json.loads(out)
     assert sorted(report["externals"]) == ["CountA", "CountB"]
     assert "CountC" in report["tasks"]
+
+
+def test_config_change_reaches_an_external_task(mm, transit):
+    mm.task("Counter", COUNTER.replace('self.emit({"ct": ct,',
+                                       'self.emit({"ct": ct, "outstr": self.config.get("outstr"),'))
+    mm.config(CONFIG.replace("is_external = true\n", 'is_external = true\noutstr = "one"\n'))
+    mm.start()
+    assert next_count(transit)["outstr"] == "one"
+    # When the file changes the external task's config
+    mm.config(CONFIG.replace("is_external = true\n", 'is_external = true\noutstr = "two"\n'),
+              atomic=True)
+    # Then the task's own process takes it
+    receive_until(transit, "out", lambda m: m.get("outstr") == "two", timeout=20)
+
+
+def test_fifty_random_migrations_while_messages_flow_lose_and_repeat_nothing(mm, transit):
+    # Given Seq in the daemon, and a steady stream of numbered messages to it
+    mm.task("Seq", SEQ)
+    mm.config("[Seq]\nintervals = { save_state = 0.05 }\n\n" + router_section(route("Seq", "out")))
+    daemon = mm.start()
+    rng = random.Random(20261129)
+    sent = [0]
+    stop = threading.Event()
+    received: list[int] = []
+
+    def sender():
+        while not stop.is_set():
+            transit.send("Seq", {"n": sent[0]})
+            sent[0] += 1
+            stop.wait(0.002)
+
+    def reader():  # keeps "out" from filling up while the migrations run
+        while not stop.is_set() or len(received) < sent[0]:
+            try:
+                received.append(transit.receive("out", timeout=20)["n"])
+            except Exception:
+                return
+
+    threads = [threading.Thread(target=sender), threading.Thread(target=reader)]
+    for thread in threads:
+        thread.start()
+    try:
+        # When it is migrated 50 times, each way at random moments
+        external = False
+        for _ in range(50):
+            external = not external
+            status, _, err = mm.mmctl("migrate", "Seq",
+                                      "--external" if external else "--internal",
+                                      "--wait", "30")
+            assert status == 0, err
+            stop.wait(rng.uniform(0, 0.1))
+    finally:
+        stop.set()
+        threads[0].join(30)
+        threads[1].join(60)
+    # Then every message came out exactly once, in order
+    assert received == list(range(sent[0])), (len(received), sent[0])
+    status, out, _ = mm.mmctl("state", "Seq")
+    assert json.loads(out)["handled"] == sent[0]
+    assert daemon.lines_matching("stdout", "now runs in its own process")

@@ -434,7 +434,8 @@ class Daemon:
 
     def _apply(self, name: str, before: dict[str, Any]) -> None:
         table = self.effective_config(name)
-        external = bool(table.get("is_external"))
+        # In the process of an external task (-m), is_external is where it already runs.
+        external = bool(table.get("is_external")) and not self.options.module
         if name in self.migrating:
             return  # the migration in progress reads the config in force when it ends
         if name in self.externals:

@@ -114,7 +114,12 @@ class DetachedBackend:
                            str(self._lock_path(task)))
 
     def start(self, task: str, limits_dropin: str | None = None) -> TaskProcess:
-        """Start ``task`` as a detached process, or adopt it if it runs already."""
+        """Start ``task`` as a detached process, or adopt it if it runs already. A start asked
+        for (not a restart after a crash) begins with the shortest backoff again."""
+        self._backoff.pop(task, None)
+        return self._start(task)
+
+    def _start(self, task: str) -> TaskProcess:
         self._wanted.add(task)
         current = self.status(task)
         if current.running:
@@ -217,7 +222,7 @@ class DetachedBackend:
             return
         self.restarts[task] = self.restarts.get(task, 0) + 1
         try:
-            self.start(task)
+            self._start(task)
         except UnitError as exc:
             self.on_event(task, f"restart failed: {exc}")
 
