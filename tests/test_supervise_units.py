@@ -15,6 +15,7 @@ from multimodule.supervise.units import (
     escape_instance,
     parse_limits,
     render_dropin,
+    resource_properties,
     unit_name,
 )
 
@@ -71,3 +72,10 @@ def test_bad_limits_are_refused_naming_the_field(table, field):
     with pytest.raises(ConfigError) as info:
         parse_limits("T", table, "f.toml")
     assert str(info.value).startswith(f"f.toml: {field}:"), str(info.value)
+
+
+def test_resource_properties_for_set_property():
+    limits = parse_limits("T", {"memory_max": "1G", "cpu_quota": 0.5, "tasks_max": 9,
+                                "nice": 3, "environment": {"A": "b"}})
+    # Only what `systemctl set-property` can set; nice and environment are the process's
+    assert resource_properties(limits) == ["MemoryMax=1G", "CPUQuota=50%", "TasksMax=9"]

@@ -79,6 +79,12 @@ ProtectHome=no
 PrivateTmp=no
 """)
         box.write(f"{TASKS}/Blocker.py", BLOCKER)
+        # What the package installs for the system user: the sysusers entry, the polkit rule.
+        box.write("/usr/lib/sysusers.d/multimodule.conf",
+                  (REPO / "packaging" / "multimodule.sysusers").read_text())
+        box.run("systemd-sysusers")
+        box.write("/usr/share/polkit-1/rules.d/50-multimodule.rules",
+                  (REPO / "packaging" / "multimodule.polkit.rules").read_text())
         box.write("/etc/multimodule/multimodule.toml", SEED)
         box.run("systemctl", "daemon-reload")
         yield box
@@ -284,3 +290,42 @@ def test_units_pass_systemd_analyze_verify_and_are_hardened(box):
         out = box.run("systemd-analyze", "security", unit, check=False).stdout
         level = float(out.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
         assert level <= 2.0, out[-400:]
+
+
+def test_unprivileged_daemon_starts_task_units_through_polkit(box):
+    # Given the daemon and its task units as the system user multimodule (as packaged), with
+    # a clean slate (queues and state made by root in other tests would not be theirs)
+    unit = unit_name("Example1")
+    box.run("systemctl", "stop", "multimodule", unit, check=False)
+    box.run("sh", "-c", "ipcrm --all=msg; rm -rf /run/multimodule /var/lib/multimodule "
+                        "/run/systemd/system/multimodule-task@Example1.service.d")
+    box.run("chmod", "711", "/root")  # the test's Python may live under /root
+    as_user = "[Service]\nUser=multimodule\nGroup=multimodule\n"
+    box.write("/etc/systemd/system/multimodule.service.d/60-as-user.conf", as_user)
+    box.write("/etc/systemd/system/multimodule-task@.service.d/60-as-user.conf", as_user)
+    box.run("systemctl", "daemon-reload")
+    config = SEED.replace('[Example1]\n', '[Example1]\nis_external = true\n'
+                          'limits = { memory_max = "150M", nice = 5 }\n')
+    try:
+        # When it starts with Example1 external and limited
+        start_fresh(box, config)
+        # Then it could start the task unit (polkit), whose limits reached systemd without
+        # writing unit files (set-property), and the task runs as that user with its nice
+        box.wait_for(lambda: box.show(unit, "ActiveState")["ActiveState"] == "active", 20,
+                     "the task unit to be active")
+        assert box.show(unit, "MemoryMax")["MemoryMax"] == str(150 << 20)
+        pid = box.show(unit, "MainPID")["MainPID"]
+        user, nice = box.run("ps", "-o", "user:32=,ni=", "-p", pid).stdout.split()
+        assert (user, nice) == ("multimodule", "5")
+        assert box.show("multimodule", "User")["User"] == "multimodule"
+        box.wait_for(lambda: last_count(box) >= 1, 20, "counts from the external task")
+        # and a unit that is not its own stays out of its reach
+        denied = box.run("runuser", "-u", "multimodule", "--", "systemctl", "stop",
+                         "systemd-journald.service", check=False)
+        assert denied.returncode != 0
+    finally:
+        box.run("systemctl", "stop", "multimodule", unit, check=False)
+        box.run("rm", "-f", "/etc/systemd/system/multimodule.service.d/60-as-user.conf",
+                "/etc/systemd/system/multimodule-task@.service.d/60-as-user.conf")
+        box.run("systemctl", "daemon-reload")
+        box.run("sh", "-c", "ipcrm --all=msg; rm -rf /run/multimodule /var/lib/multimodule")

@@ -289,7 +289,7 @@ class Daemon:
         """Start (or adopt) external task ``name`` through the backend. Raises
         :class:`ConfigError` for bad limits, :class:`UnitError` if the backend fails."""
         limits = parse_limits(name, config.get("limits"), self._config_source(name))
-        process = self.backend.start(name, render_dropin(name, limits))
+        process = self.backend.start(name, render_dropin(name, limits), limits)
         self.externals[name] = process
         self.channels.emit("log", DAEMON_SOURCE,
                            f"external task {name} runs as {process.where} "
@@ -326,7 +326,7 @@ class Daemon:
                 config = self.effective_config(name)
                 limits = parse_limits(name, config.get("limits"), self._config_source(name))
                 process = await self.loop.run_in_executor(
-                    None, self.backend.start, name, render_dropin(name, limits))
+                    None, self.backend.start, name, render_dropin(name, limits), limits)
                 self.externals[name] = process
             else:
                 await self.loop.run_in_executor(None, self.backend.stop, name)
@@ -355,6 +355,21 @@ class Daemon:
         table = dict(self.effective_config(name))
         table["is_external"] = to_external
         return self.set_task_config(name, table)
+
+    def _apply_process_limits(self, name: str) -> None:
+        """In an external task's process: ``limits.nice`` and ``limits.environment``, which a
+        backend cannot always set (detached processes; units started by an unprivileged
+        daemon). Raises :class:`ConfigError` for bad limits."""
+        limits = parse_limits(name, self.effective_config(name).get("limits"),
+                              self._config_source(name))
+        os.environ.update(limits.environment)
+        if limits.nice is not None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, limits.nice)
+            except OSError as exc:
+                self.channels.emit("error", DAEMON_SOURCE,
+                                   f"cannot set nice {limits.nice} for task {name}: {exc}",
+                                   task=name)
 
     def _make_backend(self) -> TaskBackend:
         opts = self.options
@@ -703,6 +718,7 @@ class Daemon:
                 self.loop.add_signal_handler(sig, self.request_stop)
             self.loop.add_signal_handler(signal.SIGHUP, self.reload_config)
             if opts.module:
+                self._apply_process_limits(opts.module)
                 self._load(opts.module)
             else:
                 control = self.transit.declare_local(opts.control_queue)

@@ -89,10 +89,12 @@ class TaskBackend(Protocol):
 
     name: str
 
-    def start(self, task: str, limits_dropin: str | None = None) -> TaskProcess:
+    def start(self, task: str, limits_dropin: str | None = None,
+              limits=None) -> TaskProcess:
         """Start ``task`` unless it runs already (then adopt it); return its state.
-        ``limits_dropin``: the systemd drop-in text (ignored by the detached backend, which
-        applies only ``nice``)."""
+        ``limits_dropin``: the systemd drop-in text, ``limits``: the same as
+        :class:`~multimodule.supervise.units.TaskLimits` (both ignored by the detached
+        backend; the task's process applies ``nice`` and ``environment`` itself)."""
 
     def stop(self, task: str, timeout: float = 30.0) -> None:
         """Stop ``task`` (SIGTERM: it saves its state) and wait up to ``timeout`` seconds."""

@@ -113,7 +113,8 @@ class DetachedBackend:
         return TaskProcess(task, state, pid, self.restarts.get(task, 0),
                            str(self._lock_path(task)))
 
-    def start(self, task: str, limits_dropin: str | None = None) -> TaskProcess:
+    def start(self, task: str, limits_dropin: str | None = None,
+              limits=None) -> TaskProcess:
         """Start ``task`` as a detached process, or adopt it if it runs already. A start asked
         for (not a restart after a crash) begins with the shortest backoff again."""
         self._backoff.pop(task, None)

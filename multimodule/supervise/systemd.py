@@ -10,11 +10,18 @@ written. State is read with ``systemctl show`` properties (``ActiveState``, ``Ma
 
 from __future__ import annotations
 
+import errno
 import subprocess
 from pathlib import Path
 
 from multimodule.supervise.base import ActiveState, TaskProcess, UnitError
-from multimodule.supervise.units import DROPIN_ROOT, dropin_path, unit_name
+from multimodule.supervise.units import (
+    DROPIN_ROOT,
+    TaskLimits,
+    dropin_path,
+    resource_properties,
+    unit_name,
+)
 
 SYSTEMCTL = "systemctl"
 
@@ -80,10 +87,30 @@ class SystemdBackend:
         restarts = int(props.get("NRestarts") or 0)
         return TaskProcess(task, state, pid, restarts, unit)
 
-    def start(self, task: str, limits_dropin: str | None = None) -> TaskProcess:
+    def start(self, task: str, limits_dropin: str | None = None,
+              limits: TaskLimits | None = None) -> TaskProcess:
         """Write the drop-in if it changed (then ``daemon-reload``) and start the unit;
-        a running unit is left as it is (adopted)."""
-        if self.write_dropin(task, limits_dropin):
+        a running unit is left as it is (adopted).
+
+        A daemon running as the unprivileged user ``multimodule`` may not write unit files:
+        then the resource settings of ``limits`` go through systemd itself
+        (``systemctl set-property --runtime``, which the packaged polkit rule allows for
+        ``multimodule-task@*`` units only), and ``nice`` and ``environment`` are applied by
+        the task's own process.
+        """
+        try:
+            changed = self.write_dropin(task, limits_dropin)
+        except UnitError as exc:
+            cause = exc.__cause__
+            if limits is None or not (isinstance(cause, OSError)
+                                      and cause.errno in (errno.EACCES, errno.EPERM,
+                                                          errno.EROFS)):
+                raise
+            changed = False
+            properties = resource_properties(limits)
+            if properties:
+                self._run("set-property", "--runtime", unit_name(task), *properties)
+        if changed:
             self._run("daemon-reload")
         self._run("start", unit_name(task))
         return self.status(task)

@@ -132,3 +132,12 @@ def render_dropin(task: str, limits: TaskLimits) -> str:
 def dropin_path(task: str, root: Path = DROPIN_ROOT) -> Path:
     """Where the limits drop-in of ``task`` goes."""
     return root / f"{unit_name(task)}.d" / DROPIN_NAME
+
+
+def resource_properties(limits: TaskLimits) -> list[str]:
+    """The resource-control settings of ``limits`` as ``systemctl set-property`` arguments
+    (``MemoryMax=``, ``CPUQuota=``, ``TasksMax=``); ``nice`` and ``environment`` are not
+    unit properties that can be set this way (the task's process applies them)."""
+    lines = render_dropin("-", limits).splitlines()[2:]
+    return [line for line in lines if line.split("=", 1)[0] in ("MemoryMax", "CPUQuota",
+                                                                 "TasksMax")]
