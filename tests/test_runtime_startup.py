@@ -3,7 +3,6 @@ with an invalid config file."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 

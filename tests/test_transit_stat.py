@@ -88,3 +88,15 @@ def test_stat_of_local_queue(transit):
     assert st.last_send_pid == os.getpid() and st.last_receive_pid is None
     transit.receive("stat-local", timeout=1)
     assert transit.stat("stat-local").last_receive_pid == os.getpid()
+
+
+def test_send_if_exists_creates_nothing_and_delivers_large_replies_whole(transit):
+    # Given no queue named "reply" / When a reply is sent to it / Then nothing is created
+    assert transit.send_if_exists("reply", {"a": 1}) is False
+    assert not transit.exists("reply")
+    # Given the client's reply queue / When a reply larger than one System V message comes
+    transit.sysv_queue("reply")
+    big = {"status": {f"task{i}": {"figures": "x" * 100} for i in range(200)}}
+    assert transit.send_if_exists("reply", big) is True
+    # Then it arrives whole (spilled), as any message would
+    assert transit.receive("reply", timeout=5)["status"] == big["status"]

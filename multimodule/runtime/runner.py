@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from multimodule.config import DEFAULT_SAVE_STATE_S
 from multimodule.errors import BadMessage, TransitError
 from multimodule.runtime.control import CONTROL_KEY
 from multimodule.state import StateError, StateStore
@@ -287,8 +288,6 @@ class TaskRunner:
 
     @property
     def save_interval(self) -> float:
-        from multimodule.config import DEFAULT_SAVE_STATE_S
-
         return float(self.intervals.get("save_state", DEFAULT_SAVE_STATE_S))
 
     async def _save_periodically(self) -> None:

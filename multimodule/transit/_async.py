@@ -105,42 +105,50 @@ class AsyncReceiver:
             while not self._stopping:
                 self._wait_for_backlog()
                 self._room.acquire()
-                if self._stopping:
-                    self._room.release()
-                    return
+                # The room is kept only by a message handed over; _drain gives it back.
+                delivered = False
                 try:
-                    payload = self.queue.receive_payload(None, self._is_stopping)
-                except Cancelled:
-                    self._room.release()
-                    return
-                except QueueRemoved as exc:
-                    self._room.release()
-                    self._hand_over(exc)
-                    try:
-                        self.queue.reopen()
-                    except TransitError as exc2:
-                        self._hand_over(exc2, fatal=True)
-                        return
-                    continue
-                except TransitError as exc:
-                    self._room.release()
                     if self._stopping:
                         return
-                    self._hand_over(exc, fatal=True)
-                    return
-                try:
-                    item: dict[str, Any] | TransitError = self.queue.decode(payload)
-                except BadMessage as exc:
-                    self._room.release()
-                    self._hand_over(exc)
-                    continue
-                self._hand_over(item)
+                    delivered = self._take_one()
+                    if delivered is None:
+                        return
+                finally:
+                    if not delivered:
+                        self._room.release()
         finally:
             with self._exit_lock:
                 self._exited = True
                 if self._interrupter is not None:
                     self._interrupter.disarm()
             self._done.set()
+
+    def _take_one(self) -> bool | None:
+        """Receive and hand over one message: ``True`` if a message was handed over,
+        ``False`` if an error was reported and receiving goes on, ``None`` to stop."""
+        try:
+            payload = self.queue.receive_payload(None, self._is_stopping)
+        except Cancelled:
+            return None
+        except QueueRemoved as exc:
+            self._hand_over(exc)
+            try:
+                self.queue.reopen()
+            except TransitError as exc2:
+                self._hand_over(exc2, fatal=True)
+                return None
+            return False
+        except TransitError as exc:
+            if not self._stopping:
+                self._hand_over(exc, fatal=True)
+            return None
+        try:
+            message = self.queue.decode(payload)
+        except BadMessage as exc:
+            self._hand_over(exc)
+            return False
+        self._hand_over(message)
+        return True
 
     def _wait_for_backlog(self) -> None:
         # Leave messages in the kernel queue (where they survive a crash of this process, and

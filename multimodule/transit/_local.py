@@ -66,11 +66,6 @@ class LocalQueue:
             with self._cond:
                 self._cond.notify()
 
-    def put_front(self, messages: list[dict[str, Any]]) -> None:
-        """Put ``messages`` back at the head, in their order (used when a consumer hands back)."""
-        self._items.extendleft(reversed(messages))
-        self.messages_in += len(messages)
-
     def get_nowait(self) -> dict[str, Any]:
         """The next message; raises :class:`Empty` if there is none."""
         try:

@@ -112,17 +112,19 @@ class SysvQueue:
     """The System V queue behind one name in a :class:`TransitDirectory`.
 
     Thread-safe: several threads may send and receive at once (the kernel orders them).
+    ``existing``: an already open queue to wrap instead of opening (or creating) the name.
     Raises :class:`TransitBroken` if the queue cannot be opened or created.
     """
 
-    def __init__(self, directory: TransitDirectory, qname: str, msgmax: int):
+    def __init__(self, directory: TransitDirectory, qname: str, msgmax: int,
+                 existing: sysv_ipc.MessageQueue | None = None):
         self.directory = directory
         self.qname = qname
         self.msgmax = msgmax
-        self._open()
+        self._open(existing)
 
-    def _open(self) -> None:
-        self.queue = self.directory.open_queue(self.qname, self.msgmax)
+    def _open(self, existing: sysv_ipc.MessageQueue | None = None) -> None:
+        self.queue = existing or self.directory.open_queue(self.qname, self.msgmax)
         # A message must fit both the kernel's per-message limit and the queue's capacity.
         self.limit = min(self.msgmax, self.queue.max_size)
 
@@ -163,10 +165,7 @@ class SysvQueue:
             if timeout is not None and timeout <= 0:
                 raise QueueFull(f"queue {self.qname!r} is full") from None
         except (sysv_ipc.Error, OSError, ValueError) as exc:
-            if _removed(queue, exc):
-                raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
-            if not is_eintr(exc):
-                raise TransitBroken(f"cannot send to queue {self.qname!r}: {exc}") from exc
+            self._raise_unless_eintr(exc, "send to")
 
         def attempt(block: bool) -> None:
             queue.send(payload, block, MTYPE)
@@ -210,26 +209,21 @@ class SysvQueue:
         raised. Raises :class:`Empty`, :class:`QueueRemoved`, :class:`TransitBroken`.
         """
         queue = self.queue
-        if timeout is None:
-            # Block at once: trying a non-blocking receive first would cost a failed system
-            # call on every empty-queue wait. EINTR and the rest are handled in _wait.
-            def attempt_blocking(block: bool) -> bytes:
-                return queue.receive(block, MTYPE)[0]
-
-            return self._wait(attempt_blocking, None, None, cancelled)
-        try:
-            return queue.receive(False, MTYPE)[0]
-        except sysv_ipc.BusyError:
-            if timeout is not None and timeout <= 0:
-                raise Empty(f"queue {self.qname!r} is empty") from None
-        except (sysv_ipc.Error, OSError) as exc:
-            if _removed(queue, exc):
-                raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
-            if not is_eintr(exc):
-                raise TransitBroken(f"cannot receive from queue {self.qname!r}: {exc}") from exc
 
         def attempt(block: bool) -> bytes:
             return queue.receive(block, MTYPE)[0]
+
+        if timeout is None:
+            # Block at once: trying a non-blocking receive first would cost a failed system
+            # call on every empty-queue wait. EINTR and the rest are handled in _wait.
+            return self._wait(attempt, None, None, cancelled)
+        try:
+            return attempt(False)
+        except sysv_ipc.BusyError:
+            if timeout <= 0:
+                raise Empty(f"queue {self.qname!r} is empty") from None
+        except (sysv_ipc.Error, OSError) as exc:
+            self._raise_unless_eintr(exc, "receive from")
 
         return self._wait(attempt, timeout, lambda: Empty(
             f"no message on queue {self.qname!r} within {timeout} s"
@@ -265,6 +259,14 @@ class SysvQueue:
 
     # -- waiting ---------------------------------------------------------------------------
 
+    def _raise_unless_eintr(self, exc: BaseException, doing: str) -> None:
+        """Turn a ``sysv_ipc``/``OSError`` failure into our error tree; return only for
+        ``EINTR``, which the caller retries."""
+        if _removed(self.queue, exc):
+            raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
+        if not is_eintr(exc):
+            raise TransitBroken(f"cannot {doing} queue {self.qname!r}: {exc}") from exc
+
     def _wait(self, attempt, timeout: float | None, timed_out, cancelled=None):
         """Run ``attempt(block=True)`` until it succeeds or ``timeout`` seconds pass.
 
@@ -284,10 +286,7 @@ class SysvQueue:
                 try:
                     return attempt(True)
                 except (sysv_ipc.Error, OSError) as exc:
-                    if _removed(self.queue, exc):
-                        raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
-                    if not is_eintr(exc):
-                        raise TransitBroken(f"queue {self.qname!r}: {exc}") from exc
+                    self._raise_unless_eintr(exc, "wait on")
                 if cancelled is not None and cancelled():
                     raise Cancelled(f"receive on {self.qname!r} cancelled")
                 if deadline is not None and time.monotonic() >= deadline:
@@ -304,10 +303,7 @@ class SysvQueue:
             except sysv_ipc.BusyError:
                 pass
             except (sysv_ipc.Error, OSError) as exc:
-                if _removed(self.queue, exc):
-                    raise QueueRemoved(f"queue {self.qname!r} was removed") from exc
-                if not is_eintr(exc):
-                    raise TransitBroken(f"queue {self.qname!r}: {exc}") from exc
+                self._raise_unless_eintr(exc, "wait on")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise timed_out()

@@ -8,10 +8,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import orjson
 import sysv_ipc
 
-from multimodule.errors import QueueRemoved, TransitBroken, TransitError
+from multimodule.errors import QueueRemoved, TransitError
 from multimodule.transit import _wire
 from multimodule.transit._async import AsyncReceiver, Deliver, OnError
 from multimodule.transit._directory import (
@@ -82,8 +81,8 @@ class Transit:
     def undeclare_local(self, qname: str) -> list[dict[str, Any]]:
         """Stop serving ``qname`` locally; return the messages still waiting (oldest first).
 
-        The caller decides where they go (typically :meth:`requeue` onto System V), so none is
-        lost.
+        The caller decides where they go (the daemon sends them on over System V, ahead of
+        anything sent later), so none is lost.
         """
         with self._lock:
             queue = self._local.pop(qname, None)
@@ -205,26 +204,33 @@ class Transit:
         return AsyncReceiver(self.sysv_queue(qname), deliver, on_error=on_error,
                              max_pending=max_pending, backlog=backlog, high_water=high_water)
 
+    def _open_existing(self, qname: str) -> sysv_ipc.MessageQueue | None:
+        """The live System V queue of ``qname``, opened without creating it, or ``None``."""
+        key = self.directory.lookup_key(qname)
+        if key is None:
+            return None
+        try:
+            return sysv_ipc.MessageQueue(key, 0, max_message_size=self.msgmax)
+        except (sysv_ipc.Error, OSError):  # gone, or not ours to open
+            return None
+
     def send_if_exists(self, qname: str, message: dict[str, Any]) -> bool:
         """Send ``message`` to ``qname``'s System V queue only if that queue exists now,
         without creating or caching it, and without waiting (for replies to clients that may
-        have given up and removed their queue). Returns whether it was sent."""
+        have given up and removed their queue). Large messages spill as usual. Returns
+        whether it was sent."""
         try:
             validate_qname(qname)
         except TransitError:
             return False
-        key = self.directory.lookup_key(qname)
-        if key is None:
-            return False
-        try:
-            queue = sysv_ipc.MessageQueue(key, 0, max_message_size=self.msgmax)
-        except (sysv_ipc.Error, OSError):
+        queue = self._open_existing(qname)
+        if queue is None:
             return False
         body = _wire.encode_body(message, _wire.make_meta({}))
         try:
-            queue.send(_wire.HEADER_JSON + body, False, 1)
-        except (sysv_ipc.Error, OSError, ValueError):
-            return False  # full, gone, or too large for a reply: the client times out
+            SysvQueue(self.directory, qname, self.msgmax, existing=queue).send_body(body, 0)
+        except TransitError:
+            return False  # full or gone: the client times out
         return True
 
     def exists(self, qname: str) -> bool:
@@ -232,26 +238,7 @@ class Transit:
         if self.is_local(qname):
             return True
         validate_qname(qname)
-        key = self.directory.lookup_key(qname)
-        if key is None:
-            return False
-        try:
-            sysv_ipc.MessageQueue(key, 0)
-        except (sysv_ipc.Error, OSError):  # gone, or not ours to open
-            return False
-        return True
-
-    def requeue(self, qname: str, messages: list[dict[str, Any]],
-                timeout: float | None = None) -> None:
-        """Put already-received ``messages`` onto the System V queue ``qname``, in order,
-        keeping their ``.ipc_transit_meta`` (used when a local queue is handed back)."""
-        queue = self.sysv_queue(qname)
-        for message in messages:
-            try:
-                body = orjson.dumps(message)
-            except TypeError as exc:  # cannot happen for messages that came through transit
-                raise TransitBroken(f"cannot requeue a message on {qname!r}: {exc}") from exc
-            queue.send_body(body, timeout)
+        return self._open_existing(qname) is not None
 
     def remove(self, qname: str) -> None:
         """Delete ``qname``'s System V queue, its waiting messages and its name."""
