@@ -14,11 +14,18 @@ channel goes to one sink, chosen by the ``-o`` spec (``log:1,error:2,alert:journ
 
 Defaults: ``journal`` for every channel under systemd (``$INVOCATION_ID`` set), else
 ``log:1,error:2,alert:2,debug:./debug.out``.
+
+Writing never blocks the caller (the event loop): records for streams, files and the journal
+go through a bounded queue to one writer thread. When that queue is full (a sink slower than
+the records come), records are dropped and counted (:attr:`Channels.dropped`), and the count
+is reported on the ``error`` channel's sink as soon as the writer catches up. Records for a
+queue sink are sent at once (the daemon's sends never block either).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
 import time
@@ -138,6 +145,18 @@ def default_spec(environ: dict[str, str] | None = None) -> str:
     return "log:1,error:2,alert:2,debug:./debug.out"
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with each file path made absolute (for a process with another working
+    directory, such as an external task's)."""
+    parts = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        channel, sep, handler = part.partition(":")
+        if sep and "/" in handler:
+            handler = os.path.abspath(handler)
+        parts.append(f"{channel}{sep}{handler}")
+    return ",".join(parts)
+
+
 def parse_spec(spec: str) -> dict[str, Sink]:
     """Parse ``channel:handler,...`` over the defaults. Raises :class:`ConfigError` naming the
     bad part (an unknown channel, a part without ``:``)."""
@@ -155,31 +174,110 @@ def parse_spec(spec: str) -> dict[str, Sink]:
     return sinks
 
 
+#: Records that may wait for the writer thread before new ones are dropped.
+WRITER_QUEUE_SIZE = 10_000
+
+#: Seconds :meth:`Channels.close` waits for the writer to write what is queued.
+CLOSE_WAIT_S = 5.0
+
+
 class Channels:
     """The four channels of one process.
 
     ``sinks``: channel name to :class:`Sink` (see :func:`parse_spec`). ``debug_level``: debug
     records with ``level`` above it are dropped (0: no debug output). ``send``: how queue sinks
-    send (``send(qname, message)``), set once transit is up.
+    send (``send(qname, message)``), set once transit is up. ``queue_size``: records that may
+    wait for the writer thread. ``counts``: records emitted per channel; ``dropped``: records
+    lost because the writer was that far behind.
     """
 
     def __init__(self, sinks: dict[str, Sink] | None = None, debug_level: int = 0,
-                 send: Sender | None = None):
+                 send: Sender | None = None, queue_size: int = WRITER_QUEUE_SIZE):
         self.sinks = sinks if sinks is not None else parse_spec("")
         self.debug_level = debug_level
         self.send = send
         self.counts = dict.fromkeys(CHANNELS, 0)
+        self.dropped = 0
+        self._reported_drops = 0
+        self._pending: queue.Queue = queue.Queue(queue_size)
+        self._writer: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     def emit(self, channel: str, task: str, text: str, /, **fields: Any) -> None:
-        """Write a record on ``channel`` for ``task``; ``fields`` are structured extras."""
+        """Write a record on ``channel`` for ``task``; ``fields`` are structured extras.
+        Never blocks and never raises for a failing sink."""
         if channel == "debug":
             level = fields.pop("level", 1)
             if level > self.debug_level:
                 return
         self.counts[channel] += 1
-        self.sinks[channel].write(channel, task, str(text), fields, self.send)
+        sink = self.sinks[channel]
+        if sink.kind == "queue":
+            sink.write(channel, task, str(text), fields, self.send)
+            return
+        if self._writer is None:
+            self._start_writer()
+        try:
+            self._pending.put_nowait((sink, channel, task, str(text), fields))
+        except queue.Full:
+            self.dropped += 1
+
+    def _start_writer(self) -> None:
+        with self._start_lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_records, name="mm-oob",
+                                                daemon=True)
+                self._writer.start()
+
+    def _write_records(self) -> None:
+        while True:
+            item = self._pending.get()
+            if item is None:
+                return
+            sink, channel, task, text, fields = item
+            sink.write(channel, task, text, fields, self.send)
+            if self.dropped != self._reported_drops and self._pending.empty():
+                lost = self.dropped - self._reported_drops
+                self._reported_drops = self.dropped
+                error = self.sinks["error"]
+                if error.kind != "queue":
+                    error.write("error", "MultiModule",
+                                f"{lost} out-of-band records were dropped: the sinks are "
+                                "slower than the records come", {"dropped_total": self.dropped},
+                                None)
+
+    def flush(self, timeout: float = CLOSE_WAIT_S) -> bool:
+        """Wait up to ``timeout`` seconds until every queued record is written; return
+        whether it was."""
+        if self._writer is None:
+            return True
+        done = threading.Event()
+        try:
+            self._pending.put((_Marker(done), "", "", "", {}), timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
 
     def close(self) -> None:
-        """Close file sinks."""
+        """Write what is queued (up to 5 s), stop the writer, close file sinks."""
+        if self._writer is not None:
+            try:
+                self._pending.put(None, timeout=CLOSE_WAIT_S)
+            except queue.Full:
+                pass
+            self._writer.join(CLOSE_WAIT_S)
+            self._writer = None
         for sink in self.sinks.values():
             sink.close()
+
+
+class _Marker:
+    """A fake sink whose write tells :meth:`Channels.flush` that the writer got there."""
+
+    kind = "marker"
+
+    def __init__(self, done: threading.Event):
+        self.done = done
+
+    def write(self, *args: Any) -> None:
+        self.done.set()
