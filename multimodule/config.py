@@ -6,7 +6,9 @@ name. A task's table is free-form for the task, except for the reserved keys val
 - ``is_external`` (bool): run the task in its own process (see the external-task issue);
 - ``intervals`` (table of name to seconds): overrides ``named_recur`` intervals, and
   ``save_state`` (how often a stateful task's state is saved, default 1 s);
-- ``limits`` (table): resource limits and monitor levels (completed by later issues).
+- ``limits`` (table): resource limits of an external task (``memory_max``, ``cpu_quota``...);
+- ``monitor`` (table of metric to ``{warn, severe, failsafe}``): this task's own thresholds
+  for the resource monitor, over the defaults (``[Example1.monitor.open_fds] warn = 50``).
 
 A task class may declare a nested pydantic model ``Config`` for the rest of its table; a bad
 value is then refused with the field's name. Every error is a :class:`ConfigError` whose text
@@ -31,9 +33,10 @@ from pydantic import (
 )
 
 from multimodule.errors import ConfigError, InvalidQueueName
+from multimodule.monitor.levels import DEFAULT_THRESHOLDS, METRICS, Thresholds
 from multimodule.transit._directory import validate_qname
 
-RESERVED_KEYS = ("is_external", "intervals", "limits")
+RESERVED_KEYS = ("is_external", "intervals", "limits", "monitor")
 
 #: Default seconds between two saves of a stateful task's state.
 DEFAULT_SAVE_STATE_S = 1.0
@@ -63,6 +66,37 @@ TaskName = Annotated[str, AfterValidator(_task_name)]
 Interval = Annotated[float, Field(ge=0.01, allow_inf_nan=False)]
 
 
+class LevelOverride(BaseModel):
+    """A task's thresholds for one metric; a level left out keeps the default's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warn: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    severe: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    failsafe: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+#: A metric that has levels (see :mod:`multimodule.monitor.levels`).
+MetricName = Literal[METRICS]
+
+
+def monitor_thresholds(overrides: dict[str, LevelOverride]) -> dict[str, Thresholds]:
+    """A task's ``monitor`` table as thresholds merged over the defaults. Raises
+    ``ValueError`` naming the metric if the merged levels decrease."""
+    out = {}
+    for metric, override in overrides.items():
+        base = DEFAULT_THRESHOLDS[metric]
+        given = override.model_dump(exclude_unset=True)
+        merged = {level: given.get(level, getattr(base, level))
+                  for level in ("warn", "severe", "failsafe")}
+        try:
+            out[metric] = Thresholds(**merged, stops=base.stops)
+        except ValueError:
+            raise ValueError(f"{metric}: levels must not decrease from warn to severe to "
+                             f"failsafe (with the defaults filled in: {merged})") from None
+    return out
+
+
 class TaskSection(BaseModel):
     """The reserved keys of one task's table; other keys pass through to the task."""
 
@@ -75,7 +109,15 @@ class TaskSection(BaseModel):
                     "state is saved",
     )
     limits: dict[str, Any] = Field(default_factory=dict,
-                                   description="resource limits and monitor levels")
+                                   description="resource limits of an external task")
+    monitor: dict[MetricName, LevelOverride] = Field(
+        default_factory=dict, description="this task's monitor thresholds per metric")
+
+    @field_validator("monitor")
+    @classmethod
+    def _levels_in_order(cls, value: dict[str, LevelOverride]) -> dict[str, LevelOverride]:
+        monitor_thresholds(value)
+        return value
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -204,6 +246,15 @@ class DaemonOptions(BaseModel):
                                               "modules (repeatable)")
     slow_handler_s: float = Field(0.5, gt=0, description="seconds a message handler may hold "
                                                          "the event loop before a warning")
+    monitor_interval_s: float = Field(5.0, ge=0.05, le=3600, allow_inf_nan=False,
+                                      description="seconds between two samples of the "
+                                                  "resource monitor")
+    monitor_window_s: float = Field(60.0, ge=0.1, le=86400, allow_inf_nan=False,
+                                    description="seconds of the monitor's short window "
+                                                "(levels; the long window is 5 times this)")
+    metrics_listen: str | None = Field(None, description="serve the monitor's figures for "
+                                                         "Prometheus on ADDR:PORT (off by "
+                                                         "default)")
     task_backend: Literal["auto", "systemd", "detached"] = Field(
         "auto", description="how external tasks run: systemd units "
                             "(multimodule-task@NAME.service), detached processes, or auto "
@@ -217,3 +268,18 @@ class DaemonOptions(BaseModel):
         return value
 
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        split_address(value)
+        return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """``ADDR:PORT`` (``[::1]:9100`` for IPv6) as ``(addr, port)``; raises ``ValueError``."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not ADDR:PORT (e.g. 127.0.0.1:9100)")
+    return host.strip("[]") or "0.0.0.0", int(port)

@@ -70,7 +70,7 @@ def test_alerts_only_on_change_in_both_directions_with_per_task_overrides():
     assert changes == [("ok", "warn"), ("warn", "severe"), ("severe", "failsafe"),
                        ("failsafe", "ok")]
     assert seen[2] is None
-    assert "A: open_fds 160: warn -> severe" == seen[3].text
+    assert "open_fds 160: warn -> severe" == seen[3].text
     # A task's own thresholds change its level
     tracker.overrides["B"] = {"open_fds": Thresholds(warn=5)}
     assert tracker.update("B", "open_fds", 10).new == "warn"

@@ -43,14 +43,17 @@ def test_cgroup_v2_figures(tmp_path):
     write(proc / "42" / "cgroup", "0::/system.slice/t.service\n")
     group = root / "system.slice" / "t.service"
     write(group / "memory.current", "1048576\n")
+    write(group / "memory.stat", "anon 700000\nfile 348576\nactive_file 48576\n"
+                                 "inactive_file 300000\n")
     write(group / "cpu.stat", "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
     write(group / "io.stat", "8:0 rbytes=100 wbytes=200 rios=1 wios=2 dbytes=0 dios=0\n"
                              "8:16 rbytes=1 wbytes=2 rios=1 wios=1 dbytes=0 dios=0\n")
     write(group / "pids.current", "3\n")
     source = CgroupSource(root, proc)
-    # Then the figures come from the unified files
+    # Then the figures come from the unified files; memory is the working set (charged
+    # memory less the inactive file cache)
     assert source.layout() == "v2"
-    assert source.read(42) == Figures(cpu_seconds=2.5, memory_bytes=1048576,
+    assert source.read(42) == Figures(cpu_seconds=2.5, memory_bytes=1048576 - 300000,
                                       io_read_bytes=101, io_write_bytes=202, tasks=3)
 
 
@@ -61,6 +64,8 @@ def test_cgroup_v1_figures_with_comounted_cpu_and_missing_accounting(tmp_path):
     write(proc / "7" / "cgroup", V1_PROC)
     unit = "system.slice/t.service"
     write(root / "memory" / unit / "memory.usage_in_bytes", "2097152\n")
+    write(root / "memory" / unit / "memory.stat", "cache 1000\ninactive_file 5\n"
+                                                  "total_inactive_file 97152\n")
     write(root / "cpu,cpuacct" / unit / "cpuacct.usage", "3000000000\n")
     write(root / "blkio" / unit / "blkio.throttle.io_service_bytes",
           "8:0 Read 4096\n8:0 Write 8192\n8:0 Sync 0\n8:0 Async 0\n8:0 Total 12288\n"
@@ -68,8 +73,12 @@ def test_cgroup_v1_figures_with_comounted_cpu_and_missing_accounting(tmp_path):
     source = CgroupSource(root, proc)
     # Then the figures come from each controller; pids has no file: None, not 0
     assert source.layout() == "hybrid"
-    assert source.read(7) == Figures(cpu_seconds=3.0, memory_bytes=2097152,
+    assert source.read(7) == Figures(cpu_seconds=3.0, memory_bytes=2000000,
                                      io_read_bytes=4097, io_write_bytes=8194, tasks=None)
+    # Only the unit's own cgroups count when the unit is named: a controller that shows
+    # another cgroup (not delegated to a container) gives nothing
+    assert source.read(7, unit="t.service").memory_bytes == 2000000
+    assert source.read(7, unit="other.service") == Figures()
 
 
 def test_gone_process_gives_no_figures(tmp_path):

@@ -9,7 +9,10 @@ changes, in either direction (back to ``ok`` too), so a steady state is never re
 Default thresholds start from the original App::MultiModule's: CPU 1.4/1.6/1.9 cores, open
 descriptors and threads 100/150/200, queue fill 0.6/0.8/0.95 of capacity without failsafe,
 memory 0.1/0.15/0.3 of the machine; the disk rates are ours (the original's are not known to
-us): 50/100/200 MB/s.
+us): 50/100/200 MB/s. Also ours: ``message_failures`` (handler failures in the short window:
+warn at 1, severe at 10, no failsafe) and ``restarts`` (restarts in the long window: warn at
+2, severe at 4, failsafe at 6, i.e. more than 5 restarts in 5 minutes is flapping, which
+stops the task). ``memory_bytes`` has no default levels; a task may set some.
 """
 
 from __future__ import annotations
@@ -63,7 +66,13 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "memory_share": Thresholds(0.1, 0.15, 0.3),
     "disk_read_bytes_per_s": Thresholds(50 * MB, 100 * MB, 200 * MB),
     "disk_write_bytes_per_s": Thresholds(50 * MB, 100 * MB, 200 * MB),
+    "memory_bytes": Thresholds(),
+    "message_failures": Thresholds(1, 10, None),
+    "restarts": Thresholds(2, 4, 6),
 }
+
+#: The metrics that have levels, in the order status shows them.
+METRICS = tuple(DEFAULT_THRESHOLDS)
 
 
 class Window:
@@ -98,6 +107,28 @@ class Window:
         return (v1 - v0 if v1 >= v0 else v1) / (t1 - t0)
 
 
+class Increments:
+    """Increments of a counter (failures, restarts) over the last ``span_s`` seconds:
+    :meth:`add` a delta when it happens, :meth:`total` counts those still in the window."""
+
+    def __init__(self, span_s: float, clock: Clock = time.monotonic):
+        self.span_s = span_s
+        self.clock = clock
+        self.events: deque[tuple[float, float]] = deque()
+
+    def add(self, delta: float) -> None:
+        """Record an increase of ``delta`` now (0 or less records nothing)."""
+        if delta > 0:
+            self.events.append((self.clock(), delta))
+
+    def total(self) -> float:
+        """The sum of the increments made within the span."""
+        cutoff = self.clock() - self.span_s
+        while self.events and self.events[0][0] < cutoff:
+            self.events.popleft()
+        return float(sum(delta for _, delta in self.events))
+
+
 @dataclass(frozen=True)
 class Alert:
     """A change of ``task``'s level for ``metric`` from ``old`` to ``new`` at ``value``."""
@@ -110,9 +141,9 @@ class Alert:
 
     @property
     def text(self) -> str:
-        """One line for the alert channel."""
+        """One line for the alert channel (the task is given beside it)."""
         shown = "unknown" if self.value is None else f"{self.value:.3g}"
-        return f"{self.task}: {self.metric} {shown}: {self.old} -> {self.new}"
+        return f"{self.metric} {shown}: {self.old} -> {self.new}"
 
 
 class LevelTracker:
@@ -139,6 +170,11 @@ class LevelTracker:
         if new == old:
             return None
         return Alert(task, metric, old, new, value)
+
+    def forget(self, task: str) -> None:
+        """Drop ``task``'s levels (after ``unfailsafe``: it starts again from ``ok``)."""
+        for key in [key for key in self.levels if key[0] == task]:
+            del self.levels[key]
 
     def level(self, task: str) -> str:
         """The task's highest level over all its metrics."""

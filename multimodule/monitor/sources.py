@@ -10,6 +10,12 @@
   file descriptors, threads), the fallback where no cgroup of its own exists (internal
   tasks share the daemon's; detached processes have none).
 
+Memory of a cgroup is its *working set*: the charged memory less the inactive file cache
+(``memory.current`` - ``inactive_file`` in v2, ``memory.usage_in_bytes`` -
+``total_inactive_file`` in v1), as cAdvisor and ``kubectl top`` count it: file pages a
+process merely read once (its interpreter and libraries) are charged to its cgroup but are
+reclaimed first, and would make every task look big.
+
 Every figure is ``None`` when it cannot be read (a controller not mounted, accounting off, a
 process gone), never a made-up 0. Units: bytes and seconds.
 """
@@ -62,6 +68,25 @@ def _int(path: Path) -> int | None:
         return None
 
 
+def _stat_value(path: Path, key: str) -> int | None:
+    """One ``key value`` line of a ``memory.stat`` file."""
+    for line in (_read(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def working_set(charged: int | None, inactive_file: int | None) -> int | None:
+    """Charged memory less the inactive file cache (never below 0)."""
+    if charged is None:
+        return None
+    return max(0, charged - (inactive_file or 0))
+
+
 def parse_proc_cgroup(text: str) -> dict[str, str]:
     """``/proc/PID/cgroup`` as controller -> path; the v2 entry (``0::/path``) is under
     ``""``, named v1 hierarchies (``name=systemd``) under their name."""
@@ -90,14 +115,23 @@ class CgroupSource:
             return "v2"
         return "hybrid" if (self.root / "unified").is_dir() else "v1"
 
-    def read(self, pid: int) -> Figures:
-        """The figures of the cgroup(s) ``pid`` is in; ``Figures()`` if the process is gone."""
+    def read(self, pid: int, unit: str | None = None) -> Figures:
+        """The figures of the cgroup(s) ``pid`` is in; ``Figures()`` if the process is gone.
+
+        ``unit``: read only cgroups of that unit (the last part of the path). A controller
+        that puts the process elsewhere gives ``None``: in a container whose v1 controllers
+        are not delegated, every process shows the container's own cgroup, whose figures
+        are not the unit's."""
         text = _read(self.proc / str(pid) / "cgroup")
         if text is None:
             return Figures()
         paths = parse_proc_cgroup(text)
+        if unit is not None:
+            paths = {c: p for c, p in paths.items() if p.rstrip("/").rsplit("/", 1)[-1] == unit}
         if self.layout() == "v2":
-            return self._v2(self.root / paths.get("", "/").lstrip("/"))
+            if "" not in paths:
+                return Figures()
+            return self._v2(self.root / paths[""].lstrip("/"))
         return self._v1(paths)
 
     def _v2(self, group: Path) -> Figures:
@@ -117,7 +151,9 @@ class CgroupSource:
                         read += int(value)
                     elif key == "wbytes":
                         write += int(value)
-        return Figures(cpu_seconds=cpu, memory_bytes=_int(group / "memory.current"),
+        memory = working_set(_int(group / "memory.current"),
+                             _stat_value(group / "memory.stat", "inactive_file"))
+        return Figures(cpu_seconds=cpu, memory_bytes=memory,
                        io_read_bytes=read, io_write_bytes=write,
                        tasks=_int(group / "pids.current"))
 
@@ -153,8 +189,10 @@ class CgroupSource:
                         read += int(parts[2])
                     elif len(parts) == 3 and parts[1] == "Write":
                         write += int(parts[2])
-        return Figures(cpu_seconds=cpu,
-                       memory_bytes=_int(memory / "memory.usage_in_bytes") if memory else None,
+        used = working_set(_int(memory / "memory.usage_in_bytes"),
+                           _stat_value(memory / "memory.stat", "total_inactive_file")) \
+            if memory else None
+        return Figures(cpu_seconds=cpu, memory_bytes=used,
                        io_read_bytes=read, io_write_bytes=write,
                        tasks=_int(pids / "pids.current") if pids else None)
 

@@ -1,0 +1,363 @@
+"""The resource monitor: per task figures over time, levels, and what is due when they change.
+
+The daemon calls :meth:`Monitor.tick` every ``monitor_interval_s`` seconds with one
+:class:`TaskView` per task (what it knows of the task now: counters of an internal task, the
+pid or unit of an external one) and the fill of every queue. The monitor turns counters into
+rates and gauges into means over a short window (default 1 minute) and a long one (5 times the
+short), computes each metric's level with the task's thresholds, and returns the
+:class:`~multimodule.monitor.levels.Alert` objects of the levels that changed. The daemon sends
+those on the ``alert`` channel and to the Router, and puts a task whose level reached
+``failsafe`` (on a metric that stops) in failsafe.
+
+Where figures come from:
+
+- internal task: CPU seconds and wall seconds spent in its handlers, messages in/out, handler
+  failures, depth of its in-memory queue (its process figures are the daemon's own and are not
+  charged to it);
+- external task: its unit's cgroup under the systemd backend (memory, CPU, block I/O, pids),
+  psutil figures of its main process (open descriptors, threads, and whatever the cgroup
+  cannot give; the only source for detached processes, which have no cgroup of their own), and
+  the counters its process writes to ``STATE_DIR/task-NAME.figures.json``; restarts from the
+  backend (``NRestarts`` of the unit, or the detached backend's count);
+- every System V queue: bytes waiting of its capacity, read from the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from multimodule.monitor.levels import (
+    METRICS,
+    Alert,
+    Clock,
+    Increments,
+    LevelTracker,
+    Thresholds,
+    Window,
+)
+from multimodule.monitor.sources import CgroupSource, Figures, ProcessSource
+
+#: How much longer the long window is than the short one.
+LONG_WINDOW_FACTOR = 5
+
+
+@dataclass
+class TaskView:
+    """What the daemon knows of one task at one tick.
+
+    ``kind``: ``"internal"`` or ``"external"``. ``state``: ``running``, ``activating``,
+    ``stopped``, ``failed`` or ``failsafe``. ``pid``: the external task's main process.
+    ``where``: its unit name or lock file. ``cgroup``: read the pid's cgroup (systemd units:
+    the cgroup is the task's own). ``counters``: the task's counters (``messages_in``,
+    ``messages_out``, ``task_message_failure``, ``handler_seconds``, ``handler_cpu_seconds``,
+    ``queue_depth``, ``last_error``), ``None`` if unknown. ``counters_since``: when the process
+    holding those counters started (seconds since the epoch; counters restart with it).
+    ``restarts``: restarts counted by the backend. ``queue_fill``: the fill of the task's
+    own System V queue (0..1).
+    """
+
+    name: str
+    kind: str
+    state: str
+    pid: int | None = None
+    where: str = ""
+    cgroup: bool = False
+    counters: dict[str, Any] | None = None
+    counters_since: float | None = None
+    restarts: int | None = None
+    queue_fill: float | None = None
+    last_error: str | None = None
+
+
+class _Pair:
+    """The same figure over the short and the long window."""
+
+    def __init__(self, short_s: float, clock: Clock):
+        self.short = Window(short_s, clock)
+        self.long = Window(short_s * LONG_WINDOW_FACTOR, clock)
+
+    def add(self, value: float | None) -> None:
+        if value is not None:
+            self.short.add(value)
+            self.long.add(value)
+
+    def mean(self) -> tuple[float | None, float | None]:
+        return self.short.mean(), self.long.mean()
+
+    def rate(self) -> tuple[float | None, float | None]:
+        return self.short.rate(), self.long.rate()
+
+
+class _Track:
+    """Windows of one task's figures."""
+
+    GAUGES = ("memory_bytes", "open_fds", "threads", "queue_fill", "queue_depth")
+    COUNTERS = ("cpu_seconds", "io_read_bytes", "io_write_bytes", "messages_in",
+                "messages_out", "handler_seconds")
+
+    def __init__(self, short_s: float, clock: Clock):
+        self.short_s = short_s
+        self.clock = clock
+        self.pid: int | None = None
+        self.reset_figures()
+        self.failures = Increments(short_s, clock)
+        self.failures_long = Increments(short_s * LONG_WINDOW_FACTOR, clock)
+        self.restarts = Increments(short_s * LONG_WINDOW_FACTOR, clock)
+        self.counters_key: Any = None
+        self.failures_seen = 0
+        self.restarts_seen: int | None = None
+
+    def reset_figures(self) -> None:
+        """Start the windows of process figures and counters afresh."""
+        self.pairs = {name: _Pair(self.short_s, self.clock)
+                      for name in self.GAUGES + self.COUNTERS}
+
+
+def machine_memory_bytes() -> int:
+    """Total memory of the machine, bytes."""
+    return psutil.virtual_memory().total
+
+
+@dataclass
+class Monitor:
+    """Keeps windows and levels per task; see the module docstring.
+
+    ``window_s``: the short window, seconds (the long one is 5 times longer).
+    ``clock``: monotonic seconds (injectable for tests). ``started_at``: wall-clock start;
+    counters of a process that started before it are taken as a baseline, not as news.
+    """
+
+    window_s: float = 60.0
+    clock: Clock = time.monotonic
+    cgroups: CgroupSource = field(default_factory=CgroupSource)
+    processes: ProcessSource = field(default_factory=ProcessSource)
+    memory_total: int = field(default_factory=machine_memory_bytes)
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.tracker = LevelTracker()
+        self.tracks: dict[str, _Track] = {}
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.queue_rows: dict[str, dict[str, Any]] = {}
+
+    # -- thresholds ------------------------------------------------------------------------
+
+    def set_overrides(self, task: str, overrides: dict[str, Thresholds]) -> None:
+        """Per-task thresholds (from the task's ``monitor`` config table)."""
+        if overrides:
+            self.tracker.overrides[task] = dict(overrides)
+        else:
+            self.tracker.overrides.pop(task, None)
+
+    def forget(self, task: str) -> None:
+        """Forget ``task``'s windows and levels (it starts again from ``ok``)."""
+        self.tracks.pop(task, None)
+        self.tracker.forget(task)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_process(self, view: TaskView) -> Figures:
+        """Figures of an external task's process (cgroup first, then psutil); blocking
+        reads of /proc and /sys, so the daemon calls this off the event loop."""
+        if view.pid is None:
+            return Figures()
+        own = self.processes.read(view.pid)
+        if view.cgroup:
+            group = self.cgroups.read(view.pid, unit=view.where or None)
+            # threads: the process's own (a cgroup's pids.current counts every process)
+            return Figures(cpu_seconds=group.cpu_seconds, memory_bytes=group.memory_bytes,
+                           io_read_bytes=group.io_read_bytes,
+                           io_write_bytes=group.io_write_bytes,
+                           tasks=own.tasks, open_fds=own.open_fds).merged(own)
+        return own
+
+    # -- one tick --------------------------------------------------------------------------
+
+    def tick(self, views: list[TaskView], process_figures: dict[str, Figures],
+             queue_fill: dict[str, float | None]) -> list[Alert]:
+        """Take one sample of every task and queue; return the alerts due (level changes).
+
+        ``process_figures``: :meth:`read_process` of each external task, by name.
+        ``queue_fill``: fill (0..1) of every System V queue, by name.
+        """
+        alerts: list[Alert] = []
+        seen = set()
+        for view in views:
+            seen.add(view.name)
+            alerts.extend(self._tick_task(view, process_figures.get(view.name, Figures())))
+        for name in list(self.tracks):
+            if name not in seen:  # unloaded: its history is of no use any more
+                self.forget(name)
+                self.rows.pop(name, None)
+        task_queues = {view.name for view in views}
+        for qname in list(self.queue_rows):
+            if qname not in queue_fill:
+                del self.queue_rows[qname]
+                self.tracker.forget(f"queue:{qname}")
+        for qname, fill in sorted(queue_fill.items()):
+            if qname in task_queues:
+                continue  # a task's own queue: in the task's row and levels
+            alert = self.tracker.update(f"queue:{qname}", "queue_fill", fill)
+            if alert is not None:
+                alerts.append(Alert(qname, "queue_fill", alert.old, alert.new, fill))
+            self.queue_rows[qname] = {"name": qname, "queue_fill": fill,
+                                      "level": self.tracker.level(f"queue:{qname}")}
+        return alerts
+
+    def _tick_task(self, view: TaskView, figures: Figures) -> list[Alert]:
+        track = self.tracks.get(view.name)
+        if track is None:
+            track = self.tracks[view.name] = _Track(self.window_s, self.clock)
+        counters = view.counters or {}
+        running = view.state in ("running", "activating")
+        if view.kind == "external":
+            # Figures of an external task count once its process runs the task (it has
+            # written its counters): the interpreter's start-up is not the task's doing.
+            running = running and view.counters is not None
+            if running and view.pid != track.pid:
+                track.reset_figures()  # a new process: its figures start afresh
+            track.pid = view.pid
+        pairs = track.pairs
+        if running:
+            if view.kind == "internal":
+                cpu = counters.get("handler_cpu_seconds")
+            else:
+                cpu = figures.cpu_seconds
+            for name, value in (("cpu_seconds", cpu),
+                                ("memory_bytes", figures.memory_bytes),
+                                ("open_fds", figures.open_fds),
+                                ("threads", figures.tasks),
+                                ("io_read_bytes", figures.io_read_bytes),
+                                ("io_write_bytes", figures.io_write_bytes),
+                                ("queue_fill", view.queue_fill),
+                                ("queue_depth", counters.get("queue_depth")),
+                                ("messages_in", counters.get("messages_in")),
+                                ("messages_out", counters.get("messages_out")),
+                                ("handler_seconds", counters.get("handler_seconds"))):
+                pairs[name].add(value)
+            self._count_failures(track, view, counters)
+        if view.restarts is not None:
+            if track.restarts_seen is not None:
+                delta = view.restarts - track.restarts_seen
+                track.restarts.add(delta if delta >= 0 else view.restarts)
+            track.restarts_seen = view.restarts
+
+        memory = pairs["memory_bytes"].mean()[0]
+        values = {
+            "cpu_cores": pairs["cpu_seconds"].rate()[0],
+            "open_fds": pairs["open_fds"].mean()[0],
+            "threads": pairs["threads"].mean()[0],
+            "queue_fill": pairs["queue_fill"].mean()[0],
+            "memory_share": memory / self.memory_total if memory is not None else None,
+            "memory_bytes": memory,
+            "disk_read_bytes_per_s": pairs["io_read_bytes"].rate()[0],
+            "disk_write_bytes_per_s": pairs["io_write_bytes"].rate()[0],
+            "message_failures": track.failures.total(),
+            "restarts": track.restarts.total(),
+        }
+        alerts = []
+        if running or view.kind == "external":
+            for metric in METRICS:
+                if metric == "restarts" or running:
+                    alert = self.tracker.update(view.name, metric, values[metric])
+                    if alert is not None:
+                        alerts.append(alert)
+        self.rows[view.name] = self._row(view, track, values)
+        return alerts
+
+    def empty_row(self, view: TaskView) -> dict[str, Any]:
+        """The row of a task no sample has seen yet (figures unknown)."""
+        return self._row(view, _Track(self.window_s, self.clock),
+                         dict.fromkeys(METRICS, 0.0) | {"memory_bytes": None})
+
+    def _count_failures(self, track: _Track, view: TaskView, counters: dict[str, Any]) -> None:
+        failures = counters.get("task_message_failure")
+        if failures is None:
+            return
+        key = (view.pid, view.counters_since)
+        if key != track.counters_key:
+            # New counters (a new process or runner): they count from its start, unless it
+            # started before the monitor did (adopted): then they are a baseline.
+            fresh = view.counters_since is None or view.counters_since >= self.started_at
+            track.counters_key = key
+            track.failures_seen = 0 if fresh else failures
+        delta = failures - track.failures_seen
+        track.failures_seen = failures
+        track.failures.add(delta)
+        track.failures_long.add(delta)
+
+    def _row(self, view: TaskView, track: _Track, values: dict[str, float | None]
+             ) -> dict[str, Any]:
+        pairs = track.pairs
+        counters = view.counters or {}
+        cpu_short, cpu_long = pairs["cpu_seconds"].rate()
+
+        def windows(kind: str, name: str) -> dict[str, float | None]:
+            short, long = getattr(pairs[name], kind)()
+            return {"short": _round(short), "long": _round(long)}
+
+        return {
+            "name": view.name,
+            "kind": view.kind,
+            "state": view.state,
+            "pid": view.pid,
+            "where": view.where,
+            "level": self.tracker.level(view.name),
+            "levels": {m: self.tracker.levels.get((view.name, m), "ok") for m in METRICS},
+            "messages_in_per_s": _round(pairs["messages_in"].rate()[0]),
+            "messages_out_per_s": _round(pairs["messages_out"].rate()[0]),
+            "cpu_percent": _round(cpu_short * 100) if cpu_short is not None else None,
+            "memory_bytes": _int(values["memory_bytes"]),
+            "open_fds": _int(values["open_fds"]),
+            "threads": _int(values["threads"]),
+            "queue_fill": _round(view.queue_fill),
+            "queue_depth": counters.get("queue_depth"),
+            "restarts": view.restarts,
+            "restarts_in_window": int(values["restarts"]),
+            "message_failures": counters.get("task_message_failure"),
+            "message_failures_in_window": int(values["message_failures"]),
+            "messages_in": counters.get("messages_in"),
+            "messages_out": counters.get("messages_out"),
+            "last_error": view.last_error or counters.get("last_error"),
+            "windows": {
+                "cpu_percent": {"short": _round(cpu_short * 100) if cpu_short is not None
+                                else None,
+                                "long": _round(cpu_long * 100) if cpu_long is not None
+                                else None},
+                "memory_bytes": windows("mean", "memory_bytes"),
+                "open_fds": windows("mean", "open_fds"),
+                "threads": windows("mean", "threads"),
+                "queue_fill": windows("mean", "queue_fill"),
+                "messages_in_per_s": windows("rate", "messages_in"),
+                "messages_out_per_s": windows("rate", "messages_out"),
+                "disk_read_bytes_per_s": windows("rate", "io_read_bytes"),
+                "disk_write_bytes_per_s": windows("rate", "io_write_bytes"),
+                "message_failures": {"short": int(track.failures.total()),
+                                     "long": int(track.failures_long.total())},
+            },
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(round(value))
+
+
+def read_figures_file(path: os.PathLike[str] | str) -> dict[str, Any] | None:
+    """The counters an external task's process last wrote, or ``None`` if unreadable."""
+    import orjson
+
+    try:
+        with open(path, "rb") as file:
+            data = orjson.loads(file.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
