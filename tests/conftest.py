@@ -14,6 +14,9 @@ import pytest
 
 from multimodule.transit import Transit
 
+#: The ``mm`` fixture (a daemon harness) and its helpers live in tests/helpers.py.
+pytest_plugins = ("helpers",)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -8,7 +8,7 @@ import json
 import signal
 import time
 
-from helpers import mm, receive_n, receive_until, router_section, route  # noqa: F401
+from helpers import receive_n, receive_until, router_section, route
 
 TICKER = """
     from multimodule import Task

@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from helpers import mm, router_section, route  # noqa: F401 - mm is a fixture
+from helpers import router_section, route
 
 CONFIG_ECHO = """
     from multimodule import Task

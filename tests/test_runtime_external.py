@@ -11,7 +11,7 @@ import threading
 
 import psutil
 
-from helpers import mm, receive_until, router_section, route  # noqa: F401 - mm is a fixture
+from helpers import receive_until, router_section, route
 
 COUNTER = """
     from multimodule import Task

@@ -15,7 +15,7 @@ from multimodule.errors import Empty, QueueFull
 from multimodule.tasks.Router import MAX_HOPS
 from multimodule.transit import AsyncReceiver
 
-from helpers import mm, receive_n, router_section, strip_meta, wait_for_file  # noqa: F401
+from helpers import receive_n, router_section, strip_meta, wait_for_file
 
 #: The receiver's defaults in the daemon (see TaskRunner and Transit.receiver).
 HIGH_WATER = 256

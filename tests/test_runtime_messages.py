@@ -11,7 +11,7 @@ import sys
 
 from multimodule.errors import Empty
 
-from helpers import mm, receive_n, router_section, route, strip_meta  # noqa: F401
+from helpers import receive_n, router_section, route, strip_meta
 
 UPPER = """
     from multimodule import Task

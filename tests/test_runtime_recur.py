@@ -11,7 +11,7 @@ import time
 
 from multimodule.errors import Empty
 
-from helpers import mm, receive_n, receive_until, router_section, route  # noqa: F401
+from helpers import receive_n, receive_until, router_section, route
 
 RECUR = """
     from multimodule import Task

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 
-from helpers import REPO, mm  # noqa: F401 - mm is a fixture
+from helpers import REPO
 
 SEED = REPO / "examples" / "seed.toml"
 LINE = re.compile(r"^Example2: received a message: (\d+) \(howdy\)$")

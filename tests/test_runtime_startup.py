@@ -8,7 +8,7 @@ import time
 
 import orjson
 
-from helpers import mm, router_section, route  # noqa: F401 - mm is a fixture
+from helpers import router_section, route
 
 
 def test_second_daemon_on_same_state_dir_exits_1_naming_the_running_pid(mm):

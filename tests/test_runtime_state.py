@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import signal
 
-from helpers import (  # noqa: F401 - mm is a fixture
-    mm,
+from helpers import (
     receive_n,
     router_section,
     route,
