@@ -58,6 +58,9 @@ class TaskCounters:
     """Per-task figures kept by the framework (counts since the task was loaded).
 
     ``handler_seconds``: wall time spent in :meth:`Task.message` (seconds).
+    ``handler_cpu_seconds``: CPU time of the event loop's thread while the task's messages
+    and scheduled work were handled (seconds; measured per batch of messages, so an async
+    handler that awaits is also charged for what ran meanwhile).
     """
 
     messages_in: int = 0
@@ -66,6 +69,7 @@ class TaskCounters:
     task_message_failure: int = 0
     recur_failure: int = 0
     handler_seconds: float = 0.0
+    handler_cpu_seconds: float = 0.0
     slow_handlers: int = 0
 
 

@@ -329,3 +329,112 @@ def test_unprivileged_daemon_starts_task_units_through_polkit(box):
                 "/etc/systemd/system/multimodule-task@.service.d/60-as-user.conf")
         box.run("systemctl", "daemon-reload")
         box.run("sh", "-c", "ipcrm --all=msg; rm -rf /run/multimodule /var/lib/multimodule")
+
+
+LEAKER = '''
+from multimodule import Task
+
+
+class Leaker(Task):
+    is_stateful = True
+
+    def set_config(self, config):
+        self.hoard = []
+        self.named_recur("leak", 0.05, self.leak)
+
+    def leak(self):
+        if self.config.get("leak", True):
+            self.hoard.append(b"x" * 2_000_000)
+'''
+
+FAULTY = '''
+from multimodule import Task
+
+
+class Faulty(Task):
+    def message(self, message):
+        raise ValueError("cannot handle " + str(message.get("n")))
+'''
+
+
+def journal_json(box: SystemdBox, *matches: str) -> list[dict]:
+    """Journal entries matching ``FIELD=value`` terms, as dicts."""
+    import json
+
+    out = box.journal("-o", "json", *matches)
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_monitor_under_systemd_journal_fields_cgroup_figures_and_unit_failsafe(box):
+    import json
+
+    box.write(f"{TASKS}/Leaker.py", LEAKER)
+    box.write(f"{TASKS}/Faulty.py", FAULTY)
+    # The monitor samples every 0.2 s over 1 s here (a test drop-in over the one above)
+    box.write("/etc/systemd/system/multimodule.service.d/60-monitor.conf", f"""\
+[Service]
+ExecStart=
+ExecStart={VENV_BIN}/python -m multimodule.cli.daemon -c /etc/multimodule/multimodule.toml \
+-s ${{STATE_DIRECTORY}} -T ${{RUNTIME_DIRECTORY}}/transit --task-path {REPO}/tasks \
+--task-path {TASKS} --monitor-interval 0.2 --monitor-window 1
+""")
+    box.run("systemctl", "daemon-reload")
+    config = ("[Faulty]\n[Leaker]\nis_external = true\nleak = false\n"
+              "[Leaker.monitor.memory_bytes]\nwarn = 150e6\nsevere = 200e6\nfailsafe = 250e6\n")
+    unit = unit_name("Leaker")
+    try:
+        # Given the daemon under systemd (every channel to the journal by default)
+        start_fresh(box, config)
+        box.wait_for(lambda: box.show(unit, "ActiveState")["ActiveState"] == "active", 20,
+                     "the Leaker unit active")
+        # When a task's handler raises
+        mmctl(box, "send", "Faulty", '{"n": 7}')
+        # Then the error is in the journal with the structured fields
+        entries = box.wait_for(lambda: journal_json(box, "MULTIMODULE_TASK=Faulty",
+                                                    "MULTIMODULE_CHANNEL=error"), 15,
+                               "Faulty's error in the journal")
+        entry = entries[-1]
+        assert "cannot handle 7" in entry["MESSAGE"] and entry["PRIORITY"] == "3"
+        assert entry["FAILURE"] == "task_message_failure" and "Traceback" in entry["TRACEBACK"]
+        # And the alert of its failure too, at alert priority
+        alert = box.wait_for(lambda: journal_json(box, "MULTIMODULE_TASK=Faulty",
+                                                  "MULTIMODULE_CHANNEL=alert"), 15,
+                             "Faulty's alert in the journal")[-1]
+        assert alert["METRIC"] == "message_failures" and alert["LEVEL"] == "warn"
+        assert alert["PRIORITY"] == "1"
+        # And the external task's figures come from its unit's cgroup
+        def leaker_row():
+            rows = json.loads(mmctl(box, "status", "--json").stdout)["rows"]
+            row = next((r for r in rows if r["name"] == "Leaker"), None)
+            return row if row and row["memory_bytes"] else None
+
+        row = box.wait_for(leaker_row, 20, "figures of the Leaker unit")
+        assert row["where"] == unit and row["kind"] == "external", (row, box.journal("MULTIMODULE_TASK=Leaker", "-o", "cat"))
+        assert row["pid"] == int(box.show(unit, "MainPID")["MainPID"])
+        assert row["open_fds"] > 3 and row["threads"] >= 1
+        # When it starts leaking (its config changed: its process follows the file)
+        box.write("/etc/multimodule/multimodule.toml", config.replace("leak = false\n", ""))
+        box.run("systemctl", "restart", unit)
+        # Then warn, severe, failsafe alerts in order in the journal, and the unit is stopped
+        def levels():
+            got = [e["LEVEL"] for e in journal_json(box, "MULTIMODULE_TASK=Leaker",
+                                                    "MULTIMODULE_CHANNEL=alert")
+                   if e.get("METRIC") == "memory_bytes"]
+            return got if "failsafe" in got else None
+
+        assert box.wait_for(levels, 30, "Leaker's memory alerts") == ["warn", "severe",
+                                                                      "failsafe"]
+        box.wait_for(lambda: box.show(unit, "ActiveState")["ActiveState"] == "inactive", 30,
+                     "the Leaker unit stopped by failsafe")
+        # And it stays stopped when the daemon restarts, until unfailsafe
+        box.run("systemctl", "restart", "multimodule")
+        assert "stays stopped" in box.journal("-u", "multimodule", "-n", "20")
+        assert box.show(unit, "ActiveState")["ActiveState"] == "inactive"
+        box.write("/etc/multimodule/multimodule.toml", config)
+        mmctl(box, "unfailsafe", "Leaker")
+        assert box.show(unit, "ActiveState")["ActiveState"] == "active"
+    finally:
+        box.run("systemctl", "stop", "multimodule", unit, check=False)
+        box.run("rm", "-f", "/etc/systemd/system/multimodule.service.d/60-monitor.conf",
+                "/var/lib/multimodule/failsafe.json")
+        box.run("systemctl", "daemon-reload")

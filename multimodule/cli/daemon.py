@@ -27,12 +27,16 @@ FLAGS = {
     "task_path": ("--task-path",),
     "slow_handler_s": ("--slow-handler-s",),
     "task_backend": ("--task-backend",),
+    "monitor_interval_s": ("--monitor-interval",),
+    "monitor_window_s": ("--monitor-window",),
+    "metrics_listen": ("--metrics-listen",),
 }
 
 _METAVARS = {"prefixes": "P1,P2", "config_file": "FILE", "state_dir": "DIR", "debug": "N",
              "module": "TASK", "oob": "SPEC", "transit_dir": "DIR", "task_path": "DIR",
              "slow_handler_s": "S", "control_queue": "QNAME",
-             "task_backend": "{auto,systemd,detached}"}
+             "task_backend": "{auto,systemd,detached}", "monitor_interval_s": "S",
+             "monitor_window_s": "S", "metrics_listen": "ADDR:PORT"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -244,23 +244,95 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _size(value: Any) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(value)
+
+
+def _num(value: Any, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+STATUS_HEADERS = ("TASK", "KIND", "PID/UNIT", "STATE", "LEVEL", "IN/S", "OUT/S", "CPU%",
+                  "MEMORY", "FDS", "QUEUE", "RESTARTS", "LAST ERROR")
+
+
+def status_table(status: dict[str, Any]) -> list[str]:
+    """The lines ``mmctl status`` and ``mmctl top`` print for a status reply."""
+    monitor = status.get("monitor", {})
+    lines = [f"multimodule daemon, pid {status['pid']}; {len(status['rows'])} tasks; figures "
+             f"over {monitor.get('window_s', '?')} s, sampled every "
+             f"{monitor.get('interval_s', '?')} s"]
+    rows = []
+    for r in status["rows"]:
+        where = r["where"] if r["kind"] == "external" and r["where"].endswith(".service") \
+            else (str(r["pid"]) if r["pid"] else "-")
+        fill = r.get("queue_fill")
+        error = (r.get("last_error") or "-").splitlines()[0] if r.get("last_error") else "-"
+        rows.append((r["name"], r["kind"], where, r["state"], r["level"],
+                     _num(r["messages_in_per_s"]), _num(r["messages_out_per_s"]),
+                     _num(r["cpu_percent"]), _size(r["memory_bytes"]),
+                     _num(r["open_fds"], "{}"),
+                     "-" if fill is None else f"{100 * fill:.0f}%",
+                     _num(r["restarts"], "{}"), error[:60]))
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(STATUS_HEADERS)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(STATUS_HEADERS, widths)).rstrip())
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for q in status.get("queues", []):
+        if q["level"] != "ok":
+            lines.append(f"queue {q['name']}: {100 * (q['queue_fill'] or 0):.0f}% full "
+                         f"({q['level']})")
+    if status.get("oob_dropped"):
+        lines.append(f"{status['oob_dropped']} out-of-band records dropped (slow sinks)")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """``mmctl status``: the daemon's tasks and their counters."""
+    """``mmctl status``: one row per task with its figures (``--json``: everything)."""
     status = _ask(args, {"query": "status"})["status"]
     if args.json:
         _print_json(status)
         return EXIT_OK
-    print(f"multimodule daemon, pid {status['pid']}")
-    headers = ("TASK", "IN", "OUT", "FAILURES", "QUEUE", "LAST ERROR")
-    rows = [(name, str(t["messages_in"]), str(t["messages_out"]),
-             str(t["task_message_failure"]), str(t["queue_depth"]), t["last_error"] or "-")
-            for name, t in status["tasks"].items()]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    for name, why in status["import_failures"].items():
-        print(f"{name}: not loaded: {why}")
+    print("\n".join(status_table(status)))
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """``mmctl top``: the status table, refreshed every ``--interval`` seconds."""
+    shown = 0
+    clear = sys.stdout.isatty()
+    while args.iterations is None or shown < args.iterations:
+        if shown:
+            time.sleep(args.interval)
+        status = _ask(args, {"query": "status"})["status"]
+        if clear:
+            sys.stdout.write("\x1b[H\x1b[2J")
+        sys.stdout.write(time.strftime("%H:%M:%S ") + "\n".join(status_table(status)) + "\n")
+        if not clear:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        shown += 1
+    return EXIT_OK
+
+
+def cmd_failsafe(args: argparse.Namespace) -> int:
+    """``mmctl failsafe TASK``: stop TASK and keep it stopped until ``unfailsafe``."""
+    body: dict[str, Any] = {"failsafe": args.task}
+    if args.reason:
+        body["reason"] = args.reason
+    _ask(args, body)
+    return EXIT_OK
+
+
+def cmd_unfailsafe(args: argparse.Namespace) -> int:
+    """``mmctl unfailsafe TASK``: clear TASK's failsafe mark and start it again."""
+    _ask(args, {"unfailsafe": args.task})
     return EXIT_OK
 
 
@@ -305,10 +377,38 @@ def _add_control(sub, common) -> None:
     p = sub.add_parser("reload", parents=[common, wait], help="re-read the config file",
                        description="Make the daemon re-read its config file, like SIGHUP.")
     p.set_defaults(func=cmd_reload)
-    p = sub.add_parser("status", parents=[common, wait], help="show the daemon's tasks",
-                       description="Print the daemon's tasks with their counters.")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("status", parents=[common, wait], help="show the tasks and their figures",
+                       description="One row per task: name, internal/external, pid or unit, "
+                                   "state (running, activating, stopped, failed, failsafe), "
+                                   "level, messages in/out per second, CPU %, memory, open "
+                                   "descriptors, System V queue fill, restarts, last error. "
+                                   "Rates and means are over the monitor's short window.")
+    p.add_argument("--json", action="store_true",
+                   help="print the daemon's whole status as JSON (rows under \"rows\")")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("top", parents=[common, wait], help="show the status table live",
+                       description="The status table, refreshed until Ctrl-C.")
+    p.add_argument("--interval", type=_seconds, default=2.0, metavar="S",
+                   help="seconds between refreshes (default: 2)")
+    p.add_argument("-n", "--iterations", type=_positive_int, default=None, metavar="N",
+                   help="stop after N refreshes (default: run until interrupted)")
+    p.set_defaults(func=cmd_top)
+    p = sub.add_parser("failsafe", parents=[common, wait], help="stop a task and keep it "
+                                                                "stopped",
+                       description="Put TASK in failsafe, as the resource monitor does at a "
+                                   "failsafe level: it is stopped (its state saved, messages "
+                                   "sent to it kept in its queue) and stays stopped, across "
+                                   "daemon restarts too, until `mmctl unfailsafe TASK`.")
+    p.add_argument("task", metavar="TASK", type=_task_name)
+    p.add_argument("--reason", metavar="TEXT", help="why (shown in status and the alert)")
+    p.set_defaults(func=cmd_failsafe)
+    p = sub.add_parser("unfailsafe", parents=[common, wait], help="start a task held in "
+                                                                  "failsafe again",
+                       description="Clear TASK's failsafe mark and start it again, internal "
+                                   "or external as its config says; it gets the messages "
+                                   "that waited.")
+    p.add_argument("task", metavar="TASK", type=_task_name)
+    p.set_defaults(func=cmd_unfailsafe)
 
 
 def _add_send(sub, common) -> None:
@@ -349,7 +449,8 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, parents=[common],
         description="Control multimodule: send and receive messages, list queues, and "
-                    "talk to the daemon (config, state, status, migrate, reload, stop).",
+                    "talk to the daemon (config, state, status, top, migrate, failsafe, "
+                    "unfailsafe, reload, stop).",
         epilog=f"Default transit directory here: {default_transit_dir()}",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

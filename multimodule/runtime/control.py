@@ -7,6 +7,8 @@ the original App::MultiModule's shapes and adds a few keys of ours::
     control:    [{type: "cleanly_exit", exit_externals: 0|1}, {type: "reload"}]
     query:      "state" | "config" | "status"  (with task: TASK for state and config)
     migrate:    {task: TASK, to: "external"|"internal"}  move a task (mmctl migrate)
+    failsafe:   TASK (with reason: "...")  stop TASK and keep it stopped (mmctl failsafe)
+    unfailsafe: TASK                       clear the mark and start it again
     reply_to:   QNAME                      where the answer goes (``{"ok": true}`` or
                                            ``{"error": "..."}`` for config/control; the
                                            figures for a query)
@@ -53,6 +55,9 @@ class ControlBody(BaseModel):
     migrate: Migrate | None = None
     query: Literal["state", "config", "status"] | None = None
     task: TaskName | None = None
+    failsafe: TaskName | None = None
+    unfailsafe: TaskName | None = None
+    reason: str | None = Field(None, max_length=1000)
     reply_to: QueueName | None = None
     expires_at: float | None = None
 

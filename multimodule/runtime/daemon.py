@@ -12,6 +12,11 @@ Control messages (on ``-q``, default ``MultiModule_control``) keep the original'
     {".multimodule": {"control": [{"type": "cleanly_exit", "exit_externals": 0}]}}
     {".multimodule": {"control": [{"type": "reload"}]}}        re-read the config file
     {".multimodule": {"query": "state"|"config"|"status", "task": "T", "reply_to": "Q"}}
+    {".multimodule": {"failsafe": "T", "reason": "..."}}        stop T until unfailsafe
+    {".multimodule": {"unfailsafe": "T"}}
+
+The resource monitor (:mod:`multimodule.runtime.monitoring`) samples every task, sends alerts
+and puts tasks in failsafe.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ from multimodule.config import (
     validate_task_config,
 )
 from multimodule.errors import ConfigError, MultiModuleError, QueueFull, TransitError
-from multimodule.oob import Channels, parse_spec
+from multimodule.oob import Channels, absolute_spec, parse_spec
 from multimodule.runtime.notify import Notifier
 from multimodule.runtime.loader import TaskImportFailed, TaskNotFound, find_task_class
 from multimodule.runtime.control import CONTROL_KEY, parse_control
+from multimodule.runtime.monitoring import FiguresReporter, MonitorService
 from multimodule.runtime.runner import TaskRunner
 from multimodule.state import AlreadyRunning, InstanceLock, StateStore, write_atomic
 from multimodule.supervise.base import (
@@ -180,6 +186,9 @@ class Daemon:
         self.migrations: dict[str, asyncio.Task] = {}
         self._exit_externals = False
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
+        #: The resource monitor, alerts and failsafe marks (the control daemon only).
+        self.watch = MonitorService(self)
+        self.reporter: FiguresReporter | None = None
 
     # -- TaskHost --------------------------------------------------------------------------
 
@@ -190,7 +199,7 @@ class Daemon:
         transit = self.transit
         if transit.is_local(qname) or (
                 not self.options.module and qname not in self.not_tasks
-                and qname not in self.externals
+                and qname not in self.externals and qname not in self.watch.marks
                 and qname not in self.import_failures and self._load_on_demand(qname)):
             if owned:
                 transit.send_owned(qname, message)
@@ -262,6 +271,7 @@ class Daemon:
         table = self.effective_config(name)
         try:
             config, settings = self._validated(name, cls, table, self._config_source(name))
+            self.watch.set_thresholds(name, config)
             if config.get("is_external") is True and not self.options.module:
                 self._start_external(name, config)
                 return None
@@ -350,6 +360,8 @@ class Daemon:
     def migrate(self, name: str, to_external: bool) -> str | None:
         """``mmctl migrate``: set ``is_external`` for ``name`` (a control-message override of
         its config) and move it. Returns why it was refused, or ``None``."""
+        if self.watch.in_failsafe(name):
+            return f"task {name} is in failsafe; `mmctl unfailsafe {name}` first"
         if name not in self.runners and name not in self.externals:
             return f"no task {name!r} is loaded"
         table = dict(self.effective_config(name))
@@ -385,7 +397,9 @@ class Daemon:
             config_file=opts.config_file.resolve() if opts.config_file else None,
             transit_dir=self.transit.path.resolve(),
             task_path=tuple(p.resolve() for p in opts.task_path),
-            prefixes=tuple(opts.prefixes))
+            prefixes=tuple(opts.prefixes),
+            extra_args=("-q", opts.control_queue, "-o", absolute_spec(opts.oob),
+                        "--monitor-interval", str(opts.monitor_interval_s)))
         return DetachedBackend(spec, loop=self.loop, on_event=on_event)
 
     def _load_on_demand(self, name: str) -> bool:
@@ -453,9 +467,16 @@ class Daemon:
         external = bool(table.get("is_external")) and not self.options.module
         if name in self.migrating:
             return  # the migration in progress reads the config in force when it ends
+        if self.watch.in_failsafe(name) or name in self.watch.entering:
+            return  # stays stopped; unfailsafe loads it with the config then in force
         if name in self.externals:
             if not external:
                 self._begin_migration(name, to_external=False)
+            elif table != before:
+                try:
+                    self.watch.set_thresholds(name, check_config({name: table}, "config")[name])
+                except ConfigError:
+                    pass  # reported by the task's own process, which reads the file
             return  # otherwise the task's own process follows the config file
         runner = self.runners.get(name)
         if runner is not None and external:
@@ -473,6 +494,7 @@ class Daemon:
             self.channels.emit("error", DAEMON_SOURCE, f"config for {name} refused: {exc}")
             return
         runner.apply_config(config, settings)
+        self.watch.set_thresholds(name, config)
 
     def set_task_config(self, name: str, table: Any) -> str | None:
         """Replace task ``name``'s config (a control message). Returns ``None``, or why it
@@ -521,6 +543,17 @@ class Daemon:
                 errors.append(problem)
             else:
                 migration = self.migrations.get(body.migrate.task)
+        if body.failsafe is not None:
+            outcome = self.watch.begin_failsafe(
+                body.failsafe, body.reason or "put in failsafe by hand", by_hand=True)
+            if isinstance(outcome, str):
+                errors.append(outcome)
+            else:
+                migration = outcome
+        if body.unfailsafe is not None:
+            problem = self.watch.unfailsafe(body.unfailsafe)
+            if problem:
+                errors.append(problem)
         for item in body.control:
             if item.type == "cleanly_exit":
                 self.channels.emit("log", DAEMON_SOURCE, "cleanly_exit requested on the "
@@ -562,7 +595,9 @@ class Daemon:
             reply["status"] = self.status()
             return reply
         runner = self.runners.get(name)
-        if runner is None:
+        if runner is None and self.watch.in_failsafe(name):
+            reply["error"] = f"task {name} is in failsafe (stopped)"
+        elif runner is None:
             reply["error"] = f"no task {name!r} is loaded"
         elif what == "state":
             reply["state"] = runner.task.state if runner.cls.is_stateful else None
@@ -620,6 +655,14 @@ class Daemon:
             "externals": self._external_status(),
             "import_failures": dict(self.import_failures),
             "outboxes": {q: o.depth for q, o in list(self._outboxes.items())},
+            "rows": self.watch.rows(),
+            "queues": [self.watch.monitor.queue_rows[q]
+                       for q in sorted(self.watch.monitor.queue_rows)],
+            "failsafe": dict(self.watch.marks),
+            "monitor": {"interval_s": self.watch.interval_s,
+                        "window_s": self.watch.monitor.window_s,
+                        "alerts_sent": self.watch.alerts_sent},
+            "oob_dropped": self.channels.dropped,
         }
 
     # -- running ---------------------------------------------------------------------------
@@ -683,6 +726,8 @@ class Daemon:
             lock_name = f"task-{opts.module}" if opts.module else "multimodule"
             self.lock = InstanceLock(self.store.path, lock_name)
             self.lock.acquire()
+            if not opts.module:
+                self.watch.load_marks()
         except AlreadyRunning as exc:
             print(f"multimodule: {exc}", file=sys.stderr)
             return 1
@@ -729,12 +774,23 @@ class Daemon:
                     raise MultiModuleError("the Router could not be started (see the error "
                                            "above); nothing can be routed, exiting")
                 for name in sorted(self.file_config):
-                    if name not in self.runners:
+                    if self.watch.in_failsafe(name):
+                        self.channels.emit("log", DAEMON_SOURCE,
+                                           f"task {name} stays stopped: in failsafe since "
+                                           f"{time.ctime(self.watch.marks[name].get('since'))}"
+                                           f" ({self.watch.marks[name].get('reason')}); "
+                                           f"`mmctl unfailsafe {name}` starts it", task=name)
+                    elif name not in self.runners:
                         self._load(name)
             watcher = self._watch_config()
             self.channels.emit("log", DAEMON_SOURCE, f"running (pid {os.getpid()}): tasks "
                                                      f"{', '.join(sorted(self.runners)) or 'none'}")
             self.ready.set()
+            if opts.module:
+                self.reporter = FiguresReporter(self, opts.module, opts.monitor_interval_s)
+                self.reporter.start()
+            else:
+                self.watch.start()
             self.notifier.ready(self.status_line())
             heartbeat = self.loop.create_task(self._heartbeat()) if self.notifier.enabled \
                 else None
@@ -759,6 +815,9 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.channels.emit("log", DAEMON_SOURCE, "stopping: delivering messages in memory, "
                                                  "saving state")
+        await self.watch.stop()
+        if self.reporter is not None:
+            self.reporter.stop()
         if self._control_runner is not None:
             await self.control_receiver.stop()
             self._control_runner.cancel()

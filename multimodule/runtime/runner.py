@@ -201,6 +201,7 @@ class TaskRunner:
                 self._cancellable = True
                 message = await queue.get_async()
                 self._cancellable = False
+                cpu_before = time.thread_time()
                 await process(message)
                 items = queue._items
                 until = time.perf_counter() + BATCH_BUDGET_S
@@ -210,6 +211,7 @@ class TaskRunner:
                     handled += 1
                     if handled % BATCH_CHECK == 0 and time.perf_counter() > until:
                         break
+                self.task.counters.handler_cpu_seconds += time.thread_time() - cpu_before
                 if receiver is not None:
                     receiver.consumed()
                 if self._stop_after_message:
@@ -275,6 +277,7 @@ class TaskRunner:
 
     async def run_work(self, name: str, work: Work) -> None:
         """Run one tick of a schedule, reporting (not raising) its errors."""
+        cpu_before = time.thread_time()
         try:
             result = work()
             if result is not None and inspect.isawaitable(result):
@@ -283,6 +286,8 @@ class TaskRunner:
             self.task.counters.recur_failure += 1
             self.report_error(f"scheduled work {name!r} raised {type(exc).__name__}: {exc}",
                               traceback=traceback.format_exc())
+        finally:
+            self.task.counters.handler_cpu_seconds += time.thread_time() - cpu_before
 
     # -- state -----------------------------------------------------------------------------
 
@@ -330,6 +335,7 @@ class TaskRunner:
             "task_message_failure": c.task_message_failure,
             "recur_failure": c.recur_failure,
             "handler_seconds": round(c.handler_seconds, 6),
+            "handler_cpu_seconds": round(c.handler_cpu_seconds, 6),
             "slow_handlers": c.slow_handlers,
             "queue_depth": self.queue.depth,
             "started_at": self.started_at,
