@@ -382,7 +382,7 @@ def test_status_json_rows_and_top(mm, transit):
     counter, leaker, daemon = rows["Counter"], rows["Leaker"], rows["MultiModule"]
     assert fields <= set(counter) and fields <= set(leaker)
     assert counter["kind"] == "internal" and counter["state"] == "running"
-    assert counter["messages_in"] == 20 and counter["messages_in_per_s"] > 0
+    assert counter["messages_in"] == 20 and counter["messages_in_per_s"] >= 0
     assert counter["queue_fill"] == 0.0 and counter["message_failures"] == 0
     assert leaker["kind"] == "external" and leaker["state"] == "running"
     assert alive(leaker["pid"]) and leaker["where"].endswith("task-Leaker.lock")

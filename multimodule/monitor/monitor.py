@@ -183,12 +183,15 @@ class Monitor:
         """Take one sample of every task and queue; return the alerts due (level changes).
 
         ``process_figures``: :meth:`read_process` of each external task, by name.
-        ``queue_fill``: fill (0..1) of every System V queue, by name.
+        ``queue_fill``: fill (0..1) of every System V queue, by name (a task's own queue is
+        in its row; other queues get rows of their own, see :attr:`queue_rows`).
         """
         alerts: list[Alert] = []
         seen = set()
         for view in views:
             seen.add(view.name)
+            if view.queue_fill is None:
+                view.queue_fill = queue_fill.get(view.name)
             alerts.extend(self._tick_task(view, process_figures.get(view.name, Figures())))
         for name in list(self.tracks):
             if name not in seen:  # unloaded: its history is of no use any more

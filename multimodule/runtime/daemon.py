@@ -184,6 +184,7 @@ class Daemon:
         self.externals: dict[str, TaskProcess | None] = {}  # None while being started
         self.migrating: set[str] = set()
         self.migrations: dict[str, asyncio.Task] = {}
+        self.starting: dict[str, asyncio.Task] = {}
         self._exit_externals = False
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
         #: The resource monitor, alerts and failsafe marks (the control daemon only).
@@ -296,14 +297,36 @@ class Daemon:
         return runner
 
     def _start_external(self, name: str, config: dict[str, Any]) -> None:
-        """Start (or adopt) external task ``name`` through the backend. Raises
-        :class:`ConfigError` for bad limits, :class:`UnitError` if the backend fails."""
+        """Start (or adopt) external task ``name`` through the backend, in a worker thread
+        (``systemctl start`` waits for the unit's READY=1; the loop must not). Until it is
+        up, ``externals[name]`` is ``None`` and sends to it go to its System V queue. Raises
+        :class:`ConfigError` for bad limits; a failing backend is reported and recorded as
+        the task's import failure."""
         limits = parse_limits(name, config.get("limits"), self._config_source(name))
-        process = self.backend.start(name, render_dropin(name, limits), limits)
-        self.externals[name] = process
-        self.channels.emit("log", DAEMON_SOURCE,
-                           f"external task {name} runs as {process.where} "
-                           f"(pid {process.main_pid}, {self.backend.name})", task=name)
+        self.externals[name] = None
+        self.starting[name] = self.loop.create_task(self._start_in_worker(name, limits),
+                                                    name=f"start:{name}")
+
+    async def _start_in_worker(self, name: str, limits) -> str | None:
+        """Returns why the start failed, or ``None``."""
+        try:
+            process = await self.loop.run_in_executor(
+                None, self.backend.start, name, render_dropin(name, limits), limits)
+        except (UnitError, OSError) as exc:
+            if self.externals.get(name, 0) is None:
+                del self.externals[name]
+            self.import_failures[name] = str(exc)
+            self.channels.emit("error", DAEMON_SOURCE, f"task {name} not started: {exc}",
+                               task=name)
+            return f"task {name} not started: {exc}"
+        finally:
+            self.starting.pop(name, None)
+        if name in self.externals:
+            self.externals[name] = process
+            self.channels.emit("log", DAEMON_SOURCE,
+                               f"external task {name} runs as {process.where} "
+                               f"(pid {process.main_pid}, {self.backend.name})", task=name)
+        return None
 
     # -- migration -------------------------------------------------------------------------
 
@@ -551,9 +574,11 @@ class Daemon:
             else:
                 migration = outcome
         if body.unfailsafe is not None:
-            problem = self.watch.unfailsafe(body.unfailsafe)
-            if problem:
-                errors.append(problem)
+            outcome = self.watch.unfailsafe(body.unfailsafe)
+            if isinstance(outcome, str):
+                errors.append(outcome)
+            elif outcome is not None:
+                migration = outcome  # answer once its unit or process is up
         for item in body.control:
             if item.type == "cleanly_exit":
                 self.channels.emit("log", DAEMON_SOURCE, "cleanly_exit requested on the "
@@ -847,6 +872,8 @@ class Daemon:
         """External tasks outlive the daemon unless ``exit_externals`` was asked for."""
         if self.backend is None:
             return
+        for start in list(self.starting.values()):
+            await asyncio.wait([start])
         if self._exit_externals:
             for name in list(self.externals):
                 try:

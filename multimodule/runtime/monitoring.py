@@ -196,9 +196,6 @@ class MonitorService:
         # A task moving between the daemon and its own process keeps its windows.
         views += [TaskView(name, "external" if name in daemon.externals else "internal",
                            "activating") for name in daemon.migrating if name not in known]
-        for view in views:
-            if view.queue_fill is None and view.name in fill:
-                view.queue_fill = fill[view.name]
         alerts = self.monitor.tick(views, figures, fill)
         for alert in alerts:
             self.send_alert(alert)
@@ -286,9 +283,9 @@ class MonitorService:
         daemon.channels.emit("log", SOURCE, f"task {name} stopped (failsafe)", task=name)
         return None
 
-    def unfailsafe(self, name: str) -> str | None:
+    def unfailsafe(self, name: str) -> str | asyncio.Task | None:
         """Clear ``name``'s failsafe mark and start it again as its config says. Returns
-        why it was refused, or ``None``."""
+        why it was refused, the asyncio task starting it (external), or ``None``."""
         daemon = self.daemon
         if name in self.entering:
             return f"task {name} is still being stopped; try again"
@@ -306,7 +303,7 @@ class MonitorService:
                     {"level": "ok", "reason": "unfailsafe"})
         if daemon._load(name) is None and name not in daemon.externals:
             return daemon.import_failures.get(name) or f"task {name} could not be loaded"
-        return None
+        return daemon.starting.get(name)
 
     # -- figures for operators -------------------------------------------------------------
 

@@ -186,8 +186,24 @@ class DetachedBackend:
             del self._children[task]
         return code
 
+    def _on_loop(self, function, *args) -> None:
+        """Call ``function(*args)`` on the loop's thread (now if this is it): the backend
+        is also called from worker threads, and asyncio's readers belong to the loop."""
+        try:
+            here = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            here = False
+        if here:
+            function(*args)
+        else:
+            self.loop.call_soon_threadsafe(function, *args)
+
     def _watch(self, task: str, pid: int | None) -> None:
-        if self.loop is None or pid is None or task in self._watched:
+        if self.loop is not None and pid is not None:
+            self._on_loop(self._watch_now, task, pid)
+
+    def _watch_now(self, task: str, pid: int) -> None:
+        if task in self._watched:
             return
         try:
             pidfd = os.pidfd_open(pid)
@@ -198,6 +214,10 @@ class DetachedBackend:
         self.loop.add_reader(pidfd, self._exited, task)
 
     def _unwatch(self, task: str) -> None:
+        if self.loop is not None and task in self._watched:
+            self._on_loop(self._unwatch_now, task)
+
+    def _unwatch_now(self, task: str) -> None:
         pidfd = self._watched.pop(task, None)
         if pidfd is not None and self.loop is not None:
             self.loop.remove_reader(pidfd)
@@ -230,7 +250,7 @@ class DetachedBackend:
     def close(self) -> None:
         """Stop watching (the processes go on running: they outlive the daemon)."""
         for task in list(self._watched):
-            self._unwatch(task)
+            self._unwatch_now(task)
         for handle in self._pending_restart.values():
             handle.cancel()
         self._pending_restart.clear()

@@ -1,0 +1,120 @@
+"""The monitor's arithmetic with an injected clock: rates, means, failures and restarts in
+their windows, baselines for adopted processes, a new process starting afresh, alerts."""
+
+from __future__ import annotations
+
+import pytest
+
+from multimodule.monitor.levels import Thresholds
+from multimodule.monitor.monitor import Monitor, TaskView
+from multimodule.monitor.sources import Figures
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def monitor(clock):
+    return Monitor(window_s=10.0, clock=clock, memory_total=1_000_000, started_at=500.0)
+
+
+def internal(n_in, failures=0, cpu=0.0, since=600.0):
+    return TaskView("T", "internal", "running", pid=1, counters={
+        "messages_in": n_in, "messages_out": n_in * 2, "task_message_failure": failures,
+        "handler_cpu_seconds": cpu, "handler_seconds": cpu, "queue_depth": 3},
+        counters_since=since)
+
+
+def test_rates_and_cpu_of_an_internal_task(monitor, clock):
+    # Given samples 1 s apart: 100 messages and 0.5 s of handler CPU per second
+    for second in range(4):
+        monitor.tick([internal(100 * second, cpu=0.5 * second)], {}, {"T": 0.25})
+        clock.now += 1
+    row = monitor.rows["T"]
+    # Then the rates are per second over the window and the gauges are means
+    assert row["messages_in_per_s"] == pytest.approx(100.0)
+    assert row["messages_out_per_s"] == pytest.approx(200.0)
+    assert row["cpu_percent"] == pytest.approx(50.0)
+    assert row["queue_depth"] == 3 and row["windows"]["queue_fill"]["short"] == 0.25
+
+
+def test_failures_count_within_the_window_and_alert_both_ways(monitor, clock):
+    # Given a task loaded after the monitor started, with one failure already
+    alerts = monitor.tick([internal(1, failures=1)], {}, {})
+    # Then that failure counts: warn at once
+    assert [(a.metric, a.new) for a in alerts] == [("message_failures", "warn")]
+    # When 10 more come, severe
+    clock.now += 1
+    alerts = monitor.tick([internal(20, failures=11)], {}, {})
+    assert [(a.old, a.new, a.value) for a in alerts] == [("warn", "severe", 11.0)]
+    # When the window passes with no new failure, back to ok in one alert
+    clock.now += 11
+    alerts = monitor.tick([internal(20, failures=11)], {}, {})
+    assert [(a.old, a.new) for a in alerts] == [("severe", "ok")]
+    assert monitor.rows["T"]["message_failures"] == 11
+    assert monitor.rows["T"]["message_failures_in_window"] == 0
+
+
+def test_counters_of_a_process_older_than_the_monitor_are_a_baseline(monitor, clock):
+    # Given an external process adopted with 50 failures from before the daemon started
+    view = TaskView("E", "external", "running", pid=7, counters={"task_message_failure": 50},
+                    counters_since=100.0, restarts=3)
+    # Then they raise nothing; only new ones count
+    assert monitor.tick([view], {"E": Figures()}, {}) == []
+    view.counters = {"task_message_failure": 51}
+    clock.now += 1
+    assert [a.value for a in monitor.tick([view], {"E": Figures()}, {})] == [1.0]
+
+
+def test_restarts_in_the_long_window_flap_to_failsafe(monitor, clock):
+    monitor.set_overrides("E", {"restarts": Thresholds(1, 2, 3)})
+    levels = []
+    # Given an external task whose backend restarted it once per tick (new pid each time)
+    for restarts in range(5):
+        view = TaskView("E", "external", "running", pid=100 + restarts,
+                        counters={"task_message_failure": 0}, counters_since=2000.0,
+                        restarts=restarts)
+        levels += [a.new for a in monitor.tick([view], {"E": Figures()}, {})
+                   if a.metric == "restarts"]
+        clock.now += 5
+    # Then the first count is a baseline, and the levels rise to failsafe
+    assert levels == ["warn", "severe", "failsafe"]
+    assert monitor.rows["E"]["restarts_in_window"] == 4
+
+
+def test_a_new_process_starts_its_figures_afresh_and_startup_is_not_counted(monitor, clock):
+    monitor.set_overrides("E", {"cpu_cores": Thresholds(0.5, 0.6, 0.7)})
+    starting = TaskView("E", "external", "activating", pid=9, counters=None)
+    # Given a process still starting (no counters yet) burning a full core
+    assert monitor.tick([starting], {"E": Figures(cpu_seconds=0.0)}, {}) == []
+    clock.now += 1
+    assert monitor.tick([starting], {"E": Figures(cpu_seconds=1.0)}, {}) == []
+    # When it runs the task and idles, the start-up CPU is not charged to it
+    running = TaskView("E", "external", "running", pid=9,
+                       counters={"task_message_failure": 0}, counters_since=2000.0)
+    for cpu in (1.0, 1.1, 1.2):
+        clock.now += 1
+        assert monitor.tick([running], {"E": Figures(cpu_seconds=cpu)}, {}) == []
+    assert monitor.rows["E"]["cpu_percent"] == pytest.approx(10.0)
+
+
+def test_memory_share_and_queue_only_rows(monitor, clock):
+    view = TaskView("E", "external", "running", pid=9, counters={}, counters_since=2000.0)
+    alerts = monitor.tick([view], {"E": Figures(memory_bytes=200_000)}, {"E": 0.0, "Q": 0.9})
+    # 0.2 of the machine: severe is 0.15; a queue no task owns has its own row and alert
+    assert {(a.task, a.metric, a.new) for a in alerts} == {
+        ("E", "memory_share", "severe"), ("Q", "queue_fill", "severe")}
+    assert monitor.queue_rows["Q"]["level"] == "severe"
+    # A task gone from the views is forgotten
+    monitor.tick([], {}, {})
+    assert "E" not in monitor.rows and "Q" not in monitor.queue_rows
