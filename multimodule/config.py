@@ -30,6 +30,7 @@ from pydantic import (
     StrictBool,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from multimodule.errors import ConfigError, InvalidQueueName
@@ -124,7 +125,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per pydantic error: ``field.path: message (got value)``."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        # pydantic marks a bad dict key with a "[key]" step after it; the key names it.
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p not in ("", "[key]"))
         got = err.get("input")
         shown = repr(got)
         if len(shown) > 60:
@@ -236,8 +238,10 @@ class DaemonOptions(BaseModel):
     module: TaskName | None = Field(None, description="run only this one task in this process "
                                                  "(its own state and lock; emits go to the "
                                                  "Router's System V queue)")
-    oob: str = Field("", description="out-of-band channels, e.g. "
-                                     "log:1,error:2,alert:journal,debug:/var/log/mm.debug")
+    oob: str = Field("", description="out-of-band channels log, error, alert, debug, each "
+                                     "to 1 (stdout), 2 (stderr), journal, a file (a path "
+                                     "with a /), router, or any other word: a queue name; "
+                                     "e.g. log:1,error:2,alert:journal,debug:./debug.out")
     transit_dir: Path | None = Field(None, description="transit directory (default: "
                                                        "$MULTIMODULE_TRANSIT_DIR or the "
                                                        "system default)")
@@ -267,6 +271,15 @@ class DaemonOptions(BaseModel):
             return [p.strip() for p in value.split(",")]
         return value
 
+
+    @model_validator(mode="after")
+    def _window_holds_samples(self) -> DaemonOptions:
+        if self.monitor_window_s < 2 * self.monitor_interval_s:
+            raise ValueError(
+                f"monitor_window_s ({self.monitor_window_s:g}) must be at least twice "
+                f"monitor_interval_s ({self.monitor_interval_s:g}): a rate needs two samples "
+                "in the window")
+        return self
 
     @field_validator("metrics_listen")
     @classmethod

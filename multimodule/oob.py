@@ -121,7 +121,9 @@ class Sink:
 
 
 def parse_sink(spec: str) -> Sink:
-    """Turn one handler word (``1``, ``2``, ``journal``, a path, a queue name) into a Sink."""
+    """Turn one handler word (``1``, ``2``, ``journal``, a path, a queue name) into a Sink.
+    Raises :class:`ConfigError` for a file whose directory cannot be written or a word that
+    is not a valid queue name."""
     if spec == "1":
         return Sink("stdout")
     if spec == "2":
@@ -129,11 +131,22 @@ def parse_sink(spec: str) -> Sink:
     if spec == "journal":
         return Sink("journal")
     if "/" in spec:
+        directory = os.path.dirname(os.path.abspath(spec))
+        if os.path.isdir(spec) or not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"out-of-band file {spec!r}: not a file in a writable directory")
         return Sink("file", spec)
     if spec.lower() == "router":
         return Sink("queue", "Router")
     if not spec:
         raise ConfigError("empty out-of-band handler")
+    from multimodule.errors import InvalidQueueName
+    from multimodule.transit._directory import validate_qname
+
+    try:
+        validate_qname(spec)
+    except InvalidQueueName as exc:
+        raise ConfigError(f"out-of-band handler {spec!r} is neither 1, 2, journal, router, a "
+                          f"path (with a /) nor a queue name: {exc}") from None
     return Sink("queue", spec)
 
 

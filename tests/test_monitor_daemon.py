@@ -323,8 +323,10 @@ def test_internal_task_failsafe_by_hand_keeps_messages_and_state(mm, transit):
     assert row(mm, "Counter")["state"] == "failsafe"
     assert status(mm)["failsafe"]["Counter"]["reason"] == "maintenance"
     assert "Counter" not in status(mm)["tasks"]
-    code, _, err = mm.mmctl("state", "Counter")
-    assert code == 1 and "in failsafe" in err
+    code, out, err = mm.mmctl("state", "Counter")
+    assert code == 0 and json.loads(out) == {"seen": [0]} and "as last saved" in err
+    code, out, _ = mm.mmctl("config", "Counter")
+    assert code == 0 and json.loads(out)["intervals"] == {"save_state": 0.05}
     # And messages sent to it meanwhile wait in its queue (also across a daemon restart)
     for n in (1, 2, 3):
         transit.send("Counter", {"n": n})
@@ -372,7 +374,7 @@ def test_status_json_rows_and_top(mm, transit):
     for _ in range(100):
         rows = {r["name"]: r for r in status(mm)["rows"]}
         if (rows.get("Leaker", {}).get("memory_bytes") and rows["Counter"]["messages_in"] == 20
-                and rows["Leaker"].get("messages_in") is not None):
+                and (rows["Leaker"].get("messages_out") or 0) > 0):
             break
         receive_until(transit, "ticks", lambda m: True)  # the next tick: time has passed
     fields = {"name", "kind", "state", "pid", "where", "level", "levels", "messages_in_per_s",
@@ -410,7 +412,8 @@ def test_prometheus_exposition(mm, transit, unused_tcp_port):
     receive_n(transit, "out", 1)
     body = urllib.request.urlopen(f"http://127.0.0.1:{unused_tcp_port}/metrics",
                                   timeout=10).read().decode()
-    assert 'multimodule_task_level{kind="internal",state="running",task="Counter"} 0.0' in body
+    assert 'multimodule_task_level{kind="internal",task="Counter"} 0.0' in body
+    assert 'multimodule_task_running{kind="internal",task="Counter"} 1.0' in body
     assert "# TYPE multimodule_task_messages_in_per_second gauge" in body
     assert 'multimodule_task_open_fds{kind="daemon",task="MultiModule"}' in body
 

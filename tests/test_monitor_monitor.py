@@ -118,3 +118,16 @@ def test_memory_share_and_queue_only_rows(monitor, clock):
     # A task gone from the views is forgotten
     monitor.tick([], {}, {})
     assert "E" not in monitor.rows and "Q" not in monitor.queue_rows
+
+
+def test_a_stopped_task_has_no_rates_but_its_queue_is_still_watched(monitor, clock):
+    for second in range(3):
+        monitor.tick([internal(10 * second)], {}, {"T": 0.0})
+        clock.now += 1
+    assert monitor.rows["T"]["messages_in_per_s"] == pytest.approx(10.0)
+    # When the task is stopped (failsafe) and its queue fills
+    stopped = TaskView("T", "internal", "failsafe")
+    alerts = monitor.tick([stopped], {}, {"T": 0.9})
+    # Then its rates are gone and the fill still raises an alert
+    assert monitor.rows["T"]["messages_in_per_s"] is None
+    assert [(a.metric, a.new) for a in alerts] == [("queue_fill", "severe")]

@@ -87,3 +87,17 @@ def test_oob_spec_routes_each_channel_of_daemon_and_external_tasks(mm, transit, 
     # And an alert (a failure's level change) lands in the alert file
     wait_for_file(alerts, lambda p: "alert: Inside: message_failures 1: ok -> warn"
                   in p.read_text())
+
+
+def test_bad_oob_targets_and_monitor_options_are_refused_at_start(mm, tmp_path):
+    mm.config(router_section())
+    for args, words in [
+        (("-o", "alert:.hidden"), "neither 1, 2, journal, router, a path"),
+        (("-o", f"debug:{tmp_path}/no/such/dir/x.log"), "not a file in a writable directory"),
+        (("-o", f"debug:{tmp_path}"), "not a file in a writable directory"),
+        (("--monitor-interval", "1", "--monitor-window", "1.5"),
+         "--monitor-window (1.5) must be at least twice --monitor-interval (1)"),
+        (("--metrics-listen", "nowhere"), "is not ADDR:PORT"),
+    ]:
+        result = mm.run_daemon(*args)
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr)

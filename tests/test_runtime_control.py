@@ -369,7 +369,7 @@ REFUSED = [
      ".multimodule.control: Input should be a valid list"),
     ({".multimodule": {"control": [{"type": "bogus"}]}}, ".multimodule.control.0.type: "),
     ({".multimodule": {"config": {"1bad": {}}}},
-     ".multimodule.config.1bad.[key]: Value error, '1bad' is not a task name"),
+     ".multimodule.config.1bad: Value error, '1bad' is not a task name"),
     ({".multimodule": {"query": "state"}}, "query 'state' needs a task"),
     ({".multimodule": {"query": "state", "task": ["x"]}},
      ".multimodule.task: Input should be a valid string"),

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_error(err: dict) -> str:
+    if not err["loc"]:  # a check across options: its message names them
+        return err["msg"].removeprefix("Value error, ").replace(
+            "monitor_window_s", "--monitor-window").replace(
+            "monitor_interval_s", "--monitor-interval")
+    flag = "/".join(FLAGS.get(str(err["loc"][0]), (str(err["loc"][0]),)))
+    return f"{flag}: {err['msg']} (got {err.get('input')!r})"
+
+
 def parse_options(argv: Sequence[str] | None = None) -> DaemonOptions:
     """Parse the command line into validated :class:`DaemonOptions`; exit 2 on bad input."""
     parser = build_parser()
@@ -70,9 +79,7 @@ def parse_options(argv: Sequence[str] | None = None) -> DaemonOptions:
         parse_spec(options.oob)
     except ValidationError as exc:
         # Name the flag the user typed, not the schema's field.
-        parser.error("; ".join(
-            f"{'/'.join(FLAGS.get(str(err['loc'][0]), (str(err['loc'][0]),)))}: {err['msg']} "
-            f"(got {err.get('input')!r})" for err in exc.errors()))
+        parser.error("; ".join(_flag_error(err) for err in exc.errors()))
     except ConfigError as exc:
         parser.error(str(exc))
     return options

@@ -45,9 +45,10 @@ def _transit_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-T", "--transit-dir", metavar="DIR", default=argparse.SUPPRESS,
-        help="transit directory shared by the processes that talk "
-             "(default: $MULTIMODULE_TRANSIT_DIR, else /run/multimodule/transit as root or "
-             "under systemd, else $XDG_RUNTIME_DIR/multimodule/transit)",
+        help="transit directory shared by the processes that talk (default: "
+             "$MULTIMODULE_TRANSIT_DIR, else $RUNTIME_DIRECTORY/transit in a unit with "
+             "RuntimeDirectory=, /run/multimodule/transit as root or under systemd, "
+             "$XDG_RUNTIME_DIR/multimodule/transit, or /tmp/multimodule-UID/transit)",
     )
     common.add_argument(
         "-q", "--control-queue", metavar="QNAME", default=argparse.SUPPRESS,
@@ -215,6 +216,11 @@ def cmd_state(args: argparse.Namespace) -> int:
     if not reply.get("stateful"):
         raise CommandError(f"task {args.task} is not stateful")
     if keys is None:
+        if reply.get("saved"):
+            where = "is in failsafe" if reply.get("where") == "failsafe" \
+                else "runs in its own process"
+            print(f"{args.prog}: task {args.task} {where}; this is its state as last saved",
+                  file=sys.stderr)
         _print_json(reply["state"])
     else:
         # The original's shape: a transform message on the task's own queue, delivered in
@@ -451,7 +457,8 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
         description="Control multimodule: send and receive messages, list queues, and "
                     "talk to the daemon (config, state, status, top, migrate, failsafe, "
                     "unfailsafe, reload, stop).",
-        epilog=f"Default transit directory here: {default_transit_dir()}",
+        epilog=f"Default transit directory here: {default_transit_dir()}. The commands "
+               "strans, rtrans and qtrans are mmctl send, recv and queues.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_send(sub, common)

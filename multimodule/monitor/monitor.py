@@ -104,6 +104,7 @@ class _Track:
         self.short_s = short_s
         self.clock = clock
         self.pid: int | None = None
+        self.running = False
         self.reset_figures()
         self.failures = Increments(short_s, clock)
         self.failures_long = Increments(short_s * LONG_WINDOW_FACTOR, clock)
@@ -225,6 +226,9 @@ class Monitor:
             if running and view.pid != track.pid:
                 track.reset_figures()  # a new process: its figures start afresh
             track.pid = view.pid
+        if not running and track.running:
+            track.reset_figures()  # stopped: no rates from before it stopped
+        track.running = running
         pairs = track.pairs
         if running:
             if view.kind == "internal":
@@ -244,6 +248,8 @@ class Monitor:
                                 ("handler_seconds", counters.get("handler_seconds"))):
                 pairs[name].add(value)
             self._count_failures(track, view, counters)
+        else:
+            pairs["queue_fill"].add(view.queue_fill)  # its queue still fills while stopped
         if view.restarts is not None:
             if track.restarts_seen is not None:
                 delta = view.restarts - track.restarts_seen
@@ -264,12 +270,14 @@ class Monitor:
             "restarts": track.restarts.total(),
         }
         alerts = []
-        if running or view.kind == "external":
-            for metric in METRICS:
-                if metric == "restarts" or running:
-                    alert = self.tracker.update(view.name, metric, values[metric])
-                    if alert is not None:
-                        alerts.append(alert)
+        for metric in METRICS:
+            # A stopped task keeps its levels (they tell why), except its queue's fill and,
+            # for an external one, its restarts.
+            if running or metric == "queue_fill" or (metric == "restarts"
+                                                     and view.kind == "external"):
+                alert = self.tracker.update(view.name, metric, values[metric])
+                if alert is not None:
+                    alerts.append(alert)
         self.rows[view.name] = self._row(view, track, values)
         return alerts
 

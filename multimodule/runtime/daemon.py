@@ -32,6 +32,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 
 from multimodule.config import (
@@ -620,8 +621,20 @@ class Daemon:
             reply["status"] = self.status()
             return reply
         runner = self.runners.get(name)
-        if runner is None and self.watch.in_failsafe(name):
-            reply["error"] = f"task {name} is in failsafe (stopped)"
+        if runner is None and (name in self.externals or self.watch.in_failsafe(name)):
+            # Not running here: its config in force, and its state as last saved.
+            reply["where"] = "failsafe" if self.watch.in_failsafe(name) else "external"
+            if what == "config":
+                reply["config"] = self.effective_config(name)
+                return reply
+            try:
+                reply["state"] = orjson.loads(self.store.file_for(name).read_bytes())
+                reply["stateful"] = True
+                reply["saved"] = True
+            except FileNotFoundError:
+                reply["error"] = f"task {name} has no saved state"
+            except (OSError, orjson.JSONDecodeError) as exc:
+                reply["error"] = f"cannot read the saved state of {name}: {exc}"
         elif runner is None:
             reply["error"] = f"no task {name!r} is loaded"
         elif what == "state":

@@ -256,7 +256,8 @@ class MonitorService:
                                                   "daemon exits")
         self.notify("failsafe", name, f"failsafe: {reason}; stopped until "
                                       f"`mmctl unfailsafe {name}`",
-                    {"level": "failsafe", "reason": reason})
+                    {"level": "failsafe", "reason": reason,
+                     "metric": fields.get("metric"), "value": fields.get("value")})
         task = daemon.loop.create_task(self._stop_task(name), name=f"failsafe:{name}")
         self.entering[name] = task
         task.add_done_callback(lambda _: self.entering.pop(name, None))
@@ -300,7 +301,7 @@ class MonitorService:
         daemon.import_failures.pop(name, None)
         daemon.not_tasks.discard(name)
         self.notify("failsafe", name, "failsafe cleared by hand; starting it again",
-                    {"level": "ok", "reason": "unfailsafe"})
+                    {"level": "ok", "reason": "unfailsafe", "metric": None, "value": None})
         if daemon._load(name) is None and name not in daemon.externals:
             return daemon.import_failures.get(name) or f"task {name} could not be loaded"
         return daemon.starting.get(name)
@@ -351,7 +352,7 @@ class MonitorService:
             self.daemon.channels.emit("error", SOURCE, f"cannot serve metrics on {address}: "
                                                        f"{exc}")
             return
-        self.daemon.channels.emit("log", SOURCE, f"serving metrics on http://{address}/metrics")
+        self.daemon.channels.emit("log", SOURCE, f"serving metrics on http://{host}:{port}/metrics")
 
 
 #: Row field -> (metric name, help) for the Prometheus exposition.
@@ -388,15 +389,23 @@ class PrometheusCollector:
                     for field, (name, text) in PROMETHEUS_GAUGES.items()}
         level = GaugeMetricFamily("multimodule_task_level",
                                   "Worst level: 0 ok, 1 warn, 2 severe, 3 failsafe",
-                                  labels=["task", "kind", "state"])
+                                  labels=["task", "kind"])
+        running = GaugeMetricFamily("multimodule_task_running",
+                                    "1 while the task runs, 0 when stopped, failed or in "
+                                    "failsafe", labels=["task", "kind"])
+        failsafe = GaugeMetricFamily("multimodule_task_failsafe",
+                                     "1 while the task is held in failsafe",
+                                     labels=["task", "kind"])
         for row in rows:
             labels = [row["name"], row["kind"]]
             for field, family in families.items():
                 if row.get(field) is not None:
                     family.add_metric(labels, float(row[field]))
-            level.add_metric([*labels, row["state"]], LEVEL_NUMBER.get(row["level"], 0))
+            level.add_metric(labels, LEVEL_NUMBER.get(row["level"], 0))
+            running.add_metric(labels, 1 if row["state"] == "running" else 0)
+            failsafe.add_metric(labels, 1 if row["state"] == "failsafe" else 0)
         yield from families.values()
-        yield level
+        yield from (level, running, failsafe)
 
 
 class FiguresReporter:
