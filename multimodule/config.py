@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -67,14 +68,23 @@ TaskName = Annotated[str, AfterValidator(_task_name)]
 Interval = Annotated[float, Field(ge=0.01, allow_inf_nan=False)]
 
 
+#: A threshold: a number >= 0 (not a string, not a bool), or ``false`` (or JSON ``null``)
+#: for no such level.
+Level = Annotated[
+    Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] | None,
+    BeforeValidator(lambda value: None if value is False else value),
+]
+
+
 class LevelOverride(BaseModel):
-    """A task's thresholds for one metric; a level left out keeps the default's value."""
+    """A task's thresholds for one metric; a level left out keeps the default's value,
+    ``false`` removes that level."""
 
     model_config = ConfigDict(extra="forbid")
 
-    warn: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
-    severe: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
-    failsafe: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    warn: Level = None
+    severe: Level = None
+    failsafe: Level = None
 
 
 #: A metric that has levels (see :mod:`multimodule.monitor.levels`).

@@ -160,6 +160,8 @@ class InstanceLock:
         try:
             if self.status_path is not None:
                 self.status_path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a state dir made read-only meanwhile: the stale file names a dead pid
         finally:
             os.close(self._fd)
             self._fd = None

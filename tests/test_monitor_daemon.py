@@ -425,3 +425,72 @@ def unused_tcp_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_failsafe_of_a_hung_async_handler_returns_the_rest_to_its_queue(mm, transit):
+    mm.task("Hang", """
+        import asyncio
+        from multimodule import Task
+
+        class Hang(Task):
+            async def message(self, message):
+                self.emit({"n": message["n"]})
+                await asyncio.sleep(3600)
+    """)
+    mm.config("[Hang]\n" + router_section(ALERTS, route("Hang", "out")))
+    daemon = mm.start(*FAST)
+    # Given a handler that never returns, with two more messages behind it in memory
+    for n in range(3):
+        transit.send("Hang", {"n": n})
+    assert receive_n(transit, "out", 1)[0]["n"] == 0
+    # When it is put in failsafe
+    code, _, err = mm.mmctl("failsafe", "Hang", "--wait", "30")
+    # Then after the stop's grace period the hung handler is cancelled, the task stops, and
+    # the messages it never got are back in its queue (for after unfailsafe), not lost
+    assert code == 0, err
+    daemon.expect("stderr", "2 messages in memory go back to its queue")
+    assert transit.stat("Hang").messages == 2
+    assert [m["n"] for m in receive_n(transit, "Hang", 2)] == [1, 2]
+    # And the daemon still stops in order
+    daemon.stop_ok()
+
+
+def test_config_for_a_task_in_failsafe_is_checked_against_its_model(mm, transit):
+    mm.task("Typed", """
+        from pydantic import BaseModel
+        from multimodule import Task
+
+        class Typed(Task):
+            class Config(BaseModel):
+                n: int
+
+            def message(self, message):
+                self.emit({"n": self.settings.n})
+    """)
+    mm.config("[Typed]\nn = 2\n" + router_section(route("Typed", "out")))
+    mm.start(*FAST)
+    assert mm.mmctl("failsafe", "Typed")[0] == 0
+    # When a bad config is sent while it is stopped: refused, naming the field
+    code, _, err = mm.mmctl("config", "Typed", '{"n": "abc"}')
+    assert code == 1 and "Typed.n" in err
+    # And a good one is taken, and used once it runs again
+    assert mm.mmctl("config", "Typed", '{"n": 5}')[0] == 0
+    assert mm.mmctl("unfailsafe", "Typed")[0] == 0
+    transit.send("Typed", {})
+    assert receive_n(transit, "out", 1)[0]["n"] == 5
+
+
+def test_a_malformed_failsafe_file_is_read_as_far_as_it_makes_sense(mm, transit):
+    mm.task("Counter", COUNTER)
+    mm.config("[Counter]\n" + router_section(route("Counter", "out")))
+    mm.state_dir.mkdir(exist_ok=True)
+    (mm.state_dir / "failsafe.json").write_text(
+        '{"Counter": {"since": "yesterday", "reason": "line\\nbreak"}, "Router": {}}')
+    # Then the daemon starts, holds Counter (the odd date dropped), and never the Router
+    daemon = mm.start(*FAST)
+    daemon.wait_line("stdout", "task Counter stays stopped: in failsafe (line break)")
+    daemon.wait_line("stderr", "the Router is never held in failsafe; ignored", start=0)
+    assert status(mm)["failsafe"]["Counter"]["since"] is None
+    assert mm.mmctl("unfailsafe", "Counter")[0] == 0
+    transit.send("Counter", {"n": 1})
+    assert receive_n(transit, "out", 1)[0]["n"] == 1

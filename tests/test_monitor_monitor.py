@@ -131,3 +131,12 @@ def test_a_stopped_task_has_no_rates_but_its_queue_is_still_watched(monitor, clo
     # Then its rates are gone and the fill still raises an alert
     assert monitor.rows["T"]["messages_in_per_s"] is None
     assert [(a.metric, a.new) for a in alerts] == [("queue_fill", "severe")]
+
+
+def test_the_daemon_row_has_no_thread_or_descriptor_levels(monitor, clock):
+    me = TaskView("MultiModule", "daemon", "running", pid=1)
+    # A daemon hosting 300 tasks has a receiver thread each: not a fault
+    alerts = monitor.tick([me], {"MultiModule": Figures(tasks=300, open_fds=500,
+                                                        memory_bytes=500_000)}, {})
+    assert [(a.metric, a.new) for a in alerts] == [("memory_share", "failsafe")]
+    assert monitor.rows["MultiModule"]["threads"] == 300

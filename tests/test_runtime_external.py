@@ -264,3 +264,38 @@ def test_fifty_random_migrations_while_messages_flow_lose_and_repeat_nothing(mm,
     status, out, _ = mm.mmctl("state", "Seq")
     assert json.loads(out)["handled"] == sent[0]
     assert daemon.lines_matching("stdout", "now runs in its own process")
+
+
+def test_an_external_tasks_process_follows_only_its_own_section(mm, transit):
+    mm.task("Follower", """
+        import os
+        from multimodule import Task
+
+        class Follower(Task):
+            is_stateful = True
+
+            def set_config(self, config):
+                self.emit({"tag": config.get("tag"), "pid": os.getpid()})
+    """)
+    mm.task("Aother", """
+        import os
+        from multimodule import Task
+
+        class Aother(Task):
+            def set_config(self, config):
+                self.emit({"other": True, "pid": os.getpid()})
+    """)
+    routes = router_section(route("Follower", "out"), route("Aother", "out"))
+    mm.config('[Follower]\nis_external = true\ntag = "a"\n' + routes)
+    daemon = mm.start()
+    external = receive_until(transit, "out", lambda m: m.get("tag") == "a")[0]["pid"]
+    assert external != daemon.pid
+    # When the file changes the external task's section and adds another task's
+    mm.config('[Aother]\n[Follower]\nis_external = true\ntag = "b"\n' + routes, atomic=True)
+    # Then the external process applies its own section; the other task runs in the daemon
+    # only (had the process loaded it too, its message would have come before "b")
+    tagged, before = receive_until(transit, "out", lambda m: m.get("tag") == "b")
+    assert tagged["pid"] == external
+    assert all(m["pid"] == daemon.pid for m in before if m.get("other"))
+    if not any(m.get("other") for m in before):
+        receive_until(transit, "out", lambda m: m.get("other") and m["pid"] == daemon.pid)

@@ -45,6 +45,11 @@ from multimodule.monitor.sources import CgroupSource, Figures, ProcessSource
 #: How much longer the long window is than the short one.
 LONG_WINDOW_FACTOR = 5
 
+#: Metrics with levels for the daemon's own row: its threads and descriptors grow with the
+#: number of tasks it hosts (a receiver thread each), so they say nothing about its health.
+DAEMON_METRICS = ("cpu_cores", "memory_share", "disk_read_bytes_per_s",
+                  "disk_write_bytes_per_s")
+
 
 @dataclass
 class TaskView:
@@ -271,6 +276,8 @@ class Monitor:
         }
         alerts = []
         for metric in METRICS:
+            if view.kind == "daemon" and metric not in DAEMON_METRICS:
+                continue
             # A stopped task keeps its levels (they tell why), except its queue's fill and,
             # for an external one, its restarts.
             if running or metric == "queue_fill" or (metric == "restarts"

@@ -423,8 +423,20 @@ class Daemon:
             task_path=tuple(p.resolve() for p in opts.task_path),
             prefixes=tuple(opts.prefixes),
             extra_args=("-q", opts.control_queue, "-o", absolute_spec(opts.oob),
+                        "-d", str(opts.debug),
                         "--monitor-interval", str(opts.monitor_interval_s)))
         return DetachedBackend(spec, loop=self.loop, on_event=on_event)
+
+    def _task_class(self, name: str) -> type[Task] | None:
+        """Task ``name``'s class, to check a config for it: the loaded one, else found the
+        way the config file's tasks are (``None`` if there is none to be found)."""
+        runner = self.runners.get(name)
+        if runner is not None:
+            return runner.cls
+        try:
+            return find_task_class(name, self.options.prefixes)
+        except (TaskNotFound, TaskImportFailed):
+            return None
 
     def _load_on_demand(self, name: str) -> bool:
         return self._load(name, on_demand=True) is not None
@@ -466,9 +478,9 @@ class Daemon:
             new = load_config_file(path)
             # Check every section against its task's own model before touching anything.
             for name, table in new.items():
-                runner = self.runners.get(name)
-                if runner is not None:
-                    self._validated(name, runner.cls, table, str(path))
+                cls = self._task_class(name)
+                if cls is not None:
+                    self._validated(name, cls, table, str(path))
         except ConfigError as exc:
             self.last_config_error = f"config refused, the previous config stays in force: {exc}"
             self.channels.emit("error", DAEMON_SOURCE, self.last_config_error)
@@ -481,6 +493,8 @@ class Daemon:
         self.not_tasks.clear()
         self.import_failures.clear()
         for name in sorted(set(before) | set(new)):
+            if self.options.module and name != self.options.module:
+                continue  # the process of one external task runs that task only
             self._apply(name, before.get(name, {}))
         self.channels.emit("debug", DAEMON_SOURCE, f"config reloaded from {path}")
         return True
@@ -525,9 +539,9 @@ class Daemon:
         was refused (also reported on ``error``)."""
         try:
             checked = check_config({name: table}, "control message")[name]
-            runner = self.runners.get(name)
-            if runner is not None:
-                self._validated(name, runner.cls, checked, "control message")
+            cls = self._task_class(name)
+            if cls is not None:
+                self._validated(name, cls, checked, "control message")
         except ConfigError as exc:
             self.channels.emit("error", DAEMON_SOURCE, f"config for {name} refused: {exc}")
             return f"config for {name} refused: {exc}"
@@ -589,6 +603,9 @@ class Daemon:
                 self.request_stop()
             elif item.type == "reload" and not self.reload_config():
                 errors.append(self.last_config_error or "config file refused")
+        if errors and body.reply_to is None:
+            self.channels.emit("error", DAEMON_SOURCE,
+                               "control message refused: " + "; ".join(errors))
         if body.query is not None:
             reply = self._query(body.query, body.task)
         elif errors:
@@ -797,6 +814,8 @@ class Daemon:
             if opts.config_file is not None:
                 self.file_config = load_config_file(opts.config_file)
                 self._check_startup_config()
+            # Watch before loading: a change made while tasks load is not missed.
+            watcher = self._watch_config()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.loop.add_signal_handler(sig, self.request_stop)
             self.loop.add_signal_handler(signal.SIGHUP, self.reload_config)
@@ -814,13 +833,11 @@ class Daemon:
                 for name in sorted(self.file_config):
                     if self.watch.in_failsafe(name):
                         self.channels.emit("log", DAEMON_SOURCE,
-                                           f"task {name} stays stopped: in failsafe since "
-                                           f"{time.ctime(self.watch.marks[name].get('since'))}"
-                                           f" ({self.watch.marks[name].get('reason')}); "
+                                           f"task {name} stays stopped: in failsafe "
+                                           f"{self.watch.describe(name)}; "
                                            f"`mmctl unfailsafe {name}` starts it", task=name)
                     elif name not in self.runners:
                         self._load(name)
-            watcher = self._watch_config()
             self.channels.emit("log", DAEMON_SOURCE, f"running (pid {os.getpid()}): tasks "
                                                      f"{', '.join(sorted(self.runners)) or 'none'}")
             self.ready.set()
@@ -876,6 +893,9 @@ class Daemon:
                 break
         for runner in list(self.runners.values()):
             await runner.stop()
+            # Left in memory by a handler that hung: back to the task's queue, not lost.
+            for message in self.transit.undeclare_local(runner.name):
+                self._send_out(runner.name, message)
         for outbox in list(self._outboxes.values()):
             if not await self.loop.run_in_executor(None, outbox.wait_empty, OUTBOX_EXIT_WAIT_S):
                 self._save_outbox(outbox)

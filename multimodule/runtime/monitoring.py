@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 SOURCE = "MultiModule"
 
 
+def _printable(text: str) -> str:
+    """``text`` on one line, control characters as spaces (it goes into logs)."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
 def figures_path(state_dir: Path, task: str) -> Path:
     """Where the process of external task ``task`` writes its counters."""
     return state_dir / f"task-{task}.figures.json"
@@ -81,7 +86,18 @@ class MonitorService:
             data = orjson.loads(self.path.read_bytes())
             if not isinstance(data, dict):
                 raise ValueError("not an object")
-            self.marks = {str(k): v for k, v in data.items() if isinstance(v, dict)}
+            self.marks = {}
+            for name, mark in data.items():
+                if name == ROUTER_QNAME:
+                    self.daemon.channels.emit("error", SOURCE, f"{self.path}: the Router is "
+                                                               "never held in failsafe; ignored")
+                    continue
+                mark = mark if isinstance(mark, dict) else {}
+                since = mark.get("since")
+                mark["since"] = since if isinstance(since, (int, float)) and \
+                    0 <= since < 1e11 else None
+                mark["reason"] = _printable(str(mark.get("reason") or "unknown"))
+                self.marks[str(name)] = mark
         except FileNotFoundError:
             self.marks = {}
         except (OSError, ValueError) as exc:
@@ -95,6 +111,13 @@ class MonitorService:
 
     def in_failsafe(self, name: str) -> bool:
         return name in self.marks
+
+    def describe(self, name: str) -> str:
+        """``since DATE (REASON)`` for a task in failsafe."""
+        mark = self.marks.get(name, {})
+        since = mark.get("since")
+        when = f"since {time.ctime(since)} " if since is not None else ""
+        return f"{when}({mark.get('reason')})"
 
     # -- thresholds ------------------------------------------------------------------------
 
@@ -247,6 +270,7 @@ class MonitorService:
             return f"task {name} is being migrated; try again when it has moved"
         if name not in daemon.runners and name not in daemon.externals:
             return f"no task {name!r} is loaded"
+        reason = _printable(reason)
         self.marks[name] = {"reason": reason, "since": time.time(), **fields}
         try:
             self._save_marks()
@@ -292,18 +316,21 @@ class MonitorService:
             return f"task {name} is still being stopped; try again"
         if name not in self.marks:
             return f"task {name} is not in failsafe"
-        del self.marks[name]
+        mark = self.marks.pop(name)
+        daemon.import_failures.pop(name, None)
+        daemon.not_tasks.discard(name)
+        if daemon._load(name) is None and name not in daemon.externals:
+            # It cannot run (its config or code changed meanwhile): it stays in failsafe.
+            self.marks[name] = mark
+            problem = daemon.import_failures.pop(name, None) or "it could not be loaded"
+            return f"task {name} stays in failsafe: {problem}"
         try:
             self._save_marks()
         except OSError as exc:
             daemon.channels.emit("error", SOURCE, f"cannot save {self.path}: {exc}")
         self.monitor.forget(name)
-        daemon.import_failures.pop(name, None)
-        daemon.not_tasks.discard(name)
-        self.notify("failsafe", name, "failsafe cleared by hand; starting it again",
+        self.notify("failsafe", name, "failsafe cleared by hand; started again",
                     {"level": "ok", "reason": "unfailsafe", "metric": None, "value": None})
-        if daemon._load(name) is None and name not in daemon.externals:
-            return daemon.import_failures.get(name) or f"task {name} could not be loaded"
         return daemon.starting.get(name)
 
     # -- figures for operators -------------------------------------------------------------

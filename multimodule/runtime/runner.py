@@ -108,6 +108,8 @@ class TaskRunner:
         self._stop_after_message = False
         self.started_at = time.time()
         self.last_error: str | None = None
+        #: A handler hung while stopping: nothing more is delivered to this instance.
+        self.stuck = False
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -185,7 +187,11 @@ class TaskRunner:
             try:
                 await asyncio.wait_for(asyncio.shield(consumer), STOP_GRACE_S)
             except asyncio.TimeoutError:
-                self.report_error(f"handler still busy after {STOP_GRACE_S} s; cancelled")
+                # A handler that hung this long would hang on the next message too: the
+                # messages still in memory are left for the host to send back to the queue.
+                self.stuck = True
+                self.report_error(f"handler still busy after {STOP_GRACE_S} s; cancelled; "
+                                  f"{len(self.queue)} messages in memory go back to its queue")
                 consumer.cancel()
             except asyncio.CancelledError:
                 pass
@@ -226,10 +232,22 @@ class TaskRunner:
 
     async def deliver_pending(self) -> int:
         """Handle the messages waiting in memory now (not those they cause to be sent here);
-        return how many were handled."""
+        return how many were handled. A handler still busy after ``STOP_GRACE_S`` is
+        cancelled and the task marked :attr:`stuck`: the rest stay in memory for the host
+        to send back to the task's System V queue."""
+        if self.stuck:
+            return 0
         count = len(self.queue)
-        for _ in range(count):
-            await self.process(self.queue.get_nowait())
+        for handled in range(count):
+            message = self.queue.get_nowait()
+            try:
+                await asyncio.wait_for(self.process(message), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                self.stuck = True
+                self.report_error(f"handler still busy after {STOP_GRACE_S} s while "
+                                  f"delivering what was in memory; cancelled; "
+                                  f"{len(self.queue)} messages go back to its queue")
+                return handled + 1
         return count
 
     async def process(self, message: dict[str, Any]) -> None:
