@@ -306,3 +306,38 @@ def split_address(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{value!r} is not ADDR:PORT (e.g. 127.0.0.1:9100)")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+#: Options the process of an external task takes from its daemon unless its own command line
+#: sets them: its unit's ``ExecStart=`` does not carry them.
+INHERITED_OPTIONS = ("oob", "debug", "monitor_interval_s", "monitor_window_s",
+                     "slow_handler_s")
+
+
+def options_path(state_dir: Path) -> Path:
+    """Where the daemon publishes :data:`INHERITED_OPTIONS` for its external tasks."""
+    return Path(state_dir) / "daemon-options.json"
+
+
+def inherit_options(options: DaemonOptions) -> DaemonOptions:
+    """For ``multimodule -m TASK``: ``options`` with the daemon's published values of the
+    :data:`INHERITED_OPTIONS` it was not given. Unchanged if nothing is published; raises
+    :class:`ConfigError` if what is published does not validate."""
+    if options.module is None:
+        return options
+    try:
+        published = json.loads(options_path(options.state_dir).read_text())
+    except FileNotFoundError:
+        return options
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{options_path(options.state_dir)}: {exc}") from exc
+    if not isinstance(published, dict):
+        raise ConfigError(f"{options_path(options.state_dir)}: not an object")
+    merged = options.model_dump()
+    merged.update({name: published[name] for name in INHERITED_OPTIONS
+                   if name in published and name not in options.model_fields_set})
+    try:
+        return DaemonOptions.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(f"{options_path(options.state_dir)}: "
+                          f"{format_validation_error(exc)}") from exc

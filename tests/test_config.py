@@ -277,3 +277,24 @@ def test_oob_queue_sink_sends_a_record():
     assert qname == "Logs"
     assert {k: record[k] for k in ("channel", "task", "text", "n")} == \
            {"channel": "log", "task": "T", "text": "hello", "n": 1}
+
+
+def test_an_external_tasks_process_inherits_the_daemons_published_options(tmp_path):
+    from multimodule.config import INHERITED_OPTIONS, inherit_options, options_path
+
+    published = {"oob": "error:errs", "debug": 2, "monitor_interval_s": 0.5,
+                 "monitor_window_s": 3.0, "slow_handler_s": 0.25}
+    assert set(published) == set(INHERITED_OPTIONS)
+    options_path(tmp_path).write_text(json.dumps(published))
+    # Given the process of task T, its own command line setting only -d
+    own = DaemonOptions.model_validate({"module": "T", "state_dir": tmp_path, "debug": 1})
+    # Then it takes the rest from the daemon, and keeps what it was given
+    got = inherit_options(own)
+    assert (got.oob, got.debug, got.monitor_interval_s, got.slow_handler_s) == \
+        ("error:errs", 1, 0.5, 0.25)
+    # The daemon itself (no -m) inherits nothing; a bad file is a ConfigError naming it
+    daemon = DaemonOptions.model_validate({"state_dir": tmp_path})
+    assert inherit_options(daemon) is daemon
+    options_path(tmp_path).write_text('{"monitor_interval_s": -1}')
+    with pytest.raises(ConfigError, match="daemon-options.json: monitor_interval_s"):
+        inherit_options(own)

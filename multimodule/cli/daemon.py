@@ -10,7 +10,7 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from multimodule.config import DaemonOptions
+from multimodule.config import DaemonOptions, inherit_options
 from multimodule.errors import ConfigError
 from multimodule.oob import parse_spec
 
@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from multimodule.runtime.daemon import Daemon
 
     try:
+        options = inherit_options(options)
         return asyncio.run(Daemon(options).run())
     except ConfigError as exc:
         print(f"multimodule: {exc}", file=sys.stderr)

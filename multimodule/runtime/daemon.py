@@ -36,9 +36,11 @@ import orjson
 from pydantic import BaseModel
 
 from multimodule.config import (
+    INHERITED_OPTIONS,
     DaemonOptions,
     check_config,
     load_config_file,
+    options_path,
     validate_task_config,
 )
 from multimodule.errors import ConfigError, MultiModuleError, QueueFull, TransitError
@@ -407,6 +409,18 @@ class Daemon:
                                    f"cannot set nice {limits.nice} for task {name}: {exc}",
                                    task=name)
 
+    def _publish_options(self) -> None:
+        """Write the options external tasks inherit (see :func:`inherit_options`): their
+        units' command lines do not carry the daemon's ``-o``, ``-d`` or monitor options."""
+        opts = self.options
+        inherited = {name: getattr(opts, name) for name in INHERITED_OPTIONS}
+        inherited["oob"] = absolute_spec(opts.oob)
+        try:
+            write_atomic(options_path(self.store.path), orjson.dumps(inherited), mode=0o640)
+        except OSError as exc:
+            self.channels.emit("error", DAEMON_SOURCE, f"cannot write the options for "
+                                                       f"external tasks: {exc}")
+
     def _make_backend(self) -> TaskBackend:
         opts = self.options
         if choose_backend_name(opts.task_backend) == "systemd":
@@ -421,10 +435,7 @@ class Daemon:
             config_file=opts.config_file.resolve() if opts.config_file else None,
             transit_dir=self.transit.path.resolve(),
             task_path=tuple(p.resolve() for p in opts.task_path),
-            prefixes=tuple(opts.prefixes),
-            extra_args=("-q", opts.control_queue, "-o", absolute_spec(opts.oob),
-                        "-d", str(opts.debug),
-                        "--monitor-interval", str(opts.monitor_interval_s)))
+            prefixes=tuple(opts.prefixes))
         return DetachedBackend(spec, loop=self.loop, on_event=on_event)
 
     def _task_class(self, name: str) -> type[Task] | None:
@@ -783,6 +794,7 @@ class Daemon:
             self.lock.acquire()
             if not opts.module:
                 self.watch.load_marks()
+                self._publish_options()
         except AlreadyRunning as exc:
             print(f"multimodule: {exc}", file=sys.stderr)
             return 1

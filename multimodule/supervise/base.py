@@ -61,8 +61,8 @@ class LaunchSpec:
 
     ``argv_prefix``: the command up to the options (e.g. ``[python, -m,
     multimodule.cli.daemon]``); ``config_file``, ``state_dir``, ``transit_dir``,
-    ``task_path``, ``prefixes``: as the daemon has them; ``extra_args``: more options passed
-    on as they are (the control queue, the out-of-band channels, the monitor's interval).
+    ``task_path``, ``prefixes``: as the daemon has them (the other options reach the task
+    through ``STATE_DIR/daemon-options.json``, as they do a systemd unit).
     """
 
     argv_prefix: tuple[str, ...]
@@ -71,7 +71,6 @@ class LaunchSpec:
     transit_dir: Path | None = None
     task_path: tuple[Path, ...] = ()
     prefixes: tuple[str, ...] = ("",)
-    extra_args: tuple[str, ...] = ()
 
     def argv(self, task: str) -> list[str]:
         """The full command line for task ``task``."""
@@ -83,7 +82,6 @@ class LaunchSpec:
         for path in self.task_path:
             argv += ["--task-path", str(path)]
         argv += ["-p", ",".join(self.prefixes)]
-        argv += self.extra_args
         return argv
 
 
