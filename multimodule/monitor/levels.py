@@ -82,19 +82,25 @@ class Window:
         self.span_s = span_s
         self.clock = clock
         self.samples: deque[tuple[float, float]] = deque()
+        self._total = 0.0  # of the samples' values, kept as they come and go
 
     def add(self, value: float) -> None:
         """Record ``value`` now; drop samples older than the span."""
         now = self.clock()
-        self.samples.append((now, value))
-        while self.samples and self.samples[0][0] < now - self.span_s:
-            self.samples.popleft()
+        samples = self.samples
+        samples.append((now, value))
+        self._total += value
+        cutoff = now - self.span_s
+        while samples[0][0] < cutoff:
+            self._total -= samples.popleft()[1]
+        if len(samples) == 1:
+            self._total = value  # no rounding left over from values gone
 
     def mean(self) -> float | None:
         """Mean of the samples in the window (a gauge), ``None`` if empty."""
         if not self.samples:
             return None
-        return sum(v for _, v in self.samples) / len(self.samples)
+        return self._total / len(self.samples)
 
     def rate(self) -> float | None:
         """Increase per second across the window (a counter), ``None`` with fewer than two
@@ -178,8 +184,6 @@ class LevelTracker:
 
     def level(self, task: str) -> str:
         """The task's highest level over all its metrics."""
-        worst = "ok"
-        for (name, _), level in self.levels.items():
-            if name == task and LEVELS.index(level) > LEVELS.index(worst):
-                worst = level
-        return worst
+        levels = self.levels
+        return LEVELS[max(LEVELS.index(levels.get((task, metric), "ok"))
+                          for metric in self.thresholds)]

@@ -148,7 +148,7 @@ class Monitor:
     def __post_init__(self) -> None:
         self.tracker = LevelTracker()
         self.tracks: dict[str, _Track] = {}
-        self.rows: dict[str, dict[str, Any]] = {}
+        self._latest: dict[str, tuple[TaskView, dict[str, float | None]]] = {}
         self.queue_rows: dict[str, dict[str, Any]] = {}
 
     # -- thresholds ------------------------------------------------------------------------
@@ -202,7 +202,7 @@ class Monitor:
         for name in list(self.tracks):
             if name not in seen:  # unloaded: its history is of no use any more
                 self.forget(name)
-                self.rows.pop(name, None)
+                self._latest.pop(name, None)
         task_queues = {view.name for view in views}
         for qname in list(self.queue_rows):
             if qname not in queue_fill:
@@ -285,8 +285,16 @@ class Monitor:
                 alert = self.tracker.update(view.name, metric, values[metric])
                 if alert is not None:
                     alerts.append(alert)
-        self.rows[view.name] = self._row(view, track, values)
+        self._latest[view.name] = (view, values)
         return alerts
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """Task name -> the status row of its last sample (built when asked: a sample
+        itself only updates windows and levels). Not thread-safe: call it from the thread
+        that calls :meth:`tick`."""
+        return {name: self._row(view, self.tracks[name], values)
+                for name, (view, values) in self._latest.items()}
 
     def empty_row(self, view: TaskView) -> dict[str, Any]:
         """The row of a task no sample has seen yet (figures unknown)."""

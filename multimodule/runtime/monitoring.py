@@ -351,9 +351,10 @@ class MonitorService:
         for name in daemon.migrating:
             current.setdefault(name, TaskView(name, "internal", "activating"))
         rows = []
-        for name in sorted(set(current) | {n for n, r in self.monitor.rows.items()
+        sampled = self.monitor.rows
+        for name in sorted(set(current) | {n for n, r in sampled.items()
                                            if r["kind"] == "daemon"}):
-            row = dict(self.monitor.rows.get(name) or self.monitor.empty_row(current[name]))
+            row = sampled.get(name) or self.monitor.empty_row(current[name])
             view = current.get(name)
             if view is not None:
                 row.update(kind=view.kind, state=view.state, pid=view.pid, where=view.where)
@@ -402,8 +403,11 @@ LEVEL_NUMBER = {"ok": 0, "warn": 1, "severe": 2, "failsafe": 3}
 
 
 class PrometheusCollector:
-    """Exposes the rows of a :class:`MonitorService` (read at scrape time, from the
-    server's thread; the rows are replaced, not changed in place, by each sample)."""
+    """Exposes the rows of a :class:`MonitorService`, built at scrape time on the event
+    loop (the server runs in its own thread; the monitor belongs to the loop)."""
+
+    #: Seconds a scrape waits for the loop.
+    SCRAPE_WAIT_S = 5.0
 
     def __init__(self, service: MonitorService):
         self.service = service
@@ -411,7 +415,11 @@ class PrometheusCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        rows = self.service.rows()
+        async def rows() -> list[dict[str, Any]]:
+            return self.service.rows()
+
+        loop = self.service.daemon.loop
+        rows = asyncio.run_coroutine_threadsafe(rows(), loop).result(self.SCRAPE_WAIT_S)
         families = {field: GaugeMetricFamily(name, text, labels=["task", "kind"])
                     for field, (name, text) in PROMETHEUS_GAUGES.items()}
         level = GaugeMetricFamily("multimodule_task_level",
