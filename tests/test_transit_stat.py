@@ -100,3 +100,18 @@ def test_send_if_exists_creates_nothing_and_delivers_large_replies_whole(transit
     assert transit.send_if_exists("reply", big) is True
     # Then it arrives whole (spilled), as any message would
     assert transit.receive("reply", timeout=5)["status"] == big["status"]
+
+
+def test_fills_and_queues_read_every_queue_without_creating_one(transit):
+    # Given two queues, one a third full, and a name whose queue was removed
+    transit.send("half", {"pad": "x" * 100})
+    transit.sysv_queue("empty")
+    transit.sysv_queue("gone")
+    transit.remove("gone")
+    fills = transit.fills()
+    # Then each live queue's fill comes from the kernel, and nothing is made for "gone"
+    stat = transit.stat("half")
+    assert fills["half"] == pytest.approx(stat.bytes / stat.max_bytes) and fills["half"] > 0
+    assert fills["empty"] == 0.0 and "gone" not in fills
+    assert {s.name for s in transit.queues()} == {"half", "empty"}
+    assert not transit.exists("gone")

@@ -201,10 +201,7 @@ class MonitorService:
                             restarts=process.restarts)
             views.append(view)
             figures[name] = self.monitor.read_process(view)
-        fill = {}
-        for stat in daemon.transit.queues():
-            fill[stat.name] = stat.fill
-        return views, figures, fill
+        return views, figures, daemon.transit.fills()
 
     async def sample(self) -> list[Alert]:
         """Take one sample now; send the alerts due and start failsafe where reached."""

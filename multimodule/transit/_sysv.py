@@ -94,6 +94,21 @@ class QueueStat:
         return self.bytes / self.max_bytes
 
 
+def proc_waiting_bytes() -> dict[int, int]:
+    """Queue id -> bytes waiting, for every System V queue, in one read of
+    ``/proc/sysvipc/msg`` (empty if it cannot be read)."""
+    out = {}
+    try:
+        with open("/proc/sysvipc/msg") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                out[int(fields[1])] = int(fields[3])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return {}
+    return out
+
+
 def _proc_cbytes(queue_id: int) -> int | None:
     """Bytes waiting on the queue with id ``queue_id``, from ``/proc/sysvipc/msg``."""
     try:

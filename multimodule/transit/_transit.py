@@ -20,7 +20,7 @@ from multimodule.transit._directory import (
     validate_qname,
 )
 from multimodule.transit._local import LocalQueue
-from multimodule.transit._sysv import QueueStat, SysvQueue, kernel_msgmax
+from multimodule.transit._sysv import QueueStat, SysvQueue, kernel_msgmax, proc_waiting_bytes
 
 
 class Transit:
@@ -183,14 +183,37 @@ class Transit:
             return queue.stat()
 
     def queues(self) -> list[QueueStat]:
-        """Figures for every System V queue registered in the transit directory, by name."""
+        """Figures for every System V queue registered in the transit directory, by name
+        (never creating one: a queue removed meanwhile is left out)."""
         out = []
         for name in self.directory.names():
             try:
                 validate_qname(name)
-                out.append(self.sysv_queue(name).stat())
+                queue = self._open_existing(name)
+                if queue is not None:
+                    out.append(SysvQueue(self.directory, name, self.msgmax,
+                                         existing=queue).stat())
             except TransitError:
                 continue  # a stray file, or a queue removed between listing and reading
+        return out
+
+    def fills(self) -> dict[str, float | None]:
+        """Name -> fill (bytes waiting / capacity, 0.0 to 1.0) of every System V queue
+        registered in the transit directory; one read of the kernel's table for all, no
+        queue created or kept open (for the resource monitor)."""
+        waiting = proc_waiting_bytes()
+        out: dict[str, float | None] = {}
+        for name in self.directory.names():
+            try:
+                validate_qname(name)
+                queue = self._open_existing(name)
+            except TransitError:
+                continue
+            if queue is None:
+                continue
+            cbytes = waiting.get(queue.id)
+            out[name] = cbytes / queue.max_size if cbytes is not None and queue.max_size \
+                else None
         return out
 
     def receiver(self, qname: str, deliver: Deliver, *, on_error: OnError | None = None,
