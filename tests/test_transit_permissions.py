@@ -119,3 +119,27 @@ def test_group_shared_files_are_group_writable(transit_dir, umask, mask):
     for path in (transit_dir / "grp-files", spilled):
         assert os.stat(path).st_gid == gid
         assert mode(path) == 0o660, f"{path.name}: {oct(mode(path))}"
+
+
+def test_a_directory_shared_with_a_group_shares_its_queues_without_the_environment(
+        transit_dir, umask, monkeypatch):
+    # Given a transit directory its owner shares with a group (0770), as the packaged
+    # service does with /run/multimodule/transit
+    monkeypatch.delenv("MULTIMODULE_TRANSIT_GROUP", raising=False)
+    umask(0o022)
+    gid = shared_group()
+    Transit(transit_dir, group=gid)
+    # When another process uses it without being told the group (a member's mmctl)
+    Transit(transit_dir).send("member-q", {"a": 1})
+    # Then its queue and name file are shared with that group too
+    key = int((transit_dir / "member-q").read_text())
+    assert sysv_ipc.MessageQueue(key).gid == gid
+    assert sysv_ipc.MessageQueue(key).mode & 0o777 == 0o660
+    assert mode(transit_dir / "member-q") == 0o660
+    # While a private directory stays private
+    private = Transit(transit_dir.parent / "private-transit")
+    try:
+        private.send("own-q", {"a": 1})
+        assert mode(private.path / "own-q") == 0o600
+    finally:
+        private.remove_all()

@@ -65,12 +65,29 @@ def validate_qname(qname: object) -> str:
     return qname
 
 
+#: The transit directory of the system's daemon (the packaged service).
+SYSTEM_TRANSIT_DIR = Path("/run/multimodule/transit")
+
+
+def shared_group_of(path: str | os.PathLike[str]) -> int | None:
+    """The group a transit directory is shared with: its group if the directory exists with
+    group access (mode 0770, as :class:`TransitDirectory` makes a shared one), else ``None``.
+    So the members of that group share its queues without setting
+    ``$MULTIMODULE_TRANSIT_GROUP``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_gid if stat_mod.S_IMODE(st.st_mode) & 0o070 == 0o070 else None
+
+
 def default_transit_dir(environ: dict[str, str] | None = None) -> Path:
     """Where the transit directory lives when none is given.
 
     Order: ``$MULTIMODULE_TRANSIT_DIR``; ``$RUNTIME_DIRECTORY/transit`` when systemd set
-    ``RuntimeDirectory=``; ``/run/multimodule/transit`` under systemd (``$INVOCATION_ID`` set) or
-    as root; else ``$XDG_RUNTIME_DIR/multimodule/transit``; else
+    ``RuntimeDirectory=``; ``/run/multimodule/transit`` under systemd (``$INVOCATION_ID`` set),
+    as root, or when this user may use it (a member of the group the packaged service shares
+    it with); else ``$XDG_RUNTIME_DIR/multimodule/transit``; else
     ``/tmp/multimodule-<uid>/transit`` (created private).
     """
     env = os.environ if environ is None else environ
@@ -79,8 +96,9 @@ def default_transit_dir(environ: dict[str, str] | None = None) -> Path:
     if env.get("RUNTIME_DIRECTORY"):
         # systemd may list several directories separated by ':'; ours is the first.
         return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "transit"
-    if env.get("INVOCATION_ID") or os.geteuid() == 0:
-        return Path("/run/multimodule/transit")
+    if env.get("INVOCATION_ID") or os.geteuid() == 0 or \
+            os.access(SYSTEM_TRANSIT_DIR, os.R_OK | os.W_OK | os.X_OK):
+        return SYSTEM_TRANSIT_DIR
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "multimodule" / "transit"
     return Path(f"/tmp/multimodule-{os.geteuid()}") / "transit"

@@ -17,6 +17,7 @@ from multimodule.transit._directory import (
     ENV_TRANSIT_GROUP,
     TransitDirectory,
     default_transit_dir,
+    shared_group_of,
     validate_qname,
 )
 from multimodule.transit._local import LocalQueue
@@ -27,7 +28,8 @@ class Transit:
     """Named message queues over one transit directory.
 
     ``transit_dir``: the directory (default: :func:`default_transit_dir`). ``group``: a group
-    name or id to share queues with (default ``$MULTIMODULE_TRANSIT_GROUP``, else private).
+    name or id to share queues with (default ``$MULTIMODULE_TRANSIT_GROUP``, else the group of
+    an existing directory shared with one (mode 0770), else private).
 
     A send goes to this process's in-memory queue if the name was declared local with
     :meth:`declare_local`, else to the System V queue of that name. Thread-safe.
@@ -36,9 +38,9 @@ class Transit:
 
     def __init__(self, transit_dir: str | os.PathLike[str] | None = None,
                  group: str | int | None = None):
-        if group is None:
-            group = os.environ.get(ENV_TRANSIT_GROUP) or None
         path = Path(transit_dir) if transit_dir is not None else default_transit_dir()
+        if group is None:
+            group = os.environ.get(ENV_TRANSIT_GROUP) or shared_group_of(path)
         self.directory = TransitDirectory(path, group)
         self.msgmax = kernel_msgmax()
         self._sysv: dict[str, SysvQueue] = {}
