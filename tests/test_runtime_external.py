@@ -299,3 +299,27 @@ def test_an_external_tasks_process_follows_only_its_own_section(mm, transit):
     assert all(m["pid"] == daemon.pid for m in before if m.get("other"))
     if not any(m.get("other") for m in before):
         receive_until(transit, "out", lambda m: m.get("other") and m["pid"] == daemon.pid)
+
+
+def test_a_task_migrated_out_stays_out_when_the_daemon_restarts(mm, transit):
+    mm.task("Counter", COUNTER)
+    mm.config("[Counter]\nintervals = { save_state = 0.05 }\n\n"
+              + router_section(route("Counter", "out")))
+    # Given a task the config runs in the daemon, moved out by hand
+    daemon = mm.start()
+    code, _, err = mm.mmctl("migrate", "Counter", "--external")
+    assert code == 0, err
+    outside = next_count(transit, after_pid=daemon.pid)
+    # When the daemon restarts (the file still says internal)
+    daemon.stop_ok()
+    daemon = mm.start()
+    # Then it adopts the running process instead of starting a second copy
+    daemon.wait_line("stdout", "task Counter runs in its own process (moved there before",
+                     start=0)
+    later = next_count(transit, above=outside["ct"])
+    assert later["pid"] == outside["pid"]
+    _, skipped = receive_until(transit, "out", lambda m: m["ct"] > later["ct"] + 5)
+    assert {m["pid"] for m in skipped} == {outside["pid"]}  # one copy only
+    # And `mmctl migrate --internal` brings it back
+    assert mm.mmctl("migrate", "Counter", "--internal")[0] == 0
+    assert next_count(transit, after_pid=outside["pid"])["pid"] == daemon.pid

@@ -276,6 +276,16 @@ class Daemon:
         try:
             config, settings = self._validated(name, cls, table, self._config_source(name))
             self.watch.set_thresholds(name, config)
+            if not self.options.module and config.get("is_external") is not True \
+                    and cls.is_stateful and self._runs_outside(name):
+                # Moved out by `mmctl migrate` before this daemon started: adopt it there
+                # rather than run a second copy here (`mmctl migrate NAME --internal` brings
+                # it back).
+                self.overrides[name] = {**table, "is_external": True}
+                config = {**config, "is_external": True}
+                self.channels.emit("log", DAEMON_SOURCE,
+                                   f"task {name} runs in its own process (moved there before "
+                                   "this daemon started); adopting it there", task=name)
             if config.get("is_external") is True and not self.options.module:
                 self._start_external(name, config)
                 return None
@@ -437,6 +447,16 @@ class Daemon:
             task_path=tuple(p.resolve() for p in opts.task_path),
             prefixes=tuple(opts.prefixes))
         return DetachedBackend(spec, loop=self.loop, on_event=on_event)
+
+    def _runs_outside(self, name: str) -> bool:
+        """Whether an external instance of task ``name`` runs now (its unit is active, or
+        its detached process holds its lock)."""
+        if self.backend is None or name in self.externals:
+            return False
+        try:
+            return self.backend.status(name).running
+        except UnitError:
+            return False
 
     def _task_class(self, name: str) -> type[Task] | None:
         """Task ``name``'s class, to check a config for it: the loaded one, else found the
