@@ -58,6 +58,9 @@ ExecStart={VENV_BIN}/python -m multimodule.cli.daemon -c /etc/multimodule/multim
 Environment=PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1
 User=root
 Group=root
+# Root without capabilities (CapabilityBoundingSet= is empty) may not hand the transit
+# directory to the group multimodule; these tests share nothing with its members.
+UnsetEnvironment=MULTIMODULE_TRANSIT_GROUP
 ProtectHome=no
 PrivateTmp=no
 WatchdogSec=4
@@ -75,6 +78,9 @@ ExecStart={VENV_BIN}/python -m multimodule.cli.daemon -m %i \
 Environment=PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1
 User=root
 Group=root
+# Root without capabilities (CapabilityBoundingSet= is empty) may not hand the transit
+# directory to the group multimodule; these tests share nothing with its members.
+UnsetEnvironment=MULTIMODULE_TRANSIT_GROUP
 ProtectHome=no
 PrivateTmp=no
 """)
