@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import grp
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,45 @@ def test_a_directory_shared_with_a_group_shares_its_queues_without_the_environme
         assert mode(private.path / "own-q") == 0o600
     finally:
         private.remove_all()
+
+
+def _as_member(uid: int, gid: int, work) -> int:
+    """Run ``work()`` in a forked child with user ``uid`` in group ``gid``; its exit status
+    (0 if ``work`` returned)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
+            work()
+            os._exit(0)
+        except BaseException as exc:  # report, never return into pytest in the child
+            os.write(2, f"member {uid}: {type(exc).__name__}: {exc}\n".encode())
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_a_member_renews_a_queue_another_member_registered():
+    # Given a transit directory shared with a group, reachable by other users
+    gid = shared_group()
+    top = Path(tempfile.mkdtemp(prefix="mm-shared-"))
+    top.chmod(0o755)
+    path = top / "transit"
+    owner = Transit(path, group=gid)
+    try:
+        # When one member registers a queue, and the queue is removed (as logind removes a
+        # user's queues when the last session ends)
+        assert _as_member(65534, gid, lambda: Transit(path).sysv_queue("Shared")) == 0
+        assert os.stat(path / "Shared").st_uid == 65534
+        sysv_ipc.MessageQueue(owner.directory.lookup_key("Shared")).remove()
+        # Then another member (here, another uid of the group) makes it anew, in the same file
+        def renew():
+            Transit(path).send("Shared", {"n": 1}, timeout=0)
+
+        assert _as_member(65533, gid, renew) == 0
+        assert owner.receive("Shared", timeout=5)["n"] == 1
+    finally:
+        owner.remove_all()
+        shutil.rmtree(top, ignore_errors=True)

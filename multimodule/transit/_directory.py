@@ -226,9 +226,13 @@ class TransitDirectory:
             queue = self._create_queue(max_message_size)
             os.ftruncate(fd, 0)
             os.pwrite(fd, b"%d\n" % queue.key, 0)
-            os.fchmod(fd, self.file_mode)  # the umask must not narrow it
-            if self.gid is not None:
-                os.fchown(fd, -1, self.gid)
+            if os.fstat(fd).st_uid == os.geteuid():
+                # Ours: the umask must not narrow it. Another member of the group made it
+                # (and its queue went, e.g. with that user's last session): the key is
+                # written, and only its owner may change its mode.
+                os.fchmod(fd, self.file_mode)
+                if self.gid is not None:
+                    os.fchown(fd, -1, self.gid)
             return queue
         except OSError as exc:
             raise TransitBroken(f"cannot register queue {qname!r} in {path}: {exc}") from exc
