@@ -22,6 +22,7 @@ import orjson
 from multimodule.config import is_task_name
 from multimodule.errors import BadMessage, Empty, MultiModuleError, QueueFull, UsageError
 from multimodule.transit import Transit, default_transit_dir
+from multimodule.transit._directory import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,8 +48,9 @@ def _transit_options() -> argparse.ArgumentParser:
         "-T", "--transit-dir", metavar="DIR", default=argparse.SUPPRESS,
         help="transit directory shared by the processes that talk (default: "
              "$MULTIMODULE_TRANSIT_DIR, else $RUNTIME_DIRECTORY/transit in a unit with "
-             "RuntimeDirectory=, /run/multimodule/transit as root or under systemd, "
-             "$XDG_RUNTIME_DIR/multimodule/transit, or /tmp/multimodule-UID/transit)",
+             "RuntimeDirectory=, /run/multimodule/transit as root, under systemd or for the "
+             "members of its group, else $XDG_RUNTIME_DIR/multimodule/transit, or "
+             "/tmp/multimodule-UID/transit)",
     )
     common.add_argument(
         "-q", "--control-queue", metavar="QNAME", default=argparse.SUPPRESS,
@@ -58,7 +60,16 @@ def _transit_options() -> argparse.ArgumentParser:
 
 
 def _open_transit(args: argparse.Namespace) -> Transit:
-    return Transit(getattr(args, "transit_dir", None))
+    given = getattr(args, "transit_dir", None)
+    if given is None and not os.environ.get(ENV_TRANSIT_DIR):
+        chosen = default_transit_dir()
+        system = SYSTEM_TRANSIT_DIR
+        if chosen != system and system.parent.exists() and not getattr(args, "warned", False):
+            # The packaged service runs here, but this user may not reach its queues.
+            args.warned = True
+            print(f"{args.prog}: {system} (the system daemon's) is not accessible to you: "
+                  f"members of its group may use it; using {chosen}", file=sys.stderr)
+    return Transit(given)
 
 
 def _parse_object(text: str, origin: str) -> dict[str, Any]:
@@ -457,8 +468,9 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
         description="Control multimodule: send and receive messages, list queues, and "
                     "talk to the daemon (config, state, status, top, migrate, failsafe, "
                     "unfailsafe, reload, stop).",
-        epilog=f"Default transit directory here: {default_transit_dir()}. The commands "
-               "strans, rtrans and qtrans are mmctl send, recv and queues.",
+        epilog="The commands strans, rtrans and qtrans are mmctl send, recv and queues. "
+               "Exit status: 0 ok, 1 failed or timed out, 2 bad usage or input, 3 the daemon "
+               "did not answer, 4 no such task.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_send(sub, common)

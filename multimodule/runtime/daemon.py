@@ -700,6 +700,8 @@ class Daemon:
         then, before = self._rate_mark
         self._rate_mark = (now, handled)
         rate = (handled - before) / (now - then) if now > then else 0.0
+        if self.options.module:
+            return f"task {self.options.module}: {rate:.0f} messages/s"
         return (f"{len(self.runners)} tasks internal, {len(self.externals)} external, "
                 f"{len(self.import_failures)} failed; {rate:.0f} messages/s")
 
