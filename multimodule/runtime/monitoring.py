@@ -50,6 +50,14 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else " " for c in text)
 
 
+def task_state(process: TaskProcess) -> str:
+    """An external task's state in status terms: ``running``, ``activating``, ``failed`` or
+    ``stopped`` (from systemd's ``ActiveState``, which both backends report)."""
+    return {ActiveState.ACTIVE: "running", ActiveState.ACTIVATING: "activating",
+            ActiveState.RELOADING: "running", ActiveState.FAILED: "failed"
+            }.get(process.state, "stopped")
+
+
 def figures_path(state_dir: Path, task: str) -> Path:
     """Where the process of external task ``task`` writes its counters."""
     return state_dir / f"task-{task}.figures.json"
@@ -188,9 +196,7 @@ class MonitorService:
                 views.append(TaskView(name, "external", "failed", last_error=str(exc)))
                 continue
             self.processes[name] = process
-            state = {ActiveState.ACTIVE: "running", ActiveState.ACTIVATING: "activating",
-                     ActiveState.RELOADING: "running", ActiveState.FAILED: "failed"
-                     }.get(process.state, "stopped")
+            state = task_state(process)
             report = read_figures_file(figures_path(daemon.store.path, name)) or {}
             counters = report.get("counters") if report.get("pid") == process.main_pid \
                 else None
@@ -341,7 +347,7 @@ class MonitorService:
             known = self.processes.get(name) if process is not None else None
             process = known or process
             state = "activating" if process is None or name in daemon.migrating else \
-                ("running" if process.running else process.state.value)
+                task_state(process)
             current[name] = TaskView(name, "external", state,
                                      pid=process.main_pid if process else None,
                                      where=process.where if process else "")
