@@ -485,11 +485,9 @@ class Daemon:
         for name, table in self.file_config.items():
             if module and name != module:
                 continue  # the process of one external task checks only its own section
-            try:
-                cls = find_task_class(name, self.options.prefixes)
-            except (TaskNotFound, TaskImportFailed):
-                continue
-            self._validated(name, cls, table, str(self.options.config_file))
+            cls = self._task_class(name)
+            if cls is not None:
+                self._validated(name, cls, table, str(self.options.config_file))
 
     def reload_config(self) -> bool:
         """Re-read the config file and apply what changed; refuse (keep the old) if invalid.
