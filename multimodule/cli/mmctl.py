@@ -145,14 +145,18 @@ def cmd_queues(args: argparse.Namespace) -> int:
          f"{r['fill_percent']:.1f}%" if r["fill_percent"] is not None else "-")
         for r in rows
     ]
-    widths = [max([len(h)] + [len(t[i]) for t in table]) for i, h in enumerate(headers)]
-    if not args.no_legend:
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for t in table:
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
+    for line in _columns(headers, table)[1 if args.no_legend else 0:]:
+        print(line)
     if not args.no_legend:
         print(f"\n{len(rows)} queues listed in {transit.path}.")
     return EXIT_OK
+
+
+def _columns(headers: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    """The header line and one line per row, each column as wide as its widest cell."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+            for line in (headers, *rows)]
 
 
 def _control_queue(args: argparse.Namespace) -> str:
@@ -297,10 +301,7 @@ def status_table(status: dict[str, Any]) -> list[str]:
                      _num(r["open_fds"], "{}"),
                      "-" if fill is None else f"{100 * fill:.0f}%",
                      _num(r["restarts"], "{}"), error[:60]))
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(STATUS_HEADERS)]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(STATUS_HEADERS, widths)).rstrip())
-    for r in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    lines += _columns(STATUS_HEADERS, rows)
     for q in status.get("queues", []):
         if q["level"] != "ok":
             lines.append(f"queue {q['name']}: {100 * (q['queue_fill'] or 0):.0f}% full "
