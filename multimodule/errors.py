@@ -1,16 +1,30 @@
 """The one error tree of multimodule.
 
-Every exception the public API raises derives from :class:`MultiModuleError`. Families are split
-by who caused the problem (the idea follows trio's and dramatiq's error modules):
+Every exception multimodule raises derives from :class:`MultiModuleError`, and every one of its
+exception classes is defined here. Families are split by who caused the problem (the idea
+follows trio's and dramatiq's error modules)::
 
-- ``UsageError``: the caller's misuse (a bad queue name, a message that is not a JSON object).
-- ``TransitError``: a queue operation that could not complete (full, empty, bad bytes on a queue,
-  the queue removed under us, the kernel refusing).
-- ``ConfigError``: configuration that does not validate.
-- ``TaskError``: a task that cannot be found or imported.
+    MultiModuleError
+        UsageError (ValueError)         the caller's misuse
+            InvalidQueueName            (also a TransitError)
+            UnserializableMessage       (also a TransitError)
+        ConfigError                     the operator's configuration does not validate
+        TaskError                       a task that cannot be found or imported
+            TaskNotFound                    a name no module provides (misuse)
+            TaskImportFailed                the task's own code or a missing dependency
+        TransitError                    a queue operation that could not complete
+            QueueFull, Empty                a timeout ran out (nobody's fault)
+            BadMessage                      foreign or broken bytes on a queue (a sender's bug)
+            QueueRemoved, TransitBroken     the environment (ipcrm, permissions, kernel limits)
+            Cancelled                       internal: a receive its owner stopped
+        StateError                      the state directory (environment)
+            AlreadyRunning                  another process holds its lock
+        CommandError                    an mmctl command failed (carries the exit status)
 
-Third-party exceptions (``sysv_ipc``, ``OSError``) are wrapped at the boundary with
-``raise ... from exc`` so they never escape raw.
+A bug in multimodule itself is not wrapped: it surfaces as the built-in exception
+(``TypeError``, ``AssertionError``...) with its traceback. Third-party exceptions (``sysv_ipc``,
+``OSError``) are wrapped at the boundary with ``raise ... from exc`` so they never escape raw;
+``__cause__`` holds the original.
 """
 
 from __future__ import annotations
@@ -20,16 +34,52 @@ class MultiModuleError(Exception):
     """Root of every error raised by multimodule."""
 
 
+# -- the caller's misuse --------------------------------------------------------------------
+
+
 class UsageError(MultiModuleError, ValueError):
-    """The caller passed something invalid (a bad name, a non-object message, a bad option)."""
+    """The caller passed something invalid (a bad name, a non-object message, a bad option).
+
+    Cause: the caller. Retrying with the same arguments fails the same way.
+    """
 
 
 class ConfigError(MultiModuleError):
-    """Configuration that does not validate; the message names the file and the field."""
+    """Configuration that does not validate; the message names the file and the field
+    (``Router.routes.0.forwards``) or the line and column.
+
+    Cause: the operator's configuration (or options); the config in force is kept.
+    """
+
+
+# -- tasks ----------------------------------------------------------------------------------
 
 
 class TaskError(MultiModuleError):
     """A task could not be found, imported or constructed."""
+
+
+class TaskNotFound(TaskError):
+    """No module ``<prefix>NAME`` with a ``Task`` subclass ``NAME`` exists for any prefix.
+
+    Cause: the caller or the configuration named a task that is not there (or not a Python
+    identifier). Raised by ``find_task_class``.
+    """
+
+
+class TaskImportFailed(TaskError):
+    """A task module exists but raised while importing (syntax error, missing dependency).
+
+    Cause: the task's own code (a bug) or its environment (a dependency not installed).
+    ``details`` holds the formatted traceback; ``__cause__`` the exception raised.
+    """
+
+    def __init__(self, message: str, details: str):
+        super().__init__(message)
+        self.details = details
+
+
+# -- transit --------------------------------------------------------------------------------
 
 
 class TransitError(MultiModuleError):
@@ -76,3 +126,48 @@ class TransitBroken(TransitError):
 
     ``__cause__`` holds the original ``OSError`` or ``sysv_ipc`` exception.
     """
+
+
+class Cancelled(TransitError):
+    """A blocking System V receive was interrupted because its owner asked it to stop.
+
+    Internal: raised only to a caller that passed a ``should_stop`` callable (the daemon's
+    ``AsyncReceiver``, which catches it); the public ``receive`` never raises it.
+    """
+
+
+# -- the state directory --------------------------------------------------------------------
+
+
+class StateError(MultiModuleError):
+    """State could not be saved (disk full, permissions, not JSON-serialisable); the previous
+    file is intact. Also the family of the state directory's other errors.
+
+    Cause: the environment (or a task whose state is not JSON). Raised by ``StateStore.save``.
+    """
+
+
+class AlreadyRunning(StateError):
+    """Another process holds the lock on this state directory; ``pid`` is its pid (or None).
+
+    A :class:`StateError` because the lock guards the state directory: two daemons (or two
+    processes of one external task) on one directory would overwrite each other's state files.
+    Cause: the environment (another process), not a misuse of the API. Raised by
+    ``InstanceLock.acquire``.
+    """
+
+    def __init__(self, message: str, pid: int | None):
+        super().__init__(message)
+        self.pid = pid
+
+
+# -- the command-line tool ------------------------------------------------------------------
+
+
+class CommandError(MultiModuleError):
+    """An ``mmctl`` command failed; ``status`` is the exit status to use (1 failed, 2 bad input,
+    3 the daemon did not answer, 4 no such task), and the message says which cause it was."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status

@@ -18,19 +18,7 @@ from typing import Any
 
 import orjson
 
-from multimodule.errors import ConfigError, MultiModuleError
-
-
-class StateError(MultiModuleError):
-    """State could not be saved (disk full, permissions); the previous file is intact."""
-
-
-class AlreadyRunning(MultiModuleError):
-    """Another process holds the lock on this state directory; ``pid`` is its pid (or None)."""
-
-    def __init__(self, message: str, pid: int | None):
-        super().__init__(message)
-        self.pid = pid
+from multimodule.errors import AlreadyRunning, ConfigError, StateError
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from multimodule.state import AlreadyRunning, InstanceLock, StateError, StateStore
-from multimodule.errors import ConfigError
+from multimodule.errors import AlreadyRunning, ConfigError, StateError
+from multimodule.state import InstanceLock, StateStore
 
 
 def test_save_then_load_round_trip(tmp_path: Path):

@@ -20,7 +20,14 @@ from typing import Any, Sequence
 import orjson
 
 from multimodule.config import is_task_name
-from multimodule.errors import BadMessage, Empty, MultiModuleError, QueueFull, UsageError
+from multimodule.errors import (
+    BadMessage,
+    CommandError,
+    Empty,
+    MultiModuleError,
+    QueueFull,
+    UsageError,
+)
 from multimodule.transit import Transit, default_transit_dir
 from multimodule.transit._directory import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
 
@@ -32,14 +39,6 @@ EXIT_NO_SUCH_TASK = 4
 
 DEFAULT_CONTROL_QUEUE = "MultiModule_control"
 CONTROL_KEY = ".multimodule"
-
-
-class CommandError(Exception):
-    """A command failed; ``status`` is the exit status to use."""
-
-    def __init__(self, message: str, status: int = EXIT_FAILED):
-        super().__init__(message)
-        self.status = status
 
 
 def _transit_options() -> argparse.ArgumentParser:

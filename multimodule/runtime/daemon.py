@@ -43,14 +43,22 @@ from multimodule.config import (
     options_path,
     validate_task_config,
 )
-from multimodule.errors import ConfigError, MultiModuleError, QueueFull, TransitError
+from multimodule.errors import (
+    AlreadyRunning,
+    ConfigError,
+    MultiModuleError,
+    QueueFull,
+    TaskImportFailed,
+    TaskNotFound,
+    TransitError,
+)
 from multimodule.oob import Channels, absolute_spec, parse_spec
 from multimodule.runtime.notify import Notifier
-from multimodule.runtime.loader import TaskImportFailed, TaskNotFound, find_task_class
+from multimodule.runtime.loader import find_task_class
 from multimodule.runtime.control import CONTROL_KEY, parse_control
 from multimodule.runtime.monitoring import FiguresReporter, MonitorService
 from multimodule.runtime.runner import TaskRunner
-from multimodule.state import AlreadyRunning, InstanceLock, StateStore, write_atomic
+from multimodule.state import InstanceLock, StateStore, write_atomic
 from multimodule.supervise.base import (
     LaunchSpec,
     TaskBackend,

@@ -16,25 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 from multimodule.config import is_task_name
-from multimodule.errors import TaskError
+from multimodule.errors import TaskImportFailed, TaskNotFound
 from multimodule.task import Task
 
 BUILTIN_PREFIX = "multimodule.tasks."
-
-
-class TaskNotFound(TaskError):
-    """No module ``<prefix>NAME`` with a ``Task`` subclass ``NAME`` exists for any prefix."""
-
-
-class TaskImportFailed(TaskError):
-    """A task module exists but raised while importing (syntax error, missing dependency).
-
-    ``details`` holds the formatted traceback.
-    """
-
-    def __init__(self, message: str, details: str):
-        super().__init__(message)
-        self.details = details
 
 
 def _is_missing(exc: ModuleNotFoundError, module_name: str) -> bool:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from multimodule.config import DEFAULT_SAVE_STATE_S
-from multimodule.errors import BadMessage, TransitError
+from multimodule.errors import BadMessage, StateError, TransitError
 from multimodule.runtime.control import CONTROL_KEY
-from multimodule.state import StateError, StateStore
+from multimodule.state import StateStore
 from multimodule.task import Task, Work
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ import threading
 from collections import deque
 from typing import Any, Callable
 
-from multimodule.errors import BadMessage, QueueRemoved, TransitError
+from multimodule.errors import BadMessage, Cancelled, QueueRemoved, TransitError
 from multimodule.transit._interrupt import Interrupter, ensure_handler
-from multimodule.transit._sysv import Cancelled, SysvQueue
+from multimodule.transit._sysv import SysvQueue
 
 Deliver = Callable[[dict[str, Any]], None]
 OnError = Callable[[TransitError], None]

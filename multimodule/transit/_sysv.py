@@ -20,11 +20,11 @@ import sysv_ipc
 
 from multimodule.errors import (
     BadMessage,
+    Cancelled,
     Empty,
     QueueFull,
     QueueRemoved,
     TransitBroken,
-    TransitError,
 )
 from multimodule.transit import _wire
 from multimodule.transit._directory import TransitDirectory
@@ -36,10 +36,6 @@ MTYPE = 1
 #: Backoff bounds (seconds) for timed waits where no interrupt signal can be installed.
 _POLL_MIN_S = 0.0005
 _POLL_MAX_S = 0.02
-
-
-class Cancelled(TransitError):
-    """A blocking receive was interrupted because its owner asked it to stop (internal)."""
 
 
 def _removed(queue: sysv_ipc.MessageQueue, exc: BaseException) -> bool:
