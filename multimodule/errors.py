@@ -19,6 +19,9 @@ follows trio's and dramatiq's error modules)::
             Cancelled                       internal: a receive its owner stopped
         StateError                      the state directory (environment)
             AlreadyRunning                  another process holds its lock
+        BackendError                    running an external task failed (environment)
+            UnitError                       systemctl refused (the systemd backend)
+            DetachedProcessError            a detached process could not be started or read
         CommandError                    an mmctl command failed (carries the exit status)
 
 A bug in multimodule itself is not wrapped: it surfaces as the built-in exception
@@ -159,6 +162,33 @@ class AlreadyRunning(StateError):
     def __init__(self, message: str, pid: int | None):
         super().__init__(message)
         self.pid = pid
+
+
+# -- the backends of external tasks ---------------------------------------------------------
+
+
+class BackendError(MultiModuleError):
+    """Starting, stopping or reading an external task failed; ``status`` and ``stderr`` come
+    from the command run, if one was (else ``None`` and ``""``).
+
+    Cause: the environment (systemd, permissions, the process table). Catch this, not a
+    subclass, to handle either backend.
+    """
+
+    def __init__(self, message: str, status: int | None = None, stderr: str = ""):
+        super().__init__(message + (f": {stderr.strip()}" if stderr.strip() else ""))
+        self.status = status
+        self.stderr = stderr
+
+
+class UnitError(BackendError):
+    """The systemd backend failed: ``systemctl`` exited non-zero (``status``, ``stderr``) or
+    could not run, or a unit drop-in could not be read or written (``__cause__``)."""
+
+
+class DetachedProcessError(BackendError):
+    """The detached backend failed: a task's process could not be started, its log opened,
+    or ``/proc/locks`` read (``__cause__`` holds the ``OSError``)."""
 
 
 # -- the command-line tool ------------------------------------------------------------------

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from multimodule.errors import BackendError, DetachedProcessError, UnitError, UsageError
 from multimodule.supervise.base import (
     ActiveState,
     LaunchSpec,
-    UnitError,
     choose_backend_name,
 )
 from multimodule.supervise.detached import DetachedBackend
@@ -139,8 +139,19 @@ def test_backend_choice():
     assert choose_backend_name("detached", {"INVOCATION_ID": "x"}) == "detached"
     expected = "systemd" if Path("/run/systemd/system").is_dir() else "detached"
     assert choose_backend_name(None, {"INVOCATION_ID": "x"}) == expected
-    with pytest.raises(UnitError, match="unknown task backend 'docker'"):
+    with pytest.raises(UsageError, match="unknown task backend 'docker'"):
         choose_backend_name("docker", {})
+
+
+def test_a_start_that_fails_is_a_backend_error_of_the_detached_backend(tmp_path):
+    # Given a backend whose command does not exist
+    spec = LaunchSpec(argv_prefix=(str(tmp_path / "no-such-command"),),
+                      state_dir=tmp_path / "state")
+    # When it starts a task / Then the error is the detached backend's, not a unit's
+    with pytest.raises(DetachedProcessError, match="cannot start task T") as info:
+        DetachedBackend(spec).start("T")
+    assert isinstance(info.value, BackendError) and not isinstance(info.value, UnitError)
+    assert isinstance(info.value.__cause__, OSError)
 
 
 def test_launch_spec_passes_the_daemon_options_on(tmp_path):

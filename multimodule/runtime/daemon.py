@@ -45,6 +45,7 @@ from multimodule.config import (
 )
 from multimodule.errors import (
     AlreadyRunning,
+    BackendError,
     ConfigError,
     MultiModuleError,
     QueueFull,
@@ -63,7 +64,6 @@ from multimodule.supervise.base import (
     LaunchSpec,
     TaskBackend,
     TaskProcess,
-    UnitError,
     choose_backend_name,
 )
 from multimodule.supervise.detached import DetachedBackend
@@ -297,7 +297,7 @@ class Daemon:
             if config.get("is_external") is True and not self.options.module:
                 self._start_external(name, config)
                 return None
-        except (ConfigError, UnitError) as exc:
+        except (ConfigError, BackendError) as exc:
             self.import_failures[name] = str(exc)
             self.channels.emit("error", DAEMON_SOURCE, f"task {name} not loaded: {exc}",
                                task=name)
@@ -333,7 +333,7 @@ class Daemon:
         try:
             process = await self.loop.run_in_executor(
                 None, self.backend.start, name, render_dropin(name, limits), limits)
-        except (UnitError, OSError) as exc:
+        except (BackendError, OSError) as exc:
             if self.externals.get(name, 0) is None:
                 del self.externals[name]
             self.import_failures[name] = str(exc)
@@ -463,7 +463,7 @@ class Daemon:
             return False
         try:
             return self.backend.status(name).running
-        except UnitError:
+        except BackendError:
             return False
 
     def _task_class(self, name: str) -> type[Task] | None:
@@ -732,7 +732,7 @@ class Daemon:
                 continue
             try:
                 process = self.backend.status(name)
-            except UnitError as exc:
+            except BackendError as exc:
                 out[name] = {"backend": self.backend.name, "error": str(exc)}
                 continue
             out[name] = {"backend": self.backend.name, "state": process.state.value,
@@ -952,7 +952,7 @@ class Daemon:
                 try:
                     await self.loop.run_in_executor(None, self.backend.stop, name)
                     self.channels.emit("log", DAEMON_SOURCE, f"external task {name} stopped")
-                except UnitError as exc:
+                except BackendError as exc:
                     self.channels.emit("error", DAEMON_SOURCE,
                                        f"cannot stop external task {name}: {exc}")
         elif self.externals:

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from multimodule.config import TaskSection, monitor_thresholds, split_address
-from multimodule.errors import MultiModuleError
+from multimodule.errors import BackendError, MultiModuleError
 from multimodule.monitor.levels import Alert
 from multimodule.monitor.monitor import Monitor, TaskView, read_figures_file
 from multimodule.monitor.sources import Figures
 from multimodule.state import write_atomic
-from multimodule.supervise.base import ActiveState, TaskProcess, UnitError
+from multimodule.supervise.base import ActiveState, TaskProcess
 from multimodule.task import ROUTER_QNAME
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class MonitorService:
         for name in names:
             try:
                 process = backend.status(name)
-            except UnitError as exc:
+            except BackendError as exc:
                 views.append(TaskView(name, "external", "failed", last_error=str(exc)))
                 continue
             self.processes[name] = process

@@ -15,16 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from multimodule.errors import MultiModuleError
-
-
-class UnitError(MultiModuleError):
-    """A backend operation failed; ``status`` and ``stderr`` come from the command run."""
-
-    def __init__(self, message: str, status: int | None = None, stderr: str = ""):
-        super().__init__(message + (f": {stderr.strip()}" if stderr.strip() else ""))
-        self.status = status
-        self.stderr = stderr
+from multimodule.errors import UsageError
 
 
 class ActiveState(enum.Enum):
@@ -86,7 +77,8 @@ class LaunchSpec:
 
 
 class TaskBackend(Protocol):
-    """What the daemon needs to run external tasks."""
+    """What the daemon needs to run external tasks. Every method raises a
+    :class:`~multimodule.errors.BackendError` when the backend fails."""
 
     name: str
 
@@ -114,9 +106,9 @@ def under_systemd(environ: dict[str, str] | None = None) -> bool:
 def choose_backend_name(forced: str | None = None,
                         environ: dict[str, str] | None = None) -> str:
     """``"systemd"`` under systemd, else ``"detached"``; ``forced`` (``"systemd"``,
-    ``"detached"`` or ``"auto"``) overrides. Raises :class:`UnitError` for an unknown name."""
+    ``"detached"`` or ``"auto"``) overrides. Raises :class:`UsageError` for an unknown name."""
     if forced in (None, "", "auto"):
         return "systemd" if under_systemd(environ) else "detached"
     if forced not in ("systemd", "detached"):
-        raise UnitError(f"unknown task backend {forced!r} (auto, systemd, detached)")
+        raise UsageError(f"unknown task backend {forced!r} (auto, systemd, detached)")
     return forced

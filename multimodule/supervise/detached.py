@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from multimodule.supervise.base import ActiveState, LaunchSpec, TaskProcess, UnitError
+from multimodule.errors import DetachedProcessError
+from multimodule.supervise.base import ActiveState, LaunchSpec, TaskProcess
 
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -94,7 +95,7 @@ class DetachedBackend:
                     if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
                         return int(fields[4])
         except (OSError, ValueError):
-            raise UnitError("cannot read /proc/locks") from None
+            raise DetachedProcessError("cannot read /proc/locks") from None
         return None
 
     # -- the interface ---------------------------------------------------------------------
@@ -131,7 +132,7 @@ class DetachedBackend:
         try:
             log = open(self._log_path(task), "ab")  # noqa: SIM115 - handed to the child
         except OSError as exc:
-            raise UnitError(f"cannot open the log of task {task}: {exc}") from exc
+            raise DetachedProcessError(f"cannot open the log of task {task}: {exc}") from exc
         with log:
             try:
                 child = subprocess.Popen(
@@ -139,7 +140,7 @@ class DetachedBackend:
                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
                     env=_child_env())
             except OSError as exc:
-                raise UnitError(f"cannot start task {task}: {exc}") from exc
+                raise DetachedProcessError(f"cannot start task {task}: {exc}") from exc
         self._children[task] = child
         self._started_at[task] = time.monotonic()
         self._watch(task, child.pid)
@@ -244,7 +245,7 @@ class DetachedBackend:
         self.restarts[task] = self.restarts.get(task, 0) + 1
         try:
             self._start(task)
-        except UnitError as exc:
+        except DetachedProcessError as exc:
             self.on_event(task, f"restart failed: {exc}")
 
     def close(self) -> None:

@@ -14,7 +14,8 @@ import errno
 import subprocess
 from pathlib import Path
 
-from multimodule.supervise.base import ActiveState, TaskProcess, UnitError
+from multimodule.errors import UnitError
+from multimodule.supervise.base import ActiveState, TaskProcess
 from multimodule.supervise.units import (
     DROPIN_ROOT,
     TaskLimits,
