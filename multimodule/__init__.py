@@ -1,13 +1,66 @@
 """multimodule: message-passing tasks under one control daemon, integrated with systemd.
 
-The public API on one page: :class:`Task` (what a task derives from),
-:mod:`multimodule.transit` (``send``, ``receive``, ``stat``), and the error tree in
-:mod:`multimodule.errors` (root :class:`MultiModuleError`).
+The public API on one page:
+
+- :class:`Task`: what a task derives from (``from multimodule import Task``);
+- :mod:`multimodule.transit`: named queues (``send``, ``receive``, ``stat``, ``Transit``);
+- the error tree, root :class:`MultiModuleError`, every class of it exported here and defined
+  in :mod:`multimodule.errors` (whose docstring draws the tree and says who causes what);
+- ``__version__``.
+
+What only the daemon and tools need is in :mod:`multimodule.transit.lowlevel` and the
+modules below the package (``config``, ``runtime``, ``supervise``...), not here.
 """
 
-from multimodule.errors import MultiModuleError
+from multimodule.errors import (
+    AlreadyRunning,
+    BackendError,
+    BadMessage,
+    Cancelled,
+    CommandError,
+    ConfigError,
+    DetachedProcessError,
+    Empty,
+    InvalidQueueName,
+    MultiModuleError,
+    QueueFull,
+    QueueRemoved,
+    StateError,
+    TaskError,
+    TaskImportFailed,
+    TaskNotFound,
+    TransitBroken,
+    TransitError,
+    UnitError,
+    UnserializableMessage,
+    UsageError,
+)
 from multimodule.task import Task
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiModuleError", "Task", "__version__"]
+__all__ = [
+    "AlreadyRunning",
+    "BackendError",
+    "BadMessage",
+    "Cancelled",
+    "CommandError",
+    "ConfigError",
+    "DetachedProcessError",
+    "Empty",
+    "InvalidQueueName",
+    "MultiModuleError",
+    "QueueFull",
+    "QueueRemoved",
+    "StateError",
+    "Task",
+    "TaskError",
+    "TaskImportFailed",
+    "TaskNotFound",
+    "TransitBroken",
+    "TransitError",
+    "UnitError",
+    "UnserializableMessage",
+    "UsageError",
+    "__version__",
+]

@@ -201,3 +201,28 @@ class CommandError(MultiModuleError):
     def __init__(self, message: str, status: int = 1):
         super().__init__(message)
         self.status = status
+
+
+__all__ = [
+    "AlreadyRunning",
+    "BackendError",
+    "BadMessage",
+    "Cancelled",
+    "CommandError",
+    "ConfigError",
+    "DetachedProcessError",
+    "Empty",
+    "InvalidQueueName",
+    "MultiModuleError",
+    "QueueFull",
+    "QueueRemoved",
+    "StateError",
+    "TaskError",
+    "TaskImportFailed",
+    "TaskNotFound",
+    "TransitBroken",
+    "TransitError",
+    "UnitError",
+    "UnserializableMessage",
+    "UsageError",
+]
