@@ -277,7 +277,7 @@ async def breakdown(daemon: Daemon) -> list[tuple[str, float]]:
     Runs synchronously inside the loop (nothing yields), so the daemon's consumers do not run
     meanwhile; what is put on the Router's and the consumer's queues is cleared afterwards.
     """
-    from multimodule.transit import _wire
+    from multimodule.transit import lowlevel
 
     transit = daemon.transit
     router_runner = daemon.runners["Router"]
@@ -302,23 +302,23 @@ async def breakdown(daemon: Daemon) -> list[tuple[str, float]]:
 
     emitted = fresh(1)[0]
     emitted["source"] = PRODUCER
-    meta = _wire.make_meta({})
-    routed_msg = _wire.copy_message(emitted, meta)  # what the Router receives
+    meta = lowlevel.make_meta({})
+    routed_msg = lowlevel.copy_message(emitted, meta)  # what the Router receives
 
     def t_meta(number):
-        mk = _wire.make_meta
+        mk = lowlevel.make_meta
         for _ in range(number):
             mk({})
     out.append(("  transit: make_meta (time.time + dict)", _per_call(t_meta, K)))
 
     def t_copy1(number):
-        cp = _wire.copy_message
+        cp = lowlevel.copy_message
         for _ in range(number):
             cp(emitted, meta)
     out.append(("  transit: copy_message, producer -> Router (5 keys)", _per_call(t_copy1, K)))
 
     def t_copy2(number):
-        cp = _wire.copy_message
+        cp = lowlevel.copy_message
         for _ in range(number):
             cp(routed_msg, meta)
     out.append(("  transit: copy_message, Router -> consumer (6 keys, nested meta)",
@@ -395,7 +395,7 @@ async def breakdown(daemon: Daemon) -> list[tuple[str, float]]:
     out.append(("Router.message (total, incl. send to consumer queue)", _per_call(t_router, K)))
 
     consumer.arm(-1, None)
-    consumer_msg = _wire.copy_message(routed_msg, meta)
+    consumer_msg = lowlevel.copy_message(routed_msg, meta)
 
     def t_handler(number):
         msg = consumer.message

@@ -60,8 +60,8 @@ if _ROOT not in sys.path:
 import orjson  # noqa: E402
 import sysv_ipc  # noqa: E402
 
-from multimodule.transit import Transit  # noqa: E402
-from multimodule.transit import _wire  # noqa: E402
+from multimodule.transit import META_KEY, Transit  # noqa: E402
+from multimodule.transit import lowlevel  # noqa: E402
 
 MESSAGE = {
     "source": "Example1",
@@ -281,7 +281,7 @@ def tput_ours(child: Child, t: Transit, n: int) -> dict:
     t1 = time.perf_counter()
     c1 = time.process_time()
     send_wall, send_cpu = child.result()
-    assert first["ct"] == MESSAGE["ct"] and _wire.META_KEY in last
+    assert first["ct"] == MESSAGE["ct"] and META_KEY in last
     return {"wall": t1 - t0, "first_last": t1 - t_first, "recv_cpu": c1 - c0,
             "send_wall": send_wall, "send_cpu": send_cpu, "rate": n / (t1 - t0)}
 
@@ -415,9 +415,9 @@ def local_raw(n: int, batch: int) -> float:
 def breakdown(t: Transit, raw_q: sysv_ipc.MessageQueue, number: int) -> list[tuple[str, float]]:
     """Single-thread cost of each step, in microseconds per call (best of 7)."""
     msg = MESSAGE
-    meta = _wire.make_meta({})
-    body_ours = _wire.encode_body(msg, meta)
-    payload_ours = _wire.HEADER_JSON + body_ours
+    meta = lowlevel.make_meta({})
+    body_ours = lowlevel.encode_body(msg, meta)
+    payload_ours = lowlevel.HEADER_JSON + body_ours
     body_raw = orjson.dumps(msg)
     sq = t.sysv_queue(Q_TPUT)
     lq = t.declare_local("bench_breakdown")
@@ -456,12 +456,12 @@ def breakdown(t: Transit, raw_q: sysv_ipc.MessageQueue, number: int) -> list[tup
     rows = [
         ("raw: orjson.dumps(msg)", best(lambda: orjson.dumps(msg))),
         ("raw: orjson.loads(bytes)", best(lambda: orjson.loads(body_raw))),
-        ("ours: make_meta({})", best(lambda: _wire.make_meta({}))),
+        ("ours: make_meta({})", best(lambda: lowlevel.make_meta({}))),
         ("ours: dict(msg) shallow copy", best(lambda: dict(msg))),
-        ("ours: encode_body (copy+meta+dumps)", best(lambda: _wire.encode_body(msg, meta))),
-        ("ours: HEADER_JSON + body", best(lambda: _wire.HEADER_JSON + body_ours)),
-        ("ours: split_header", best(lambda: _wire.split_header(payload_ours))),
-        ("ours: decode_body(memoryview)", best(lambda: _wire.decode_body(
+        ("ours: encode_body (copy+meta+dumps)", best(lambda: lowlevel.encode_body(msg, meta))),
+        ("ours: HEADER_JSON + body", best(lambda: lowlevel.HEADER_JSON + body_ours)),
+        ("ours: split_header", best(lambda: lowlevel.split_header(payload_ours))),
+        ("ours: decode_body(memoryview)", best(lambda: lowlevel.decode_body(
             memoryview(payload_ours)[4:]))),
         ("ours: orjson.loads(bigger body)", best(lambda: orjson.loads(body_ours))),
         ("ours: SysvQueue.decode", best(lambda: sq.decode(payload_ours))),
@@ -470,9 +470,9 @@ def breakdown(t: Transit, raw_q: sysv_ipc.MessageQueue, number: int) -> list[tup
         ("sysv: receive on empty queue -> BusyError", best(busy_receive)),
         ("ours: Transit.send+receive same proc", best(sysv_roundtrip_ours)),
         ("raw: send(dumps)+loads(receive) same proc", best(sysv_roundtrip_raw)),
-        ("ours: copy_message (deep copy+meta)", best(lambda: _wire.copy_message(msg, meta))),
-        ("ours: make_meta+copy_message", best(lambda: _wire.copy_message(
-            msg, _wire.make_meta({})))),
+        ("ours: copy_message (deep copy+meta)", best(lambda: lowlevel.copy_message(msg, meta))),
+        ("ours: make_meta+copy_message", best(lambda: lowlevel.copy_message(
+            msg, lowlevel.make_meta({})))),
         ("ours: LocalQueue.put + get_nowait", best(lambda: (lq.put(msg), lq.get_nowait()))),
         ("ours: Transit.send local + get_nowait", best(local_put_get)),
         ("raw: deque.append+popleft", best(lambda: (lq._items.append(msg),
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     bd_number = 2_000 if args.quick else 10_000
 
     body = orjson.dumps(MESSAGE)
-    wire = _wire.HEADER_JSON + _wire.encode_body(MESSAGE, _wire.make_meta({}))
+    wire = lowlevel.HEADER_JSON + lowlevel.encode_body(MESSAGE, lowlevel.make_meta({}))
     start = time.perf_counter()
 
     def on_term(signum, frame):  # noqa: ARG001

@@ -36,7 +36,7 @@ from pydantic import (
 
 from multimodule.errors import ConfigError, InvalidQueueName
 from multimodule.monitor.levels import DEFAULT_THRESHOLDS, METRICS, Thresholds
-from multimodule.transit._directory import validate_qname
+from multimodule.transit import validate_qname
 
 RESERVED_KEYS = ("is_external", "intervals", "limits", "monitor")
 

@@ -140,7 +140,7 @@ def parse_sink(spec: str) -> Sink:
     if not spec:
         raise ConfigError("empty out-of-band handler")
     from multimodule.errors import InvalidQueueName
-    from multimodule.transit._directory import validate_qname
+    from multimodule.transit import validate_qname
 
     try:
         validate_qname(spec)

@@ -13,7 +13,7 @@ import orjson
 
 from multimodule.errors import Empty, QueueFull
 from multimodule.tasks.Router import MAX_HOPS
-from multimodule.transit import AsyncReceiver
+from multimodule.transit.lowlevel import AsyncReceiver
 
 from helpers import receive_n, router_section, strip_meta, wait_for_file
 

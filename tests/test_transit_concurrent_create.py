@@ -11,11 +11,11 @@ ROUNDS = 4
 
 CREATOR = """
 import json, os, sys
-from multimodule import transit
+from multimodule.transit import lowlevel
 gates = [int(fd) for fd in sys.argv[1].split(",")]
 names = sys.argv[2].split(",")
 who = int(sys.argv[3])
-t = transit.default()
+t = lowlevel.default()
 for gate, name in zip(gates, names):
     print("ready", flush=True)
     os.read(gate, 1)  # end of file when the parent closes the other end: all start at once

@@ -11,6 +11,7 @@ import pytest
 BLOCKED_RECEIVER = """
 import json, os, signal, sys
 from multimodule import transit
+from multimodule.transit import lowlevel
 qname = sys.argv[1]
 timeout = None if sys.argv[2] == "none" else float(sys.argv[2])
 count = 0
@@ -19,7 +20,7 @@ def on_usr1(signum, frame):
     count += 1
     os.write(1, b"signal %d\\n" % count)
 signal.signal(signal.SIGUSR1, on_usr1)
-transit.default().sysv_queue(qname)
+lowlevel.default().sysv_queue(qname)
 print("ready", flush=True)
 msg = transit.receive(qname, timeout=timeout)
 print(json.dumps({"msg": msg, "signals": count}), flush=True)

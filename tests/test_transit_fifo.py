@@ -13,8 +13,9 @@ N = 2000
 SENDER = """
 import sys
 from multimodule import transit
+from multimodule.transit import lowlevel
 qname, n = sys.argv[1], int(sys.argv[2])
-transit.default().sysv_queue(qname)
+lowlevel.default().sysv_queue(qname)
 print("ready", flush=True)
 for i in range(n):
     transit.send(qname, {"i": i, "text": "message %d" % i}, timeout=30)
@@ -24,8 +25,9 @@ print("done", flush=True)
 RECEIVER = """
 import json, sys
 from multimodule import transit
+from multimodule.transit import lowlevel
 qname, n = sys.argv[1], int(sys.argv[2])
-transit.default().sysv_queue(qname)
+lowlevel.default().sysv_queue(qname)
 print("ready", flush=True)
 got = []
 for _ in range(n):

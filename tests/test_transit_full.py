@@ -86,9 +86,10 @@ def test_refused_large_message_leaves_no_spill_file(transit, transit_dir):
 BLOCKED_SENDER = """
 import sys
 from multimodule import transit
+from multimodule.transit import lowlevel
 qname = sys.argv[1]
 timeout = None if sys.argv[2] == "none" else float(sys.argv[2])
-transit.default().sysv_queue(qname)
+lowlevel.default().sysv_queue(qname)
 print("ready", flush=True)
 transit.send(qname, {"from": "child"}, timeout=timeout)
 print("sent", flush=True)

@@ -74,7 +74,8 @@ def test_receive_and_stat_recreate_a_removed_queue(transit, transit_dir):
 BLOCKED_RECEIVER = """
 import json, sys
 from multimodule import transit
-transit.default().sysv_queue(sys.argv[1])
+from multimodule.transit import lowlevel
+lowlevel.default().sysv_queue(sys.argv[1])
 print("ready", flush=True)
 msg = transit.receive(sys.argv[1], timeout=None)
 print(json.dumps(msg), flush=True)

@@ -29,7 +29,7 @@ from multimodule.errors import (
     UsageError,
 )
 from multimodule.transit import Transit, default_transit_dir
-from multimodule.transit._directory import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
+from multimodule.transit.lowlevel import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
 
 EXIT_OK = 0
 EXIT_FAILED = 1

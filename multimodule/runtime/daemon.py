@@ -70,8 +70,8 @@ from multimodule.supervise.detached import DetachedBackend
 from multimodule.supervise.systemd import SystemdBackend
 from multimodule.supervise.units import parse_limits, render_dropin
 from multimodule.task import ROUTER_QNAME, Task, Work
-from multimodule.transit import Transit, _wire
-from multimodule.transit._interrupt import ensure_handler
+from multimodule.transit import Transit
+from multimodule.transit.lowlevel import encode_body, ensure_handler, make_meta
 
 
 #: Name used for the daemon's own records and messages.
@@ -223,7 +223,7 @@ class Daemon:
     def _send_out(self, qname: str, message: dict[str, Any]) -> None:
         """Send over System V now if there is room, else through the queue's outbox."""
         outbox = self._outboxes.get(qname)
-        if outbox is not None and outbox.put(_wire.encode_body(message, _wire.make_meta({}))):
+        if outbox is not None and outbox.put(encode_body(message, make_meta({}))):
             return
         try:
             self.transit.send(qname, message, timeout=0)
@@ -233,7 +233,7 @@ class Daemon:
         # Full: queue it behind a thread that waits for room (created before the first put, so
         # the thread cannot retire before it sees the message).
         outbox = Outbox(self, qname)
-        outbox.put(_wire.encode_body(message, _wire.make_meta({})))
+        outbox.put(encode_body(message, make_meta({})))
         self._outboxes[qname] = outbox
         outbox.start()
         self.channels.emit("debug", DAEMON_SOURCE,

@@ -1,14 +1,22 @@
 """Transit: named message queues, in-process and System V.
 
-The public face of the transit layer (everything else in this package is private)::
+The public face of the transit layer::
 
     from multimodule import transit
     transit.send("Example2", {"ct": 1})           # to the System V queue, or in-memory if local
     msg = transit.receive("Example2", timeout=5)  # dict; raises transit.Empty after 5 s
     transit.stat("Example2")                      # QueueStat(messages=..., bytes=..., ...)
 
+    t = transit.Transit("/some/dir")               # an explicit transit directory
+    t.send("Example2", {"ct": 2})
+
 Module-level functions use a default :class:`Transit` made on first use from
 ``$MULTIMODULE_TRANSIT_DIR`` (see :func:`default_transit_dir`); :func:`configure` replaces it.
+Errors are the transit family of :mod:`multimodule.errors` (root :class:`TransitError`),
+exported here too. What only the daemon and tools need (the default transit itself, local
+queues, the asyncio receiver, the wire helpers) is in :mod:`multimodule.transit.lowlevel`;
+every other module of this package is private.
+
 Layers, bottom up: ``_wire`` (bytes and copies), ``_directory`` (names to keys), ``_sysv`` (one
 System V queue), ``_local`` (in-memory queues), ``_async`` (System V to asyncio), ``_transit``
 (path choice). This plays the part of Perl's IPC::Transit, without its polling and silent drops.
@@ -30,27 +38,30 @@ from multimodule.errors import (
     TransitError,
     UnserializableMessage,
 )
-from multimodule.transit._async import AsyncReceiver
 from multimodule.transit._directory import MAX_NAME_CHARS, default_transit_dir, validate_qname
-from multimodule.transit._local import LocalQueue
 from multimodule.transit._sysv import QueueStat
 from multimodule.transit._transit import Transit
 from multimodule.transit._wire import META_KEY
 
+# The default Transit of the module-level functions (lowlevel.default() hands it out).
 _default: Transit | None = None
 _default_lock = threading.Lock()
 
 
 def configure(transit_dir: str | os.PathLike[str] | None = None,
               group: str | int | None = None) -> Transit:
-    """Make (and return) the default :class:`Transit` used by the module-level functions."""
+    """Make (and return) the default :class:`Transit` used by the module-level functions.
+
+    ``transit_dir``: default :func:`default_transit_dir`; ``group``: see :class:`Transit`.
+    Raises :class:`TransitBroken` if the directory cannot be prepared.
+    """
     global _default
     with _default_lock:
         _default = Transit(transit_dir, group)
         return _default
 
 
-def default() -> Transit:
+def _make_default() -> Transit:
     """The default :class:`Transit`, made from the environment on first use."""
     global _default
     if _default is None:
@@ -62,31 +73,34 @@ def default() -> Transit:
 
 def send(qname: str, message: dict[str, Any], *, timeout: float | None = None,
          **meta: Any) -> None:
-    """Send ``message`` to ``qname`` on the default transit; see :meth:`Transit.send`."""
-    (_default or default()).send(qname, message, timeout=timeout, **meta)
+    """Send ``message`` (a JSON object) to ``qname`` on the default transit.
+
+    ``timeout``: seconds to wait for room in a full queue (``None``: forever). Extra keyword
+    arguments go into the message's ``.ipc_transit_meta``. Raises :class:`InvalidQueueName`,
+    :class:`UnserializableMessage`, :class:`QueueFull` or :class:`TransitBroken`; see
+    :meth:`Transit.send`.
+    """
+    (_default or _make_default()).send(qname, message, timeout=timeout, **meta)
 
 
 def receive(qname: str, *, timeout: float | None = None) -> dict[str, Any]:
-    """Receive from ``qname`` on the default transit; see :meth:`Transit.receive`."""
-    return (_default or default()).receive(qname, timeout=timeout)
+    """The next message of ``qname`` on the default transit, a ``dict`` carrying
+    ``.ipc_transit_meta``. ``timeout``: seconds to wait (``0``: do not wait, ``None``:
+    forever). Raises :class:`Empty`, :class:`BadMessage` (those bytes are consumed),
+    :class:`InvalidQueueName`, :class:`TransitBroken`; see :meth:`Transit.receive`."""
+    return (_default or _make_default()).receive(qname, timeout=timeout)
 
 
 def stat(qname: str) -> QueueStat:
-    """Figures for ``qname`` on the default transit; see :meth:`Transit.stat`."""
-    return (_default or default()).stat(qname)
-
-
-def declare_local(qname: str) -> LocalQueue:
-    """Serve ``qname`` in memory in this process; see :meth:`Transit.declare_local`."""
-    return (_default or default()).declare_local(qname)
+    """Figures for ``qname`` on the default transit (messages, bytes, max_bytes, last send
+    and receive); raises :class:`TransitError` if no such queue. See :meth:`Transit.stat`."""
+    return (_default or _make_default()).stat(qname)
 
 
 __all__ = [
-    "AsyncReceiver",
     "BadMessage",
     "Empty",
     "InvalidQueueName",
-    "LocalQueue",
     "MAX_NAME_CHARS",
     "META_KEY",
     "QueueFull",
@@ -97,8 +111,6 @@ __all__ = [
     "TransitError",
     "UnserializableMessage",
     "configure",
-    "declare_local",
-    "default",
     "default_transit_dir",
     "receive",
     "send",
