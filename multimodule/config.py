@@ -6,7 +6,8 @@ name. A task's table is free-form for the task, except for the reserved keys val
 - ``is_external`` (bool): run the task in its own process (see the external-task issue);
 - ``intervals`` (table of name to seconds): overrides ``named_recur`` intervals, and
   ``save_state`` (how often a stateful task's state is saved, default 1 s);
-- ``limits`` (table): resource limits of an external task (``memory_max``, ``cpu_quota``...);
+- ``limits`` (table): resource limits of an external task (:class:`TaskLimits`: ``memory_max``,
+  ``cpu_quota``, ``tasks_max``, ``nice``, ``environment``), checked with the rest of the file;
 - ``monitor`` (table of metric to ``{warn, severe, failsafe}``): this task's own thresholds
   for the resource monitor, over the defaults (``[Example1.monitor.open_fds] warn = 50``).
 
@@ -108,6 +109,71 @@ def monitor_thresholds(overrides: dict[str, LevelOverride]) -> dict[str, Thresho
     return out
 
 
+#: Size suffixes systemd accepts in ``MemoryMax=`` (systemd.resource-control(5)).
+_SIZE_SUFFIXES = ("K", "M", "G", "T")
+
+
+class TaskLimits(BaseModel):
+    """The ``limits`` table of a task, as systemd resource-control settings
+    (systemd.resource-control(5), systemd.exec(5)).
+
+    ``memory_max``: bytes (int) or a systemd size (``"512M"``, ``"infinity"``);
+    ``cpu_quota``: share of one CPU (``0.5`` = 50%, ``2`` = two CPUs) or ``"50%"``;
+    ``tasks_max``: processes and threads; ``nice``: -20..19; ``environment``: variables.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory_max: int | str | None = Field(None, description="MemoryMax=, bytes or a size")
+    cpu_quota: float | str | None = Field(None, description="CPUQuota=, share of one CPU")
+    tasks_max: int | None = Field(None, ge=1, description="TasksMax=")
+    nice: int | None = Field(None, ge=-20, le=19, description="Nice=")
+    environment: dict[str, str] = Field(default_factory=dict, description="Environment=")
+
+    @field_validator("memory_max")
+    @classmethod
+    def _size(cls, value: int | str | None) -> int | str | None:
+        if value is None or isinstance(value, int):
+            if isinstance(value, int) and value <= 0:
+                raise ValueError("must be a positive number of bytes")
+            return value
+        text = value.strip()
+        digits = text[:-1] if text[-1:].upper() in _SIZE_SUFFIXES else text
+        if text != "infinity" and not (digits.replace(".", "", 1).isdigit()
+                                       or (text.endswith("%") and text[:-1].isdigit())):
+            raise ValueError(f"{value!r} is not a size (bytes, or like 512M, 2G, 10%, "
+                             "infinity)")
+        return text
+
+    @field_validator("cpu_quota")
+    @classmethod
+    def _quota(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, str):
+            if not (value.endswith("%") and value[:-1].isdigit() and int(value[:-1]) > 0):
+                raise ValueError(f"{value!r} is not a percentage like 50%")
+        elif value is not None and not value > 0:
+            raise ValueError("must be a positive share of one CPU")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not key or not (key[0].isalpha() or key[0] == "_") or not all(
+                    c.isalnum() or c == "_" for c in key) or not key.isascii():
+                raise ValueError(f"{key!r} is not an environment variable name")
+        return value
+
+
+def parse_limits(task: str, table: Any, source: str = "config") -> TaskLimits:
+    """A task's ``limits`` table (``None`` or a dict) as :class:`TaskLimits`; raises
+    :class:`ConfigError` naming ``source`` and the field (``T.limits.nice``)."""
+    try:
+        return TaskLimits.model_validate(table or {})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc, f'{task}.limits')}") from exc
+
+
 class TaskSection(BaseModel):
     """The reserved keys of one task's table; other keys pass through to the task."""
 
@@ -119,8 +185,8 @@ class TaskSection(BaseModel):
         description="seconds per named_recur schedule name; 'save_state' sets how often "
                     "state is saved",
     )
-    limits: dict[str, Any] = Field(default_factory=dict,
-                                   description="resource limits of an external task")
+    limits: TaskLimits = Field(default_factory=TaskLimits,
+                               description="resource limits of an external task")
     monitor: dict[MetricName, LevelOverride] = Field(
         default_factory=dict, description="this task's monitor thresholds per metric")
 
@@ -209,10 +275,15 @@ def validate_task_config(task_name: str, config_model: type[BaseModel] | None,
     """Validate one task's table against the task's own ``Config`` model, if it has one.
 
     Returns ``(config, settings)``: ``config`` is the table with the model's coerced values
-    and defaults filled in (reserved keys kept), ``settings`` the model instance (or ``None``).
-    Raises :class:`ConfigError` naming ``source``, the task and the field.
+    and defaults filled in and the reserved keys present in the table as validated, all plain
+    JSON values (it is what ``mmctl config`` shows); ``settings`` the model instance (or
+    ``None``). Without a model, ``config`` is a copy of the table. Raises
+    :class:`ConfigError` naming ``source``, the task and the field.
     """
-    section = TaskSection.model_validate(table)
+    try:
+        section = TaskSection.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc, task_name)}") from exc
     if config_model is None:
         return dict(table), None
     own = {k: v for k, v in table.items() if k not in RESERVED_KEYS}
@@ -222,7 +293,9 @@ def validate_task_config(task_name: str, config_model: type[BaseModel] | None,
         raise ConfigError(f"{source}: {format_validation_error(exc, task_name)}") from exc
     config = dict(table)
     config.update(settings.model_dump(mode="json", exclude_unset=False))
-    config.update({k: getattr(section, k) for k in RESERVED_KEYS if k in table})
+    # The reserved keys as given (exclude_unset: no defaults added), in JSON form.
+    config.update(section.model_dump(mode="json", include=set(RESERVED_KEYS),
+                                     exclude_unset=True))
     return config, settings
 
 

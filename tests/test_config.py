@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import orjson
 import pytest
 from pydantic import BaseModel, Field
 
@@ -120,6 +121,13 @@ def test_non_utf8_file_refused(tmp_path: Path):
                  id="interval-word"),
     pytest.param({"A": {"intervals": 5}}, "A.intervals:", id="intervals-not-table"),
     pytest.param({"A": {"limits": [1]}}, "A.limits:", id="limits-not-table"),
+    # limits are checked with the file, not when the task is first started external
+    pytest.param({"A": {"limits": {"nice": 99}}},
+                 "A.limits.nice: Input should be less than or equal to 19", id="limits-nice"),
+    pytest.param({"A": {"limits": {"memory_max": "lots"}}}, "A.limits.memory_max:",
+                 id="limits-size"),
+    pytest.param({"A": {"limits": {"rss_mb": 100}}}, "A.limits.rss_mb:",
+                 id="limits-unknown"),
 ])
 def test_structure_errors_name_source_and_field(data, words):
     with pytest.raises(ConfigError) as info:
@@ -130,7 +138,7 @@ def test_structure_errors_name_source_and_field(data, words):
 
 def test_reserved_keys_accepted_and_other_keys_pass_through():
     data = {"A": {"is_external": True, "intervals": {"tick": 0.1, "save_state": 2},
-                  "limits": {"rss_mb": 100}, "anything": {"x": [1]}}}
+                  "limits": {"memory_max": "512M", "nice": 5}, "anything": {"x": [1]}}}
     assert check_config(data, "f.toml") == data
 
 
@@ -169,6 +177,37 @@ def test_task_model_error_names_task_and_field():
         validate_task_config("T", Model, {"count": 0}, "f.toml")
     assert str(info.value).startswith("f.toml: T.count: Input should be greater than or equal "
                                       "to 1"), str(info.value)
+
+
+def test_toml_limits_error_names_file_and_field(tmp_path: Path):
+    # Given a file whose task sets a nice value out of range
+    path = tmp_path / "c.toml"
+    path.write_text("[T]\nlimits = { nice = 99 }\n")
+    # When it is checked / Then it is refused, naming the file and T.limits.nice
+    with pytest.raises(ConfigError) as info:
+        load_config_file(path)
+    assert str(info.value).startswith(f"{path}: T.limits.nice:"), str(info.value)
+
+
+def test_task_config_with_reserved_tables_is_plain_json():
+    # Given a task with a Config model, and a table with monitor and limits tables
+    table = {"count": 2, "intervals": {"tick": 1},
+             "monitor": {"open_fds": {"warn": 50, "severe": False}},
+             "limits": {"memory_max": "512M", "nice": 5, "environment": {"A": "b"}}}
+    # When it is validated
+    config, settings = validate_task_config("T", Model, table, "f.toml")
+    # Then the config holds plain JSON values (what `mmctl config` replies), the reserved
+    # tables as given (no defaults added)
+    assert orjson.loads(orjson.dumps(config)) == config
+    assert config == {"count": 2, "outstr": "default", "intervals": {"tick": 1.0},
+                      "monitor": {"open_fds": {"warn": 50.0, "severe": None}},
+                      "limits": {"memory_max": "512M", "nice": 5, "environment": {"A": "b"}}}
+
+
+def test_task_config_refuses_bad_reserved_keys_naming_the_field():
+    with pytest.raises(ConfigError) as info:
+        validate_task_config("T", Model, {"limits": {"nice": 99}}, "f.toml")
+    assert str(info.value).startswith("f.toml: T.limits.nice:"), str(info.value)
 
 
 def test_task_without_model_gets_its_table_as_is():

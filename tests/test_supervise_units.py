@@ -8,12 +8,11 @@ import subprocess
 
 import pytest
 
+from multimodule.config import TaskLimits, parse_limits
 from multimodule.errors import ConfigError
 from multimodule.supervise.units import (
-    TaskLimits,
     dropin_path,
     escape_instance,
-    parse_limits,
     render_dropin,
     resource_properties,
     unit_name,

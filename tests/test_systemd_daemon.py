@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from multimodule.config import parse_limits
 from multimodule.supervise.systemd import SystemdBackend
-from multimodule.supervise.units import dropin_path, parse_limits, render_dropin, unit_name
+from multimodule.supervise.units import dropin_path, render_dropin, unit_name
 from systemd_box import SystemdBox, binds_for, box_available
 
 REPO = Path(__file__).resolve().parent.parent

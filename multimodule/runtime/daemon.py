@@ -41,6 +41,7 @@ from multimodule.config import (
     check_config,
     load_config_file,
     options_path,
+    parse_limits,
     validate_task_config,
 )
 from multimodule.errors import (
@@ -68,7 +69,7 @@ from multimodule.supervise.base import (
 )
 from multimodule.supervise.detached import DetachedBackend
 from multimodule.supervise.systemd import SystemdBackend
-from multimodule.supervise.units import parse_limits, render_dropin
+from multimodule.supervise.units import render_dropin
 from multimodule.task import ROUTER_QNAME, Task, Work
 from multimodule.transit import Transit
 from multimodule.transit.lowlevel import encode_body, ensure_handler, make_meta

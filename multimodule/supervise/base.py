@@ -86,7 +86,7 @@ class TaskBackend(Protocol):
               limits=None) -> TaskProcess:
         """Start ``task`` unless it runs already (then adopt it); return its state.
         ``limits_dropin``: the systemd drop-in text, ``limits``: the same as
-        :class:`~multimodule.supervise.units.TaskLimits` (both ignored by the detached
+        :class:`~multimodule.config.TaskLimits` (both ignored by the detached
         backend; the task's process applies ``nice`` and ``environment`` itself)."""
 
     def stop(self, task: str, timeout: float = 30.0) -> None:

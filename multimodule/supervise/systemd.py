@@ -14,11 +14,11 @@ import errno
 import subprocess
 from pathlib import Path
 
+from multimodule.config import TaskLimits
 from multimodule.errors import UnitError
 from multimodule.supervise.base import ActiveState, TaskProcess
 from multimodule.supervise.units import (
     DROPIN_ROOT,
-    TaskLimits,
     dropin_path,
     resource_properties,
     unit_name,
