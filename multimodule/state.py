@@ -108,6 +108,31 @@ class StateStore:
         return True
 
 
+def lock_holder(lock_path: Path) -> int | None:
+    """The pid of the process holding the ``flock`` on ``lock_path`` (an
+    :class:`InstanceLock`'s file), or ``None`` if nobody holds it or the file is missing.
+
+    Read from ``/proc/locks`` rather than by trying the lock: a trial lock, however brief,
+    could make a process that is just starting believe another copy runs. Raises ``OSError``
+    if ``/proc/locks`` cannot be read.
+    """
+    try:
+        st = os.stat(lock_path)
+    except FileNotFoundError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as locks:
+        for line in locks:
+            fields = line.split()
+            # e.g. "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+                try:
+                    return int(fields[4])
+                except ValueError:
+                    return None
+    return None
+
+
 class InstanceLock:
     """An exclusive ``flock`` on ``DIR/NAME.lock`` held for the life of the process, with a
     status file ``NAME.status.json`` (pid, start time, command line) beside it unless

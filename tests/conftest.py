@@ -14,8 +14,9 @@ import pytest
 
 from multimodule.transit import Transit
 
-#: The ``mm`` fixture (a daemon harness) and its helpers live in tests/helpers.py.
-pytest_plugins = ("helpers",)
+#: The ``mm`` fixture (a daemon in a subprocess) and its helpers live in tests/helpers.py; the
+#: ``inproc`` fixture (a daemon on the test's own loop, for logic tests) in tests/inprocess.py.
+pytest_plugins = ("helpers", "inprocess")
 
 REPO = Path(__file__).resolve().parent.parent
 

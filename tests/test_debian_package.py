@@ -20,6 +20,9 @@ import pytest
 
 from systemd_box import SystemdBox, binds_for, box_available
 
+#: Boots a systemd container and builds the package: `-m "not slow"` leaves it out.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = "multimodule-task@Example1.service"
 

@@ -70,6 +70,7 @@ EXPECTED = {
         "default",
         "declare_local",
         "LocalQueue",
+        "Overflow",
         "AsyncReceiver",
         "ensure_handler",
         "encode_body",

@@ -140,3 +140,22 @@ def test_the_daemon_row_has_no_thread_or_descriptor_levels(monitor, clock):
                                                         memory_bytes=500_000)}, {})
     assert [(a.metric, a.new) for a in alerts] == [("memory_share", "failsafe")]
     assert monitor.rows["MultiModule"]["threads"] == 300
+
+
+def test_a_task_moved_back_into_the_daemon_drops_its_process_figures(monitor, clock):
+    # Given a task sampled in its own process, with memory, descriptors and threads
+    external = TaskView("T", "external", "running", pid=4242, counters={"messages_in": 1})
+    monitor.tick([external], {"T": Figures(memory_bytes=50_000, open_fds=40, tasks=7)}, {})
+    assert monitor.rows["T"]["memory_bytes"] == 50_000
+    # When it runs in the daemon again (no process figures of its own)
+    clock.now += 1
+    monitor.tick([internal(5)], {}, {})
+    # Then its row no longer shows the other process's figures
+    row = monitor.rows["T"]
+    assert (row["memory_bytes"], row["open_fds"], row["threads"]) == (None, None, None)
+
+
+def test_forget_drops_the_row_too(monitor, clock):
+    monitor.tick([internal(1)], {}, {})
+    monitor.forget("T")
+    assert "T" not in monitor.rows

@@ -177,11 +177,13 @@ def test_mmctl_reload_and_sighup_reread_a_file_the_watcher_cannot_see(mm, transi
     # Then (no event) the ticks keep the old value
     assert {m["outstr"] for m in receive_n(transit, "out", 5)} == {"v1"}
     # When mmctl reload is run / Then the file is re-read and the new value shows
-    mark = daemon.mark("stderr")
+    mark = daemon.mark("stdout")
     status, _, err = mm.mmctl("reload")
     assert status == 0, err
     receive_until(transit, "out", outstr_is("v2"), timeout=3)
-    daemon.wait_line("stderr", f"config reloaded from {mm.config_path}", start=mark)
+    # and the log says what changed
+    daemon.wait_line("stdout", f"config reloaded from {mm.config_path}: Ticker changed",
+                     start=mark)
     # When the target changes again and the daemon gets SIGHUP / Then likewise
     mm.config(ticker_config("v3"), path=target)
     daemon.proc.send_signal(signal.SIGHUP)

@@ -421,3 +421,14 @@ def test_control_message_with_a_bad_reply_queue_name_refused_without_traceback(m
     status, _, err = mm.mmctl("status")
     assert status == 0, err
     assert not daemon.lines_matching("stderr", "Traceback"), daemon.output()
+
+
+def test_mmctl_config_for_an_unknown_task_exits_4_and_sets_nothing(mm):
+    # Given a running daemon with no task Nosuchtask
+    mm.config(router_section())
+    mm.start()
+    # When mmctl sets a config for it / Then it exits 4 (no such task), as other commands do
+    status, _, err = mm.mmctl("config", "Nosuchtask", '{"a": 1}')
+    assert status == 4 and "Nosuchtask" in err, (status, err)
+    status, _, _ = mm.mmctl("config", "Nosuchtask")
+    assert status == 4

@@ -203,3 +203,13 @@ def test_second_daemon_on_same_transit_dir_exits_1_unless_its_control_queue_diff
     assert status == 0 and orjson.loads(out)["pid"] == first.pid, err
     third.stop_ok()
     first.stop_ok()
+
+
+def test_the_process_of_an_unknown_external_task_exits_1(mm):
+    # Given no task module Nosuchtask / When its process is started (as its unit would)
+    mm.config("")
+    result = mm.run_daemon("-m", "Nosuchtask")
+    # Then it exits 1 naming the task, instead of running with no task
+    assert result.returncode == 1, result
+    assert "Nosuchtask" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "running (pid" not in result.stdout

@@ -20,6 +20,9 @@ from multimodule.supervise.systemd import SystemdBackend
 from multimodule.supervise.units import dropin_path, render_dropin, unit_name
 from systemd_box import SystemdBox, binds_for, box_available
 
+#: Each test boots a systemd container: `-m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TASKS = "/opt/mmtest/tasks"

@@ -89,10 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``multimodule`` command; returns the exit status."""
     options = parse_options(argv)
     from multimodule.runtime.daemon import Daemon
+    from multimodule.runtime.task_process import TaskProcessHost
 
     try:
         options = inherit_options(options)
-        return asyncio.run(Daemon(options).run())
+        host = TaskProcessHost(options) if options.module else Daemon(options)
+        return asyncio.run(host.run())
     except ConfigError as exc:
         print(f"multimodule: {exc}", file=sys.stderr)
         return 1

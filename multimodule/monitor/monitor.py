@@ -109,6 +109,7 @@ class _Track:
         self.short_s = short_s
         self.clock = clock
         self.pid: int | None = None
+        self.kind: str | None = None
         self.running = False
         self.reset_figures()
         self.failures = Increments(short_s, clock)
@@ -163,6 +164,7 @@ class Monitor:
     def forget(self, task: str) -> None:
         """Forget ``task``'s windows and levels (it starts again from ``ok``)."""
         self.tracks.pop(task, None)
+        self._latest.pop(task, None)  # its row goes with its windows
         self.tracker.forget(task)
 
     # -- reading ---------------------------------------------------------------------------
@@ -202,7 +204,6 @@ class Monitor:
         for name in list(self.tracks):
             if name not in seen:  # unloaded: its history is of no use any more
                 self.forget(name)
-                self._latest.pop(name, None)
         task_queues = {view.name for view in views}
         for qname in list(self.queue_rows):
             if qname not in queue_fill:
@@ -224,6 +225,11 @@ class Monitor:
             track = self.tracks[view.name] = _Track(self.window_s, self.clock)
         counters = view.counters or {}
         running = view.state in ("running", "activating")
+        if view.kind != track.kind:
+            # Moved between the daemon and its own process: the other side's memory, fds
+            # and threads say nothing of this side.
+            track.reset_figures()
+            track.kind = view.kind
         if view.kind == "external":
             # Figures of an external task count once its process runs the task (it has
             # written its counters): the interpreter's start-up is not the task's doing.

@@ -12,18 +12,20 @@ import asyncio
 import inspect
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
 from multimodule.config import DEFAULT_SAVE_STATE_S
 from multimodule.errors import BadMessage, StateError, TransitError
+from multimodule.oob import Channels
 from multimodule.runtime.control import CONTROL_KEY
+from multimodule.runtime.schedule import Schedule
 from multimodule.state import StateStore
 from multimodule.task import Task, Work
 
-if TYPE_CHECKING:
-    from multimodule.runtime.daemon import Daemon
+#: ``send(qname, message, owned=False)``: how a task's sends leave it (see :meth:`Task.send`).
+Send = Callable[..., None]
 
 #: Seconds of handling in a row before the consumer yields to the event loop (checked every
 #: ``BATCH_CHECK`` messages): long enough to keep up with a bursty producer, short enough that
@@ -45,63 +47,33 @@ def _short(message: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class _Schedule:
-    """One ``named_recur`` schedule: fixed rate, missed ticks skipped, not accumulated."""
-
-    def __init__(self, runner: TaskRunner, name: str, interval: float, work: Work):
-        self.runner = runner
-        self.name = name
-        self.requested = interval
-        self.work = work
-        self.handle: asyncio.Task | None = None
-
-    @property
-    def interval(self) -> float:
-        return float(self.runner.intervals.get(self.name, self.requested))
-
-    def start(self) -> None:
-        self.handle = asyncio.get_running_loop().create_task(
-            self._run(), name=f"recur:{self.runner.name}:{self.name}")
-
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time() + self.interval
-        while True:
-            await asyncio.sleep(max(0.0, due - loop.time()))
-            await self.runner.run_work(self.name, self.work)
-            now = loop.time()
-            due += self.interval
-            if due <= now:  # we fell behind: skip the missed ticks
-                due = now + self.interval
-
-
 class TaskRunner:
-    """Hosts one task instance for a :class:`~multimodule.runtime.daemon.Daemon`.
+    """Hosts one task instance on the event loop; the task's :class:`~multimodule.task.TaskHost`.
 
-    ``receive_sysv``: also take the task's System V queue (``False`` only in tests).
+    ``transit``: where the task's in-memory queue is declared and its System V receiver made
+    (``receive_sysv=False`` only in tests). ``send``: how the task's sends leave it.
+    ``channels``: the out-of-band channels. ``store``: where a stateful task's state lives.
+    ``slow_handler_s``: seconds a handler may hold the loop before it is reported.
     """
 
-    def __init__(self, daemon: Daemon, name: str, cls: type[Task], *,
-                 store: StateStore | None, receive_sysv: bool = True):
-        self.daemon = daemon
+    def __init__(self, name: str, cls: type[Task], *, transit: Any, send: Send,
+                 channels: Channels, store: StateStore | None, slow_handler_s: float,
+                 receive_sysv: bool = True):
         self.name = name
         self.cls = cls
         self.store = store if cls.is_stateful else None
-        self.channels = daemon.channels
+        self.channels = channels
+        self.send = send
+        self.slow_handler_s = slow_handler_s
         self.task = cls()
-        self.task.attach(name, daemon)
-        self.queue = daemon.transit.declare_local(name)
-        self.receiver = (daemon.transit.receiver(name, self.queue.put,
-                                                 on_error=self._on_transit_error,
-                                                 backlog=self.queue.__len__)
+        self.task.attach(name, self)
+        self.queue = transit.declare_local(name)
+        self.receiver = (transit.receiver(name, self.queue.put,
+                                          on_error=self._on_transit_error,
+                                          backlog=self.queue.__len__)
                          if receive_sysv else None)
         self.intervals: dict[str, float] = {}
-        self.schedules: dict[str, _Schedule] = {}
+        self.schedules: dict[str, Schedule] = {}
         self._consumer: asyncio.Task | None = None
         self._saver: asyncio.Task | None = None
         self._cancellable = False
@@ -110,6 +82,12 @@ class TaskRunner:
         self.last_error: str | None = None
         #: A handler hung while stopping: nothing more is delivered to this instance.
         self.stuck = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do now: no message waiting or in hand, no scheduled work running."""
+        return (self._cancellable and not self.queue
+                and not any(s.busy for s in self.schedules.values()))
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -139,26 +117,52 @@ class TaskRunner:
             self.report_error(f"set_config raised {type(exc).__name__}: {exc}",
                               traceback=traceback.format_exc())
         for schedule in self.schedules.values():
-            # restart so that a changed interval applies from now
-            schedule.cancel()
-            schedule.start()
+            if schedule.interval != schedule.running_interval:
+                schedule.reschedule()  # only a changed interval changes a schedule
 
-    def recur(self, name: str, interval: float, work: Work) -> None:
-        """Create or replace the schedule ``name`` (see :meth:`Task.named_recur`)."""
+    # -- TaskHost --------------------------------------------------------------------------
+
+    def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
+        """Create or change the schedule ``name`` (see :meth:`Task.named_recur`): the same
+        interval keeps its phase and takes the new work from the next tick; a new one applies
+        from now. Raises ``ValueError`` for an interval that is not a positive number."""
         if not (isinstance(interval, (int, float)) and interval > 0):
             raise ValueError(f"named_recur interval must be a positive number of seconds, "
                              f"not {interval!r}")
-        old = self.schedules.pop(name, None)
-        if old is not None:
-            old.cancel()
-        schedule = self.schedules[name] = _Schedule(self, name, float(interval), work)
+        schedule = self.schedules.get(name)
+        if schedule is not None:
+            schedule.work = work
+            schedule.requested = float(interval)
+            if schedule.interval != schedule.running_interval:
+                schedule.reschedule()
+            return
+        schedule = self.schedules[name] = Schedule(
+            name, float(interval), work, self.run_work, self._interval_of, self.name)
         schedule.start()
 
+    def _interval_of(self, schedule: Schedule) -> float:
+        return float(self.intervals.get(schedule.name, schedule.requested))
+
     def stop_intake(self) -> None:
-        """Cancel schedules (no new work is generated by timers)."""
+        """Cancel schedules (no new work is generated by timers; work running finishes)."""
         for schedule in self.schedules.values():
             schedule.cancel()
+
+    async def wait_schedules(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Wait (up to ``grace_s`` seconds) for the scheduled work still running after
+        :meth:`stop_intake`; work still running then is cancelled and reported."""
+        schedules = list(self.schedules.values())
         self.schedules.clear()
+        try:
+            async with asyncio.timeout(grace_s):
+                for schedule in schedules:
+                    await schedule.wait()
+        except TimeoutError:
+            for schedule in schedules:
+                if schedule.busy:
+                    schedule.kill()
+                    self.report_error(f"scheduled work {schedule.name!r} still busy after "
+                                      f"{grace_s:g} s; cancelled")
 
     async def stop_receiver(self) -> None:
         """Stop taking from the System V queue; messages already taken stay in memory."""
@@ -171,13 +175,19 @@ class TaskRunner:
         await self.stop_receiver()
         await self.stop_consumer()
         await self.deliver_pending()
+        await self.wait_schedules()
+        self.finish()
+
+    def finish(self) -> None:
+        """Stop saving periodically and save the state one last time."""
         if self._saver is not None:
             self._saver.cancel()
         self.save_state()
 
-    async def stop_consumer(self) -> None:
-        """Let the message in progress finish, then stop the consumer coroutine (so that
-        :meth:`deliver_pending` never runs two handlers of this task at once)."""
+    async def stop_consumer(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Let the message in progress finish (up to ``grace_s`` seconds, then it is
+        cancelled and the task marked :attr:`stuck`), then stop the consumer coroutine (so
+        that :meth:`deliver_pending` never runs two handlers of this task at once)."""
         consumer = self._consumer
         if consumer is not None and not consumer.done():
             if self._cancellable:
@@ -185,12 +195,12 @@ class TaskRunner:
             else:
                 self._stop_after_message = True
             try:
-                await asyncio.wait_for(asyncio.shield(consumer), STOP_GRACE_S)
+                await asyncio.wait_for(asyncio.shield(consumer), grace_s)
             except asyncio.TimeoutError:
                 # A handler that hung this long would hang on the next message too: the
                 # messages still in memory are left for the host to send back to the queue.
                 self.stuck = True
-                self.report_error(f"handler still busy after {STOP_GRACE_S} s; cancelled; "
+                self.report_error(f"handler still busy after {grace_s:g} s; cancelled; "
                                   f"{len(self.queue)} messages in memory go back to its queue")
                 consumer.cancel()
             except asyncio.CancelledError:
@@ -209,7 +219,7 @@ class TaskRunner:
                 self._cancellable = False
                 cpu_before = time.thread_time()
                 await process(message)
-                items = queue._items
+                items = queue.waiting
                 until = time.perf_counter() + BATCH_BUDGET_S
                 handled = 1
                 while items:
@@ -230,9 +240,9 @@ class TaskRunner:
         finally:
             self._cancellable = False
 
-    async def deliver_pending(self) -> int:
+    async def deliver_pending(self, grace_s: float = STOP_GRACE_S) -> int:
         """Handle the messages waiting in memory now (not those they cause to be sent here);
-        return how many were handled. A handler still busy after ``STOP_GRACE_S`` is
+        return how many were handled. A handler still busy after ``grace_s`` seconds is
         cancelled and the task marked :attr:`stuck`: the rest stay in memory for the host
         to send back to the task's System V queue."""
         if self.stuck:
@@ -241,10 +251,10 @@ class TaskRunner:
         for handled in range(count):
             message = self.queue.get_nowait()
             try:
-                await asyncio.wait_for(self.process(message), STOP_GRACE_S)
+                await asyncio.wait_for(self.process(message), grace_s)
             except asyncio.TimeoutError:
                 self.stuck = True
-                self.report_error(f"handler still busy after {STOP_GRACE_S} s while "
+                self.report_error(f"handler still busy after {grace_s:g} s while "
                                   f"delivering what was in memory; cancelled; "
                                   f"{len(self.queue)} messages go back to its queue")
                 return handled + 1
@@ -273,12 +283,12 @@ class TaskRunner:
             )
         elapsed = time.perf_counter() - started
         counters.handler_seconds += elapsed
-        if not awaited and elapsed > self.daemon.options.slow_handler_s:
+        if not awaited and elapsed > self.slow_handler_s:
             counters.slow_handlers += 1
             self.channels.emit(
                 "error", self.name,
                 f"warning: message handler held the event loop for {elapsed:.3f} s "
-                f"(threshold {self.daemon.options.slow_handler_s} s)",
+                f"(threshold {self.slow_handler_s} s)",
                 severity="warning", duration_s=round(elapsed, 6),
             )
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from multimodule.errors import DetachedProcessError
+from multimodule.state import lock_holder
 from multimodule.supervise.base import ActiveState, LaunchSpec, TaskProcess
 
 BACKOFF_MIN_S = 1.0
@@ -77,26 +78,11 @@ class DetachedBackend:
         return self.spec.state_dir / f"task-{task}.log"
 
     def _holder_pid(self, task: str) -> int | None:
-        """The pid of the process holding the task's lock, or ``None`` if nobody holds it.
-
-        Read from ``/proc/locks`` rather than by trying the lock: a trial lock, however
-        brief, could make a task that is just starting believe another copy runs.
-        """
+        """The pid of the process holding the task's lock, or ``None`` if nobody holds it."""
         try:
-            st = os.stat(self._lock_path(task))
-        except FileNotFoundError:
-            return None
-        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        try:
-            with open("/proc/locks") as locks:
-                for line in locks:
-                    fields = line.split()
-                    # e.g. "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
-                    if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
-                        return int(fields[4])
-        except (OSError, ValueError):
+            return lock_holder(self._lock_path(task))
+        except OSError:
             raise DetachedProcessError("cannot read /proc/locks") from None
-        return None
 
     # -- the interface ---------------------------------------------------------------------
 

@@ -75,6 +75,11 @@ class AsyncReceiver:
         self._interrupter: Interrupter | None = None
 
     @property
+    def pending(self) -> int:
+        """Messages (and errors) taken off the queue and not yet handed to ``deliver``."""
+        return len(self._pending)
+
+    @property
     def running(self) -> bool:
         """Whether the worker thread is alive."""
         return self._thread is not None and self._thread.is_alive()

@@ -46,6 +46,12 @@ class LocalQueue:
         return len(self._items)
 
     @property
+    def waiting(self) -> deque[dict[str, Any]]:
+        """The waiting messages, oldest first: for a consumer's cheap "anything left?" check
+        between :meth:`get_nowait` calls (read it, never change it)."""
+        return self._items
+
+    @property
     def depth(self) -> int:
         """Messages waiting."""
         return len(self._items)

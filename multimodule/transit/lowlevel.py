@@ -9,6 +9,8 @@ package, which no code outside :mod:`multimodule.transit` imports.
   of the module-level functions, and serving a name from memory in this process on it;
 - :class:`LocalQueue` (an in-memory FIFO, ``put``, ``get``, ``get_async``) and
   :class:`AsyncReceiver` (a thread feeding a System V queue's messages to an asyncio loop);
+- :class:`Overflow`: sends to System V queues that never block an event loop (messages for a
+  full queue are held in order and sent by a thread as room appears);
 - :func:`ensure_handler`: make the interrupt signal able to stop blocking queue calls (call it
   on the main thread before timed System V operations in other threads);
 - the wire format: ``HEADER_JSON + encode_body(message, make_meta({}))`` is the bytes of one
@@ -25,6 +27,7 @@ from multimodule.transit._async import AsyncReceiver
 from multimodule.transit._directory import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
 from multimodule.transit._interrupt import ensure_handler
 from multimodule.transit._local import LocalQueue
+from multimodule.transit._overflow import Overflow
 from multimodule.transit._transit import Transit
 from multimodule.transit._wire import (
     HEADER_JSON,
@@ -56,6 +59,7 @@ __all__ = [
     "ENV_TRANSIT_DIR",
     "HEADER_JSON",
     "LocalQueue",
+    "Overflow",
     "SYSTEM_TRANSIT_DIR",
     "copy_message",
     "declare_local",

@@ -1,0 +1,244 @@
+"""The daemon's side of the control queue: one handler per command, and an answer to every
+request that asked for one (an error included, and "stopping" for requests still waiting when
+the daemon stops).
+
+The message schema is :mod:`multimodule.runtime.control` (shared with ``mmctl``). What the
+commands act on is a :class:`Controlled`, which the daemon implements; the server knows
+nothing else of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from typing import Any, Awaitable, Protocol
+
+from multimodule.errors import ConfigError, Empty, MultiModuleError, TransitError
+from multimodule.oob import Channels
+from multimodule.runtime.control import CONTROL_KEY, ControlBody, parse_control
+
+SOURCE = "MultiModule"
+
+class Controlled(Protocol):
+    """What control commands act on. A command's *outcome* is ``None`` (done), why it was
+    refused (a string), or an awaitable giving one of those once the command has finished
+    (a migration, a task started)."""
+
+    def set_task_config(self, name: str, table: Any) -> str | None:
+        """Replace ``name``'s config; why it was refused (``"no task ..."`` if unknown)."""
+
+    def migrate(self, name: str, to_external: bool) -> Any:
+        """Move ``name``; an outcome."""
+
+    def failsafe_task(self, name: str, reason: str) -> Any:
+        """Put ``name`` in failsafe; an outcome."""
+
+    def unfailsafe(self, name: str) -> Any:
+        """Clear ``name``'s failsafe; an outcome."""
+
+    def reload(self) -> str | None:
+        """Re-read the config file; why it was refused."""
+
+    def request_stop(self, exit_externals: bool = False) -> None:
+        """Begin an orderly exit."""
+
+    async def query(self, what: str, name: str | None) -> dict[str, Any]:
+        """The reply to a ``state``, ``config`` or ``status`` query."""
+
+
+def _reply_to(message: Any) -> str | None:
+    body = message.get(CONTROL_KEY) if isinstance(message, dict) else None
+    reply_to = body.get("reply_to") if isinstance(body, dict) else None
+    return reply_to if isinstance(reply_to, str) else None
+
+
+class ControlServer:
+    """Serves control queue ``qname`` of ``transit`` (in memory for this process, fed from its
+    System V queue) for ``target``."""
+
+    def __init__(self, target: Controlled, *, transit: Any, qname: str, channels: Channels):
+        self.target = target
+        self.transit = transit
+        self.qname = qname
+        self.channels = channels
+        self.queue = None
+        self.receiver = None
+        self._serving: asyncio.Task | None = None
+        self._current: asyncio.Task | None = None
+        self._stopping = False
+        self._later: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        """Take the control queue and serve it (on the loop)."""
+        self.queue = self.transit.declare_local(self.qname)
+        self.receiver = self.transit.receiver(self.qname, self.queue.put)
+        self.receiver.start()
+        self._serving = asyncio.get_running_loop().create_task(self._serve(),
+                                                               name="control")
+
+    @property
+    def idle(self) -> bool:
+        """No request waiting, in hand, or waiting for its command to finish."""
+        busy = self._current is not None and not self._current.done()
+        return not busy and not self.queue and not self._later
+
+    async def _serve(self) -> None:
+        while not self._stopping:
+            message = await self.queue.get_async()
+            self._current = asyncio.get_running_loop().create_task(self.serve_one(message))
+            await self._current
+
+    async def serve_one(self, message: dict[str, Any]) -> None:
+        """Carry out one control message and answer it; a command that fails is reported
+        and answered with an error, never raised."""
+        reply_to = _reply_to(message)
+        try:
+            reply = await self.handle(message)
+        except Exception as exc:  # the daemon never dies of a control message
+            text = f"control message failed: {type(exc).__name__}: {exc}"
+            self.channels.emit("error", SOURCE, text, traceback=traceback.format_exc())
+            reply = {"error": text}
+        if reply is None or reply_to is None:
+            return
+        if isinstance(reply, dict):
+            self.reply(reply_to, reply)
+            return
+        task = asyncio.get_running_loop().create_task(self._reply_later(reply_to, reply))
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def _reply_later(self, reply_to: str, pending: Awaitable[str | None]) -> None:
+        try:
+            problem = await pending
+        except asyncio.CancelledError:
+            problem = "cancelled: the daemon is stopping"
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        self.reply(reply_to, {"error": problem} if problem else {"ok": True})
+
+    async def handle(self, message: dict[str, Any]) -> dict[str, Any] | Awaitable | None:
+        """The reply to ``message``: a dict, an awaitable giving the problem (or ``None``)
+        once a long command is done, or ``None`` for an expired message. Raises nothing
+        for bad input (the reply says what was wrong)."""
+        try:
+            body = parse_control(message)
+        except ConfigError as exc:
+            self.channels.emit("error", SOURCE, f"control message refused: {exc}",
+                               message=message)
+            return {"error": f"control message refused: {exc}"}
+        if body.expires_at is not None and body.expires_at < time.time():
+            self.channels.emit("log", SOURCE, "ignored an expired control message",
+                               message=message)
+            return None
+        errors: list[str] = []
+        waits: list[Awaitable] = []
+        for handler in (self._config, self._migrate, self._failsafe, self._unfailsafe,
+                        self._control):
+            outcome = handler(body)
+            if isinstance(outcome, str):
+                errors.append(outcome)
+            elif outcome is not None:
+                waits.append(outcome)
+        if errors and body.reply_to is None:
+            self.channels.emit("error", SOURCE, "control message refused: " + "; ".join(errors))
+        if body.query is not None:
+            return await self.target.query(body.query, body.task)
+        if errors:
+            return {"error": "; ".join(errors)}
+        if waits:
+            return _first_problem(waits)
+        return {"ok": True}
+
+    # -- one handler per command -----------------------------------------------------------
+
+    def _config(self, body: ControlBody) -> str | None:
+        problems = [self.target.set_task_config(name, table)
+                    for name, table in (body.config or {}).items()]
+        return "; ".join(p for p in problems if p) or None
+
+    def _migrate(self, body: ControlBody) -> Any:
+        if body.migrate is None:
+            return None
+        return self.target.migrate(body.migrate.task, body.migrate.to == "external")
+
+    def _failsafe(self, body: ControlBody) -> Any:
+        if body.failsafe is None:
+            return None
+        return self.target.failsafe_task(body.failsafe, body.reason or "put in failsafe by hand")
+
+    def _unfailsafe(self, body: ControlBody) -> Any:
+        if body.unfailsafe is None:
+            return None
+        return self.target.unfailsafe(body.unfailsafe)
+
+    def _control(self, body: ControlBody) -> str | None:
+        problems = []
+        for item in body.control:
+            if item.type == "cleanly_exit":
+                self.channels.emit("log", SOURCE, "cleanly_exit requested on the control "
+                                                  "queue" + (", external tasks too"
+                                                             if item.exit_externals else ""))
+                self.target.request_stop(item.exit_externals)
+            elif item.type == "reload":
+                problem = self.target.reload()
+                if problem:
+                    problems.append(problem)
+        return "; ".join(problems) or None
+
+    # -- replies and stopping --------------------------------------------------------------
+
+    def reply(self, reply_to: str, reply: dict[str, Any]) -> None:
+        """Answer on ``reply_to`` only if that queue still exists (never creating or
+        remembering it: a client that gave up has removed its queue)."""
+        try:
+            sent = self.transit.send_if_exists(reply_to, reply)
+        except MultiModuleError as exc:
+            self.channels.emit("error", SOURCE, f"cannot answer on {reply_to!r}: {exc}")
+            sent = self.transit.send_if_exists(
+                reply_to, {"error": f"the daemon could not encode its answer: {exc}"})
+        if not sent:
+            self.channels.emit("debug", SOURCE,
+                               f"no reply sent: reply queue {reply_to!r} is gone or full")
+
+    async def stop(self) -> None:
+        """Stop serving; answer every request still waiting (in memory or in the System V
+        queue) with an error saying the daemon is stopping (a ``cleanly_exit`` with
+        ``ok``), and wait for the answers owed to commands in progress."""
+        self._stopping = True
+        if self.receiver is not None:
+            await self.receiver.stop()
+        if self._current is not None:
+            await asyncio.wait([self._current])  # the request in hand finishes
+        if self._serving is not None:
+            self._serving.cancel()
+        waiting = self.queue.drain() if self.queue is not None else []
+        self.transit.undeclare_local(self.qname)
+        while True:
+            try:
+                waiting.append(self.transit.receive(self.qname, timeout=0))
+            except Empty:
+                break
+            except TransitError as exc:
+                self.channels.emit("error", SOURCE, f"control queue: {exc}")
+                break
+        for message in waiting:
+            reply_to = _reply_to(message)
+            if reply_to is None:
+                continue
+            body = message.get(CONTROL_KEY)
+            control = body.get("control") if isinstance(body, dict) else None
+            exits = isinstance(control, list) and any(
+                isinstance(c, dict) and c.get("type") == "cleanly_exit" for c in control)
+            self.reply(reply_to, {"ok": True} if exits else
+                       {"error": "the daemon is stopping; the request was not carried out"})
+        if self._later:
+            await asyncio.wait(list(self._later))
+
+
+async def _first_problem(waits: list[Awaitable]) -> str | None:
+    for wait in waits:
+        problem = await wait
+        if problem:
+            return problem
+    return None

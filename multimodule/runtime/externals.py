@@ -1,0 +1,161 @@
+"""External tasks as the daemon sees them: started, adopted, stopped and asked for their state
+through a backend (:mod:`multimodule.supervise`), every backend call off the event loop.
+
+``systemctl start`` waits for the unit's ``READY=1`` and ``systemctl show`` may take seconds on a
+busy machine (its timeout is a minute, the daemon's watchdog 30 s): each call runs in a worker
+thread, so the loop, the other tasks and ``mmctl`` never wait for systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from multimodule.errors import BackendError, MultiModuleError
+from multimodule.oob import Channels
+from multimodule.state import lock_holder
+from multimodule.supervise.base import LaunchSpec, TaskBackend, TaskProcess, choose_backend_name
+from multimodule.supervise.detached import DetachedBackend
+from multimodule.supervise.systemd import SystemdBackend
+from multimodule.config import TaskLimits
+from multimodule.supervise.units import render_dropin
+
+SOURCE = "MultiModule"
+
+
+def make_backend(forced: str, *, state_dir: Path, transit_dir: Path,
+                 config_file: Path | None, task_path: list[Path], prefixes: list[str],
+                 channels: Channels, loop: asyncio.AbstractEventLoop) -> TaskBackend:
+    """The backend for external tasks: systemd units when the daemon is a systemd service
+    (or ``forced == "systemd"``), else detached processes launched with the daemon's own
+    paths. Raises :class:`UsageError` for an unknown ``forced`` name."""
+    if choose_backend_name(forced) == "systemd":
+        return SystemdBackend()
+
+    def on_event(task: str, text: str) -> None:
+        channels.emit("log", SOURCE, f"external task {task}: {text}", task=task)
+
+    spec = LaunchSpec(
+        argv_prefix=(sys.executable, "-m", "multimodule.cli.daemon"),
+        state_dir=state_dir.resolve(),
+        config_file=config_file.resolve() if config_file else None,
+        transit_dir=transit_dir.resolve(),
+        task_path=tuple(p.resolve() for p in task_path),
+        prefixes=tuple(prefixes))
+    return DetachedBackend(spec, loop=loop, on_event=on_event)
+
+
+class ExternalTasks:
+    """The external tasks of one daemon: ``processes`` (task name -> what the backend last
+    said, ``None`` while it is being started), backend calls in worker threads.
+
+    ``state_dir``: where external tasks hold their locks (``task-NAME.lock``).
+    ``on_failed(name, why)``: a start that failed (reported and recorded by the caller).
+    """
+
+    def __init__(self, backend: TaskBackend, *, state_dir: Path, channels: Channels,
+                 on_failed: Callable[[str, str], None]):
+        self.backend = backend
+        self.state_dir = state_dir
+        self.channels = channels
+        self.on_failed = on_failed
+        self.processes: dict[str, TaskProcess | None] = {}
+        self.starting: dict[str, asyncio.Task] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.processes
+
+    @property
+    def name(self) -> str:
+        """The backend's name (``systemd`` or ``detached``)."""
+        return self.backend.name
+
+    def runs_outside(self, name: str) -> bool:
+        """Whether a process of task ``name`` runs now without this daemon having started it
+        (one moved out before the daemon started): it holds the task's lock in the state
+        directory. A read of ``/proc/locks``, not a call to the backend."""
+        if name in self.processes:
+            return False
+        try:
+            return lock_holder(self.state_dir / f"task-{name}.lock") is not None
+        except OSError:
+            return False
+
+    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    def start(self, name: str, limits: TaskLimits) -> asyncio.Task:
+        """Start (or adopt) task ``name`` in a worker thread; until it is up,
+        ``processes[name]`` is ``None`` and sends to it go to its System V queue. The asyncio
+        task returned gives why it failed, or ``None``."""
+        self.processes[name] = None
+        task = asyncio.get_running_loop().create_task(self._start(name, limits),
+                                                      name=f"start:{name}")
+        self.starting[name] = task
+        return task
+
+    async def _start(self, name: str, limits: TaskLimits) -> str | None:
+        try:
+            process = await self._call(self.backend.start, name, render_dropin(name, limits),
+                                       limits)
+        except (MultiModuleError, OSError) as exc:
+            if name in self.processes and self.processes[name] is None:
+                del self.processes[name]
+            problem = f"task {name} not started: {exc}"
+            self.on_failed(name, problem)
+            return problem
+        finally:
+            self.starting.pop(name, None)
+        if name in self.processes:
+            self.processes[name] = process
+            self.channels.emit("log", SOURCE, f"external task {name} runs as {process.where} "
+                                              f"(pid {process.main_pid}, {self.backend.name})",
+                               task=name)
+        return None
+
+    async def stop(self, name: str) -> None:
+        """Stop task ``name``'s unit or process (it saves its state), then forget it.
+        Raises the backend's error (it is then still known)."""
+        await self._call(self.backend.stop, name)
+        self.processes.pop(name, None)
+
+    def _statuses(self, names: list[str]) -> dict[str, TaskProcess | str]:
+        out: dict[str, TaskProcess | str] = {}
+        for name in names:
+            try:
+                out[name] = self.backend.status(name)
+            except BackendError as exc:
+                out[name] = str(exc)
+        return out
+
+    async def statuses(self, names: list[str] | None = None) -> dict[str, TaskProcess | str]:
+        """What the backend says of each task now (a worker thread): task name ->
+        :class:`TaskProcess`, or the error text if it could not say."""
+        names = [n for n in (names if names is not None else self.processes)
+                 if self.processes.get(n) is not None]
+        return await self._call(self._statuses, names)
+
+    async def settle(self) -> None:
+        """Wait for the starts in progress."""
+        for start in list(self.starting.values()):
+            await asyncio.wait([start])
+
+    async def stop_all(self) -> None:
+        """Stop every external task at once (``mmctl stop --externals``)."""
+        async def stop_one(name: str) -> None:
+            try:
+                await self.stop(name)
+                self.channels.emit("log", SOURCE, f"external task {name} stopped")
+            except BackendError as exc:
+                self.channels.emit("error", SOURCE, f"cannot stop external task {name}: {exc}")
+
+        await asyncio.gather(*(stop_one(name) for name in list(self.processes)))
+
+    def close(self) -> None:
+        """Release the backend's own resources (the detached backend's exit watchers)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+

@@ -1,0 +1,163 @@
+"""The internal tasks of one process: their runners, what failed to load and why, and the
+names known not to be tasks.
+
+:class:`TaskRegistry` finds a task's class (:mod:`multimodule.runtime.loader`), starts a
+:class:`~multimodule.runtime.runner.TaskRunner` for it, and unloads it again, handing what was
+still in its memory back to its System V queue. Deciding *whether* a task runs here (its
+config, failsafe, external tasks) is the host's job, not the registry's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel
+
+from multimodule.errors import TaskImportFailed, TaskNotFound
+from multimodule.oob import Channels
+from multimodule.runtime.loader import find_task_class
+from multimodule.runtime.runner import STOP_GRACE_S, Send, TaskRunner
+from multimodule.state import StateStore
+from multimodule.task import Task
+
+#: Name used for the host's own records.
+SOURCE = "MultiModule"
+
+#: ``send_out(qname, message)``: to the System V queue, never blocking (the overflow).
+SendOut = Callable[[str, dict[str, Any]], None]
+
+
+class TaskRegistry:
+    """Runners by task name, plus ``failures`` (name -> why it could not be loaded) and
+    ``not_tasks`` (names a message was sent to that no task class answers to).
+
+    ``send``: the tasks' send; ``send_out``: to a System V queue without blocking (what a
+    stopped task held goes back there). ``prefixes``, ``task_path``: where task classes are
+    found (see :func:`~multimodule.runtime.loader.find_task_class`).
+    """
+
+    def __init__(self, *, transit: Any, channels: Channels, store: StateStore, send: Send,
+                 send_out: SendOut, prefixes: Sequence[str], task_path: Sequence[Path],
+                 slow_handler_s: float):
+        self.transit = transit
+        self.channels = channels
+        self.store = store
+        self.send = send
+        self.send_out = send_out
+        self.prefixes = list(prefixes)
+        self.task_path = list(task_path)
+        self.slow_handler_s = slow_handler_s
+        self.runners: dict[str, TaskRunner] = {}
+        self.failures: dict[str, str] = {}
+        self.not_tasks: set[str] = set()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.runners
+
+    def get(self, name: str) -> TaskRunner | None:
+        """The runner of ``name``, if loaded here."""
+        return self.runners.get(name)
+
+    # -- classes ---------------------------------------------------------------------------
+
+    def find(self, name: str, *, on_demand: bool = False) -> type[Task] | None:
+        """Task ``name``'s class, or ``None`` (recorded in :attr:`not_tasks` when looked for
+        on first use, else reported and recorded in :attr:`failures`). On first use a bare
+        module is only looked for in ``task_path``: a queue name must not import any module."""
+        try:
+            return find_task_class(name, self.prefixes,
+                                   bare_paths=self.task_path if on_demand else None)
+        except TaskNotFound as exc:
+            if on_demand:
+                self.not_tasks.add(name)
+            else:
+                self.fail(name, f"cannot load task {name}: {exc}")
+        except TaskImportFailed as exc:
+            self.fail(name, str(exc), traceback=exc.details)
+        return None
+
+    def lookup(self, name: str) -> type[Task]:
+        """Task ``name``'s class: the loaded one, else found as the config file's tasks are.
+        Raises :class:`TaskNotFound` or :class:`TaskImportFailed`; records nothing."""
+        runner = self.runners.get(name)
+        if runner is not None:
+            return runner.cls
+        return find_task_class(name, self.prefixes)
+
+    def class_of(self, name: str) -> type[Task] | None:
+        """Task ``name``'s class to check a config against: the loaded one, else found as
+        the config file's tasks are; ``None`` if there is none (nothing is recorded)."""
+        try:
+            return self.lookup(name)
+        except (TaskNotFound, TaskImportFailed):
+            return None
+
+    def fail(self, name: str, why: str, **fields: Any) -> None:
+        """Record and report that task ``name`` could not be loaded."""
+        self.failures[name] = why
+        self.channels.emit("error", SOURCE, why, task=name, **fields)
+
+    # -- loading and unloading -------------------------------------------------------------
+
+    def start(self, name: str, cls: type[Task], config: dict[str, Any],
+              settings: BaseModel | None) -> TaskRunner | None:
+        """Construct and start task ``name`` (state restored, config applied, delivery
+        started); ``None`` if it raised (reported, recorded in :attr:`failures`)."""
+        try:
+            runner = TaskRunner(name, cls, transit=self.transit, send=self.send,
+                                channels=self.channels, store=self.store,
+                                slow_handler_s=self.slow_handler_s)
+            self.runners[name] = runner
+            runner.start(config, settings)
+        except Exception as exc:
+            self.runners.pop(name, None)
+            self.transit.undeclare_local(name)
+            self.fail(name, f"task {name} failed to start: {type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc())
+            return None
+        self.failures.pop(name, None)
+        self.channels.emit("debug", SOURCE, f"loaded task {name} from {cls.__module__}")
+        return runner
+
+    async def unload(self, name: str) -> None:
+        """Stop task ``name`` (the message in hand finishes, what is in memory is delivered,
+        its state saved) and send what reached its memory meanwhile back to its System V
+        queue, behind which later sends queue up. Nothing is lost."""
+        runner = self.runners[name]
+        await runner.stop()
+        self.release(name)
+
+    def release(self, name: str) -> None:
+        """Forget ``name``'s runner; its in-memory leftovers go to its System V queue."""
+        self.runners.pop(name, None)
+        for message in self.transit.undeclare_local(name):
+            self.send_out(name, message)
+
+    async def stop_all(self, deadline: float) -> None:
+        """Stop every runner at once, bounded by ``deadline`` (``time.monotonic()``): timers
+        stop, receivers stop, handlers in progress finish (or are cancelled at the deadline),
+        what is in memory is delivered (a delivery may send to another task here, so rounds
+        go on until nothing is left), state is saved, and what a stuck task still holds goes
+        back to its System V queue."""
+        runners = list(self.runners.values())
+        for runner in runners:
+            runner.stop_intake()
+        await asyncio.gather(*(runner.stop_receiver() for runner in runners))
+
+        def left() -> float:
+            return max(0.0, min(STOP_GRACE_S, deadline - time.monotonic()))
+
+        await asyncio.gather(*(runner.stop_consumer(left()) for runner in runners))
+        for _ in range(100):
+            handled = await asyncio.gather(*(runner.deliver_pending(left())
+                                             for runner in runners))
+            if not any(handled) or time.monotonic() >= deadline:
+                break
+        await asyncio.gather(*(runner.wait_schedules(left()) for runner in runners))
+        for runner in runners:
+            runner.finish()
+            self.release(runner.name)

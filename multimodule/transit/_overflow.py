@@ -1,0 +1,182 @@
+"""Ordered overflow for full System V queues: sends that must not block the event loop.
+
+A process that hosts tasks on an asyncio loop cannot wait for room in a full System V queue.
+:class:`Overflow` sends at once when there is room; otherwise the message joins a per-queue
+:class:`_OverflowSender` whose thread waits for room and sends in order. While a queue's sender
+holds messages, later sends to that queue join it, so order per queue is kept. A sender that
+has emptied retires (under the overflow's lock), and the next send tries the fast path again.
+
+A queue removed under a sender (``ipcrm``, logind's ``RemoveIPC=``) is opened again, which
+creates it anew, and sending goes on. What is still held when the process stops can be kept in
+taken with :meth:`Overflow.stop_and_take` (the host keeps it in its state directory) and sent
+at the next start with :meth:`Overflow.resend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from multimodule.errors import QueueFull, QueueRemoved, TransitError
+from multimodule.transit import _wire
+
+#: Seconds of each wait for room, between two looks at the stop flag.
+WAIT_S = 0.5
+#: Seconds between two attempts after an error other than a full or removed queue.
+RETRY_S = 1.0
+
+Report = Callable[[str, str], None]
+
+
+class _OverflowSender:
+    """Messages for one full queue, sent in order by a thread of its own."""
+
+    def __init__(self, overflow: Overflow, qname: str, when_sent: Callable[[], None] | None):
+        self.overflow = overflow
+        self.qname = qname
+        self.when_sent = when_sent
+        self.items: deque[bytes] = deque()
+        self.retired = False
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"mm-overflow:{qname}",
+                                       daemon=True)
+
+    def _run(self) -> None:
+        overflow = self.overflow
+        queue = overflow.transit.sysv_queue(self.qname)
+        while not self.stopping.is_set():
+            with overflow.lock:
+                if not self.items:
+                    self.retired = True
+                    if overflow.senders.get(self.qname) is self:
+                        del overflow.senders[self.qname]
+                    break
+                body = self.items[0]
+            try:
+                queue.send_body(body, WAIT_S)
+            except QueueFull:
+                continue
+            except QueueRemoved:
+                try:
+                    queue.reopen()  # creates it anew: its readers open the name again too
+                except TransitError as exc:
+                    overflow.report("error", f"queue {self.qname!r} was removed and cannot "
+                                             f"be made again: {exc}; retrying in {RETRY_S:g} s")
+                    self.stopping.wait(RETRY_S)
+                continue
+            except TransitError as exc:
+                overflow.report("error", f"overflow for queue {self.qname!r}: {exc}; "
+                                         f"retrying in {RETRY_S:g} s")
+                self.stopping.wait(RETRY_S)
+                continue
+            with overflow.lock:
+                self.items.popleft()
+        else:
+            return  # stopped: stop_and_take has what is left
+        if self.when_sent is not None:
+            self.when_sent()
+
+
+class Overflow:
+    """Sends to System V queues that never block the caller; see the module docstring.
+
+    ``transit``: the :class:`~multimodule.transit.Transit` to send through. ``report``: called
+    (from any thread) with ``(channel, text)``: ``"debug"`` when a queue starts overflowing,
+    ``"error"`` when sending runs into trouble.
+    """
+
+    def __init__(self, transit: Any, report: Report):
+        self.transit = transit
+        self.report = report
+        self.lock = threading.Lock()
+        self.senders: dict[str, _OverflowSender] = {}
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, qname: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to System V queue ``qname`` now if it has room, else hold it
+        behind the messages already held for that queue. Never blocks. Raises the
+        transit's usage errors (:class:`InvalidQueueName`, :class:`UnserializableMessage`)
+        and :class:`TransitBroken` if the queue cannot be opened."""
+        with self.lock:
+            sender = self.senders.get(qname)
+            if sender is not None and not sender.retired:
+                sender.items.append(_wire.encode_body(message, _wire.make_meta({})))
+                return
+        try:
+            self.transit.send(qname, message, timeout=0)
+            return
+        except QueueFull:
+            pass
+        self._hold(qname, [_wire.encode_body(message, _wire.make_meta({}))])
+        self.report("debug", f"queue {qname!r} is full; holding its messages in order")
+
+    def _hold(self, qname: str, bodies: list[bytes],
+              when_sent: Callable[[], None] | None = None) -> None:
+        with self.lock:
+            sender = self.senders.get(qname)
+            if sender is not None and not sender.retired:
+                sender.items.extend(bodies)
+                return
+            sender = _OverflowSender(self, qname, when_sent)
+            sender.items.extend(bodies)
+            self.senders[qname] = sender
+        sender.thread.start()
+
+    # -- figures ---------------------------------------------------------------------------
+
+    def depths(self) -> dict[str, int]:
+        """Queue name -> messages held for it now."""
+        with self.lock:
+            return {qname: len(s.items) for qname, s in self.senders.items() if s.items}
+
+    @property
+    def held(self) -> int:
+        """Messages held for all queues."""
+        with self.lock:
+            return sum(len(s.items) for s in self.senders.values())
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _join_all(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for sender in list(self.senders.values()):
+            sender.thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.held
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds (all queues at once) for every held message to be
+        sent; return whether none is left."""
+        if not self.senders:
+            return True
+        return await asyncio.get_running_loop().run_in_executor(None, self._join_all, timeout)
+
+    def stop_and_take(self) -> dict[str, list[bytes]]:
+        """Stop every sender (each within ``WAIT_S``) and return what they still hold:
+        queue name -> encoded bodies, in order (for the caller to keep and :meth:`resend`
+        at the next start)."""
+        with self.lock:
+            senders = list(self.senders.values())
+        for sender in senders:
+            sender.stopping.set()
+        for sender in senders:
+            sender.thread.join()
+        out = {}
+        with self.lock:
+            for sender in senders:
+                sender.retired = True
+                if self.senders.get(sender.qname) is sender:
+                    del self.senders[sender.qname]
+                if sender.items:
+                    out[sender.qname] = list(sender.items)
+        return out
+
+    def resend(self, qname: str, bodies: list[bytes],
+               when_sent: Callable[[], None] | None = None) -> None:
+        """Send encoded ``bodies`` (from :meth:`stop_and_take` of an earlier run) to ``qname``
+        in order, behind anything held for it; ``when_sent`` is called (on the sender's
+        thread) once they are all sent."""
+        self._hold(qname, bodies, when_sent)
