@@ -18,16 +18,33 @@ Use the ``inproc`` fixture in an ``async def`` test::
         await inproc.quiet()               # every queue empty, every handler idle
         assert inproc.taken("out") == [{"x": 1, "source": "Echo"}]
 
-``quiet()`` returns once nothing is left to do: no message waiting or in hand in any task, no
-control request or answer pending, no migration, start, unload or failsafe stop in progress
-(like dramatiq's ``StubBroker.join()``). Records of the out-of-band channels are kept in
-``inproc.records`` instead of being written anywhere.
+``quiet()`` returns once nothing is left to do: no message waiting or in hand in any task (in
+memory, or in the System V queue of a task or of the control queue), no control request or
+answer pending, no migration, start, unload, failsafe stop or monitor sample in progress (like
+dramatiq's ``StubBroker.join()``). Records of the out-of-band channels are kept in
+``inproc.records`` instead of being written anywhere; ``await inproc.record(channel, text)``
+waits for one.
+
+More: ``await inproc.raw_control(message, reply=True)`` puts any message on the control queue
+(for malformed ones); ``await inproc.mmctl(*args)`` runs mmctl (in this process, in a worker
+thread, over the real control queue) and gives ``(status, stdout, stderr)``;
+``await inproc.restart()`` stops the daemon (it must exit 0) and starts a new one on the same
+files, as a new process would; ``await inproc.start(clock=ManualClock())`` gives the monitor a
+clock that moves only by ``clock.advance(seconds)`` (then ``await daemon.monitor.sample()``
+takes one sample now); ``inproc.backend`` is a :class:`FakeBackend` for external tasks.
+
+Task modules are imported in this process: each test gets its own ``sys.path`` and forgets the
+modules of its task directory at the end, so a module name may be reused by another test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
+import io
 import itertools
+import sys
 import textwrap
 import threading
 from dataclasses import dataclass, field
@@ -36,8 +53,10 @@ from typing import Any
 
 import pytest
 
+from multimodule.cli import mmctl as mmctl_cli
 from multimodule.config import DaemonOptions
 from multimodule.errors import BackendError, Empty
+from multimodule.monitor.monitor import Monitor
 from multimodule.oob import Channels, parse_spec
 from multimodule.runtime.daemon import Daemon
 from multimodule.supervise.base import ActiveState, TaskProcess
@@ -63,17 +82,50 @@ class RecordingChannels(Channels):
     def __init__(self) -> None:
         super().__init__(parse_spec("log:1,error:2,alert:2,debug:2"), debug_level=99)
         self.records: list[Record] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     def emit(self, channel: str, task: str, text: str, /, **fields: Any) -> None:
         fields.pop("level", None)
         self.counts[channel] += 1
         self.records.append(Record(channel, task, str(text), fields))
+        waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:  # emit may come from another thread
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                pass
+
+    def changed(self) -> asyncio.Future:
+        """A future done at the next record (get it before looking at :attr:`records`)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiters.append((loop, future))
+        return future
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class ManualClock:
+    """A monotonic clock for the monitor that moves only by :meth:`advance`."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class FakeBackend:
     """A task backend without processes, for the daemon's logic: ``start`` marks a task
     active (or raises ``fail_start``), ``stop`` inactive. ``calls`` records ``(method, task,
-    thread id)``; ``status_gate``, when set, is awaited (at most ``WAIT_S``) by ``status``."""
+    thread id)``; ``status_gate``, when set, is awaited (at most ``WAIT_S``) by ``status``;
+    ``restarts[task]`` is the restart count ``status`` reports (a test sets it)."""
 
     name = "fake"
 
@@ -83,6 +135,7 @@ class FakeBackend:
         self.fail_start: BackendError | None = None
         self.status_gate: threading.Event | None = None
         self.gate_timed_out = False
+        self.restarts: dict[str, int] = {}
         self._pids = itertools.count(40000)
 
     def _call(self, method: str, task: str) -> None:
@@ -105,7 +158,27 @@ class FakeBackend:
             self.gate_timed_out = True
         pid = self.active.get(task)
         state = ActiveState.ACTIVE if pid else ActiveState.INACTIVE
-        return TaskProcess(task, state, pid, 0, f"fake:{task}")
+        return TaskProcess(task, state, pid, self.restarts.get(task, 0), f"fake:{task}")
+
+
+class _Daemon(Daemon):
+    """The real :class:`Daemon`; its monitor's samples (the first, at start, too) count as
+    work in progress for :meth:`InProcessDaemon.quiet`."""
+
+    sampling = 0
+
+    def after_ready(self) -> None:
+        sample = self.monitor.sample
+
+        async def counted():
+            self.sampling += 1
+            try:
+                return await sample()
+            finally:
+                self.sampling -= 1
+
+        self.monitor.sample = counted
+        super().after_ready()
 
 
 class InProcessDaemon:
@@ -126,12 +199,15 @@ class InProcessDaemon:
         self._run: asyncio.Task | None = None
         self._captures: list[str] = []
         self._replies = itertools.count()
+        self._options: dict[str, Any] = {}
+        self._clock: ManualClock | None = None
 
     # -- set-up ----------------------------------------------------------------------------
 
     def task(self, name: str, source: str) -> None:
         """Write task module ``name`` (dedented)."""
         (self.tasks_dir / f"{name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
 
     def config(self, text: str) -> None:
         """Write the config file (dedented)."""
@@ -150,18 +226,21 @@ class InProcessDaemon:
         """Records of ``channel`` whose text contains ``contains``."""
         return [r for r in self.records if r.channel == channel and contains in r.text]
 
-    async def start(self, **options: Any) -> Daemon:
-        """Run the daemon on this loop and wait until its configured tasks are loaded.
-        ``options``: :class:`DaemonOptions` fields over the harness's defaults (no monitor
-        sampling to speak of: one sample at start, then hourly)."""
+    async def start(self, *, clock: ManualClock | None = None, **options: Any) -> Daemon:
+        """Run the daemon on this loop and wait until its configured tasks are loaded (and
+        quiet). ``options``: :class:`DaemonOptions` fields over the harness's defaults (no
+        monitor sampling to speak of: one sample at start, then hourly). ``clock``: the
+        monitor's clock (default: the real one)."""
+        self._options, self._clock = options, clock
         opts = DaemonOptions(**{
             "config_file": self.config_path, "state_dir": self.state_dir,
             "task_path": [self.tasks_dir], "transit_dir": self.transit.path,
             "monitor_interval_s": 3600, "monitor_window_s": 7200, **options})
         for qname in self._captures:
             self.transit.declare_local(qname)
-        self.daemon = Daemon(opts, transit=self.transit, channels=self.channels,
-                             backend=self.backend)
+        monitor = Monitor(window_s=opts.monitor_window_s, clock=clock) if clock else None
+        self.daemon = _Daemon(opts, transit=self.transit, channels=self.channels,
+                              backend=self.backend, monitor=monitor)
         self._run = asyncio.get_running_loop().create_task(self.daemon.run())
         ready = asyncio.get_running_loop().create_task(self._ready())
         await asyncio.wait([self._run, ready], timeout=WAIT_S,
@@ -185,6 +264,13 @@ class InProcessDaemon:
         async with asyncio.timeout(WAIT_S * 3):
             return await self._run
 
+    async def restart(self) -> Daemon:
+        """Stop the daemon (it must exit 0) and start a new one with the same options and
+        files, as a new process would (the same clock, if one was given)."""
+        status = await self.stop()
+        assert status == 0, self.records_of("error")
+        return await self.start(clock=self._clock, **self._options)
+
     # -- talking to it ---------------------------------------------------------------------
 
     def send(self, qname: str, message: dict[str, Any]) -> None:
@@ -206,8 +292,21 @@ class InProcessDaemon:
         """Put ``{".multimodule": body}`` on the daemon's control queue with a reply queue,
         wait until quiet, and return the answer (``None`` if none came)."""
         reply_to = f"reply-{next(self._replies)}"
+        return await self._ask({".multimodule": {**body, "reply_to": reply_to}}, reply_to)
+
+    async def raw_control(self, message: Any, reply_to: str | None = None
+                          ) -> dict[str, Any] | None:
+        """Put ``message`` as it is on the daemon's control queue and wait until quiet; with
+        ``reply_to`` (the name the message gives), that queue is made first and the answer
+        on it returned (``None`` if none came)."""
+        if reply_to is None:
+            self.transit.local_queue(self.daemon.options.control_queue).put(message)
+            await self.quiet()
+            return None
+        return await self._ask(message, reply_to)
+
+    async def _ask(self, message: Any, reply_to: str) -> dict[str, Any] | None:
         self.transit.sysv_queue(reply_to)  # the daemon answers only to a queue that exists
-        message = {".multimodule": {**body, "reply_to": reply_to}}
         self.transit.local_queue(self.daemon.options.control_queue).put(message)
         await self.quiet()
         try:
@@ -219,16 +318,53 @@ class InProcessDaemon:
         finally:
             self.transit.remove(reply_to)
 
+    async def mmctl(self, *args: str, timeout: float = WAIT_S * 2) -> tuple[int, str, str]:
+        """Run ``mmctl ARGS`` (this process, a worker thread, the real control queue) while
+        the daemon runs on this loop; return ``(status, stdout, stderr)``."""
+        def run() -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = mmctl_cli.main(list(args))
+            return status, out.getvalue(), err.getvalue()
+
+        async with asyncio.timeout(timeout):
+            return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    async def record(self, channel: str, contains: str = "", timeout: float = WAIT_S
+                     ) -> Record:
+        """Await the first record of ``channel`` whose text contains ``contains`` (one
+        already there counts); fails after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed = self.channels.changed()
+                    found = self.records_of(channel, contains)
+                    if found:
+                        return found[0]
+                    await changed
+        except TimeoutError:
+            raise AssertionError(f"no {channel} record with {contains!r} within {timeout} s; "
+                                 f"records: {self.records}") from None
+
     # -- quiescence ------------------------------------------------------------------------
 
     def busy(self) -> list[str]:
         """What still has work to do (empty when quiet)."""
         d = self.daemon
         out = [f"task {n}" for n, r in d.runners.items() if not r.idle]
-        out += [f"receiver {n}" for n, r in d.runners.items()
-                if r.receiver is not None and r.receiver.pending]
+        receivers = [(n, r.receiver) for n, r in d.runners.items() if r.receiver is not None]
+        if d.control is not None and d.control.receiver is not None:
+            receivers.append(("control", d.control.receiver))
+        for n, receiver in receivers:
+            if receiver.pending:
+                out.append(f"receiver {n}")
+            elif receiver.running and not receiver._throttled and \
+                    receiver.queue.stat().messages:
+                out.append(f"System V queue {n}")
         if d.control is not None and not d.control.idle:
             out.append("control")
+        if d.sampling:
+            out.append("monitor sample")
         if d.migrations is not None:
             out += [f"migration {n}" for n in d.migrations.in_progress]
         if d.externals is not None:
@@ -266,10 +402,19 @@ def strip(messages: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
 @pytest.fixture
 async def inproc(tmp_path: Path, transit_dir: Path):
     """An :class:`InProcessDaemon`; a daemon still running at the end is stopped and must
-    exit 0."""
+    exit 0. ``sys.path`` is restored after, and the task modules imported are forgotten."""
     harness = InProcessDaemon(tmp_path, transit_dir)
-    yield harness
-    if harness._run is not None and not harness._run.done():
-        status = await harness.stop()
-        assert status == 0, harness.records_of("error")
+    saved_path = list(sys.path)
+    try:
+        yield harness
+        if harness._run is not None and not harness._run.done():
+            status = await harness.stop()
+            assert status == 0, harness.records_of("error")
+    finally:
+        sys.path[:] = saved_path
+        for name, module in list(sys.modules.items()):
+            origin = getattr(module, "__file__", None)
+            if origin and Path(origin).is_relative_to(harness.tasks_dir):
+                del sys.modules[name]
+        importlib.invalidate_caches()
 
