@@ -22,16 +22,21 @@ Use the ``inproc`` fixture in an ``async def`` test::
 memory, or in the System V queue of a task or of the control queue), no control request or
 answer pending, no migration, start, unload, failsafe stop or monitor sample in progress (like
 dramatiq's ``StubBroker.join()``). Records of the out-of-band channels are kept in
-``inproc.records`` instead of being written anywhere; ``await inproc.record(channel, text)``
-waits for one.
+``inproc.records`` instead of being written anywhere (``inproc.lines()`` renders them as the
+daemon prints them); ``await inproc.record(channel, text)`` waits for one.
 
-More: ``await inproc.raw_control(message, reply=True)`` puts any message on the control queue
-(for malformed ones); ``await inproc.mmctl(*args)`` runs mmctl (in this process, in a worker
+More: ``await inproc.raw_control(message, reply_to=None)`` puts any message on the control
+queue (for malformed ones; with ``reply_to`` it returns the answer on that queue); ``await inproc.mmctl(*args)`` runs mmctl (in this process, in a worker
 thread, over the real control queue) and gives ``(status, stdout, stderr)``;
 ``await inproc.restart()`` stops the daemon (it must exit 0) and starts a new one on the same
 files, as a new process would; ``await inproc.start(clock=ManualClock())`` gives the monitor a
 clock that moves only by ``clock.advance(seconds)`` (then ``await daemon.monitor.sample()``
 takes one sample now); ``inproc.backend`` is a :class:`FakeBackend` for external tasks.
+
+``inproc.transit`` is the daemon's own transit: a send there to a task's queue (or the control
+queue) stays in memory. To send as another process does, over System V and through the
+daemon's receiver thread, use a separate :class:`Transit` on the same directory (the
+``transit`` fixture).
 
 Task modules are imported in this process: each test gets its own ``sys.path`` and forgets the
 modules of its task directory at the end, so a module name may be reused by another test.
@@ -57,7 +62,7 @@ from multimodule.cli import mmctl as mmctl_cli
 from multimodule.config import DaemonOptions
 from multimodule.errors import BackendError, Empty
 from multimodule.monitor.monitor import Monitor
-from multimodule.oob import Channels, parse_spec
+from multimodule.oob import Channels, _format_fields, parse_spec
 from multimodule.runtime.daemon import Daemon
 from multimodule.supervise.base import ActiveState, TaskProcess
 from multimodule.transit import META_KEY, Transit
@@ -75,6 +80,12 @@ class Record:
     text: str
     fields: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def line(self) -> str:
+        """The record as the daemon prints it on standard output (``log``) or error."""
+        prefix = f"{self.task}: " if self.channel == "log" else f"{self.channel}: {self.task}: "
+        return prefix + self.text + _format_fields(self.fields)
+
 
 class RecordingChannels(Channels):
     """Channels that keep every record (debug records of every level included)."""
@@ -85,7 +96,8 @@ class RecordingChannels(Channels):
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     def emit(self, channel: str, task: str, text: str, /, **fields: Any) -> None:
-        fields.pop("level", None)
+        if channel == "debug":
+            fields.pop("level", None)
         self.counts[channel] += 1
         self.records.append(Record(channel, task, str(text), fields))
         waiters, self._waiters = self._waiters, []
@@ -225,6 +237,11 @@ class InProcessDaemon:
     def records_of(self, channel: str, contains: str = "") -> list[Record]:
         """Records of ``channel`` whose text contains ``contains``."""
         return [r for r in self.records if r.channel == channel and contains in r.text]
+
+    def lines(self, *channels: str) -> list[str]:
+        """The records of ``channels`` (default: all) as the daemon prints them (see
+        :attr:`Record.line`)."""
+        return [r.line for r in self.records if not channels or r.channel in channels]
 
     async def start(self, *, clock: ManualClock | None = None, **options: Any) -> Daemon:
         """Run the daemon on this loop and wait until its configured tasks are loaded (and
