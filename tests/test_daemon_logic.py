@@ -257,7 +257,7 @@ async def test_stop_with_hung_handlers_is_bounded_and_keeps_their_messages(inpro
         assert inproc.transit.receive(f"Hung{n}", timeout=0)["second"] == n
 
 
-async def test_requests_still_waiting_when_the_daemon_stops_get_an_answer(inproc):
+async def test_requests_still_waiting_when_the_daemon_stops_get_an_answer(inproc, transit):
     # Given a status query in hand, held up by a slow backend
     inproc.task("Keeper", KEEPER)
     inproc.config("[Keeper]\nis_external = true\n")
@@ -276,8 +276,8 @@ async def test_requests_still_waiting_when_the_daemon_stops_get_an_answer(inproc
                                   "reply_to": replies[1]}})
     control.put({".multimodule": {"control": [{"type": "cleanly_exit"}],
                                   "reply_to": replies[2]}})
-    inproc.transit.send(daemon.options.control_queue,
-                        {".multimodule": {"query": "status", "reply_to": replies[3]}})
+    transit.send(daemon.options.control_queue,  # another process's send: not in memory
+                 {".multimodule": {"query": "status", "reply_to": replies[3]}})
     # When the daemon stops, and the backend answers
     daemon.request_stop()
     gate.set()
