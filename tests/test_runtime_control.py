@@ -1,10 +1,13 @@
 """The daemon's control queue and mmctl: config set and read back, state transforms, status,
-stop, and mmctl's exit statuses. Each test runs a real daemon subprocess over real System V
-queues in its own transit directory."""
+stop, and mmctl's exit statuses. The control logic runs in-process (see tests/inprocess.py;
+mmctl there runs in a worker thread over the real control queue); mmctl's exit statuses, the
+daemon exiting on ``mmctl stop`` and a daemon that answers late run a real daemon subprocess.
+Every test has real System V queues in its own transit directory."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -56,87 +59,96 @@ def test_config_set_by_mmctl_reaches_set_config_and_reads_back(mm, transit):
     assert json.loads(out) == {"outstr": "from-mmctl", "n": 2}
 
 
-def test_raw_control_message_sets_config(mm, transit):
+async def test_raw_control_message_sets_config(inproc, transit):
     # Given a running Cfg task
-    mm.task("Cfg", CONFIG_ECHO)
-    mm.config('[Cfg]\noutstr = "a"\n\n' + router_section(route("Cfg", "out")))
-    mm.start()
-    assert transit.receive("out", timeout=10)["config"] == {"outstr": "a"}
-    # When the raw control message is sent to MultiModule_control
+    inproc.task("Cfg", CONFIG_ECHO)
+    inproc.config('[Cfg]\noutstr = "a"\n\n' + router_section(route("Cfg", "out")))
+    inproc.capture("out")
+    await inproc.start()
+    assert (await inproc.next("out"))["config"] == {"outstr": "a"}
+    # When the raw control message is sent to MultiModule_control (over System V)
     transit.send("MultiModule_control",
-                 {".multimodule": {"config": {"Cfg": {"outstr": "b", "intervals": {"x": 2}}}}})
+                        {".multimodule": {"config": {"Cfg": {"outstr": "b",
+                                                             "intervals": {"x": 2}}}}})
     # Then set_config gets the new table, and a config query returns it
-    assert transit.receive("out", timeout=10)["config"] == {"outstr": "b", "intervals": {"x": 2}}
-    status, out, _ = mm.mmctl("config", "Cfg")
-    assert status == 0 and json.loads(out) == {"outstr": "b", "intervals": {"x": 2}}
+    assert (await inproc.next("out"))["config"] == {"outstr": "b", "intervals": {"x": 2}}
+    reply = await inproc.control(query="config", task="Cfg")
+    assert reply["config"] == {"outstr": "b", "intervals": {"x": 2}}, reply
 
 
-def test_control_config_loads_an_unconfigured_task(mm, transit):
+async def test_control_config_loads_an_unconfigured_task(inproc):
     # Given a task module with no section in the config file (so not loaded at start)
-    mm.task("Cfg", CONFIG_ECHO)
-    mm.config(router_section(route("Cfg", "out")))
-    daemon = mm.start()
-    assert "Cfg" not in daemon.lines_matching("stdout", "running (pid")[0]
+    inproc.task("Cfg", CONFIG_ECHO)
+    inproc.config(router_section(route("Cfg", "out")))
+    inproc.capture("out")
+    daemon = await inproc.start()
+    assert "Cfg" not in daemon.runners
+    assert "Cfg" not in inproc.records_of("log", "running (pid")[0].text
     # When a config for it arrives by control message
-    status, _, err = mm.mmctl("config", "Cfg", '{"k": 1}')
-    assert status == 0, err
+    assert await inproc.control(config={"Cfg": {"k": 1}}) == {"ok": True}
     # Then it is loaded with that config
-    assert transit.receive("out", timeout=10)["config"] == {"k": 1}
+    assert (await inproc.next("out"))["config"] == {"k": 1}
 
 
-def test_bad_config_by_control_message_refused_old_kept(mm, transit):
+async def test_bad_config_by_control_message_refused_old_kept(inproc):
     # Given a running Cfg task
-    mm.task("Cfg", CONFIG_ECHO)
-    mm.config('[Cfg]\noutstr = "good"\n\n' + router_section(route("Cfg", "out")))
-    daemon = mm.start()
-    assert transit.receive("out", timeout=10)["config"] == {"outstr": "good"}
+    inproc.task("Cfg", CONFIG_ECHO)
+    inproc.config('[Cfg]\noutstr = "good"\n\n' + router_section(route("Cfg", "out")))
+    inproc.capture("out")
+    await inproc.start()
+    assert (await inproc.next("out"))["config"] == {"outstr": "good"}
     # When a config with a bad reserved key arrives
-    status, _, err = mm.mmctl("config", "Cfg", '{"outstr": "bad", "intervals": {"tick": -1}}')
+    status, _, err = await inproc.mmctl("config", "Cfg",
+                                        '{"outstr": "bad", "intervals": {"tick": -1}}')
     # Then mmctl reports the daemon's refusal (exit 1), naming the field
     assert status == 1 and "Cfg.intervals.tick" in err, err
     # and the daemon says so on its error channel too, and keeps the old config
-    line = daemon.expect("stderr", "config for Cfg refused")
+    line = (await inproc.record("error", "config for Cfg refused")).line
     assert "Cfg.intervals.tick" in line, line
-    status, out, _ = mm.mmctl("config", "Cfg")
+    status, out, _ = await inproc.mmctl("config", "Cfg")
     assert status == 0 and json.loads(out) == {"outstr": "good"}
+    await inproc.quiet()
+    assert inproc.taken("out") == []  # set_config never saw the bad table
 
 
-def test_state_transform_sets_state_without_reaching_message(mm, transit):
+async def test_state_transform_sets_state_without_reaching_message(inproc, transit):
     # Given a stateful task Keeper (state saved every 0.1 s), routed to "out"
-    mm.task("Keeper", KEEPER)
-    mm.config("[Keeper]\nintervals = { save_state = 0.1 }\n\n"
-              + router_section(route("Keeper", "out")))
-    daemon = mm.start()
-    # When a transform message and then an ordinary one go to Keeper's queue
+    inproc.task("Keeper", KEEPER)
+    inproc.config("[Keeper]\nintervals = { save_state = 0.1 }\n\n"
+                  + router_section(route("Keeper", "out")))
+    inproc.capture("out")
+    await inproc.start()
+    # When a transform message and then an ordinary one go to Keeper's queue (System V)
     transit.send("Keeper", {".multimodule": {"transform": {"ct": 500}}})
     transit.send("Keeper", {"probe": 1})
     # Then message() sees only the ordinary one, with the transform already applied
-    first = transit.receive("out", timeout=10)
+    first = await inproc.next("out")
     assert first["got"] == {"probe": 1}
     assert first["state"] == {"ct": 500}
     # and mmctl state shows it
-    status, out, err = mm.mmctl("state", "Keeper")
+    status, out, err = await inproc.mmctl("state", "Keeper")
     assert status == 0, err
     assert json.loads(out) == {"ct": 500}
 
     # When mmctl state --set sets another key (a transform on Keeper's own queue)
-    status, _, err = mm.mmctl("state", "Keeper", "--set", '{"x": "y", "ct": 501}')
+    status, _, err = await inproc.mmctl("state", "Keeper", "--set", '{"x": "y", "ct": 501}')
     assert status == 0, err
     transit.send("Keeper", {"probe": 2})  # queued behind the transform: handled after it
-    second = transit.receive("out", timeout=10)
+    second = await inproc.next("out")
     # Then the task sees the merged state, and so does mmctl state
     assert second["got"] == {"probe": 2}
     assert second["state"] == {"ct": 501, "x": "y"}
-    status, out, _ = mm.mmctl("state", "Keeper")
+    status, out, _ = await inproc.mmctl("state", "Keeper")
     assert json.loads(out) == {"ct": 501, "x": "y"}
     # and after a clean stop the state file holds it
-    daemon.stop_ok()
-    assert json.loads(mm.state_file("Keeper").read_text()) == {"ct": 501, "x": "y"}
+    assert await inproc.stop() == 0
+    assert json.loads((inproc.state_dir / "Keeper.state.json").read_text()) == \
+        {"ct": 501, "x": "y"}
 
 
-def test_transform_to_a_stateless_task_is_refused(mm, transit):
+async def test_transform_to_a_stateless_task_is_refused(inproc, transit):
     # Given a stateless task that echoes what it handles
-    mm.task("Echo", """
+    inproc.task("Echo", """
         from multimodule import Task
 
         class Echo(Task):
@@ -144,36 +156,41 @@ def test_transform_to_a_stateless_task_is_refused(mm, transit):
                 self.emit({"got": {k: v for k, v in message.items()
                                    if k != ".ipc_transit_meta"}})
     """)
-    mm.config("[Echo]\n\n" + router_section(route("Echo", "out")))
-    daemon = mm.start()
+    inproc.config("[Echo]\n\n" + router_section(route("Echo", "out")))
+    inproc.capture("out")
+    await inproc.start()
     # When a transform is sent to it, then a normal message
     transit.send("Echo", {".multimodule": {"transform": {"ct": 1}}})
     transit.send("Echo", {"n": 1})
     # Then the transform is reported and not delivered; the next message is
-    daemon.expect("stderr", "error: Echo: state transform sent to a stateless task")
-    assert transit.receive("out", timeout=10)["got"] == {"n": 1}
+    record = await inproc.record("error", "state transform sent to a stateless task")
+    assert record.line.startswith("error: Echo: state transform sent to a stateless task")
+    assert (await inproc.next("out"))["got"] == {"n": 1}
+    await inproc.quiet()
+    assert inproc.taken("out") == []
 
 
-def test_status_json_lists_tasks_and_pid(mm, transit):
-    mm.task("Keeper", KEEPER)
+async def test_status_json_lists_tasks_and_pid(inproc, transit):
+    inproc.task("Keeper", KEEPER)
     # Given a daemon that has passed one message through Keeper and the Router
-    mm.config("[Keeper]\n\n" + router_section(route("Keeper", "out")))
-    daemon = mm.start()
+    inproc.config("[Keeper]\n\n" + router_section(route("Keeper", "out")))
+    inproc.capture("out")
+    await inproc.start()
     transit.send("Keeper", {"probe": 1})
-    transit.receive("out", timeout=10)
+    await inproc.next("out")
     # When mmctl status --json asks / Then it gets the daemon's pid and per-task counters
-    status, out, err = mm.mmctl("status", "--json")
+    status, out, err = await inproc.mmctl("status", "--json")
     assert status == 0, err
     report = json.loads(out)
-    assert report["pid"] == daemon.pid
+    assert report["pid"] == os.getpid()
     assert set(report["tasks"]) == {"Keeper", "Router"}
     keeper = report["tasks"]["Keeper"]
     assert (keeper["stateful"], keeper["messages_in"], keeper["emitted"]) == (True, 1, 1)
     assert report["tasks"]["Router"]["messages_in"] == 1
     # and the plain form names the pid and the tasks
-    status, out, _ = mm.mmctl("status")
+    status, out, _ = await inproc.mmctl("status")
     assert status == 0
-    assert f"pid {daemon.pid}" in out and "Keeper" in out
+    assert f"pid {os.getpid()}" in out and "Keeper" in out
 
 
 def test_mmctl_stop_exits_cleanly_with_state_saved(mm, transit):
@@ -194,20 +211,26 @@ def test_mmctl_stop_exits_cleanly_with_state_saved(mm, transit):
     assert not (mm.state_dir / "multimodule.status.json").exists()
 
 
-def test_unknown_control_item_reported_daemon_keeps_serving(mm, transit):
+async def test_unknown_control_item_reported_daemon_keeps_serving(inproc, transit):
     # Given a running daemon
-    mm.config(router_section())
-    daemon = mm.start()
-    # When malformed control messages arrive
-    transit.send("MultiModule_control", {".multimodule": {"control": [{"type": "dance"}]}})
+    inproc.config(router_section())
+    await inproc.start()
+    # When malformed control messages arrive (over System V)
+    transit.send("MultiModule_control",
+                        {".multimodule": {"control": [{"type": "dance"}]}})
     transit.send("MultiModule_control", {"no": "key"})
-    # Then each is reported, and the daemon still answers queries
-    daemon.expect("stderr", "control message refused: .multimodule.control.0.type: Input "
-                            "should be 'cleanly_exit' or 'reload' (got 'dance')")
-    daemon.expect("stderr", "control message refused: a control message needs a "
-                            "'.multimodule' object")
-    status, out, _ = mm.mmctl("status", "--json")
-    assert status == 0 and json.loads(out)["pid"] == daemon.pid
+    await inproc.quiet()
+    # Then each is reported, in order, and the daemon still answers queries
+    refused = [r.line for r in inproc.records_of("error", "control message refused")]
+    assert len(refused) == 2, refused
+    assert refused[0].startswith(
+        "error: MultiModule: control message refused: .multimodule.control.0.type: Input "
+        "should be 'cleanly_exit' or 'reload' (got 'dance')"), refused
+    assert refused[1].startswith(
+        "error: MultiModule: control message refused: a control message needs a "
+        "'.multimodule' object"), refused
+    reply = await inproc.control(query="status")
+    assert reply["status"]["pid"] == os.getpid()
 
 
 # -- mmctl exit statuses ----------------------------------------------------------------------
@@ -215,8 +238,8 @@ def test_unknown_control_item_reported_daemon_keeps_serving(mm, transit):
 
 def test_mmctl_status_against_a_stopped_daemon_exits_3(mm):
     # Given no daemon running on this transit directory
-    # When mmctl status waits 1 s
-    result = mm.mmctl_proc("status", "--wait", "1")
+    # When mmctl status waits 0.3 s
+    result = mm.mmctl_proc("status", "--wait", "0.3")
     # Then it exits 3 (not running) saying the daemon did not answer
     assert result.returncode == 3, result
     assert "did not answer" in result.stderr
@@ -278,12 +301,13 @@ def test_mmctl_state_set_for_stateless_task_exits_1(mm):
 # -- expiry and reply queues ------------------------------------------------------------------
 
 
-def _reply_queues(mm) -> list[str]:
-    """Names starting with ``mmctl-reply-`` in the transit dir and in ``mmctl queues``."""
-    status, out, err = mm.mmctl("queues", "--json")
+def _reply_queues(mmctl_status_out: tuple[int, str, str], transit_dir: Path) -> list[str]:
+    """Names starting with ``mmctl-reply-`` in the transit dir and in the output of
+    ``mmctl queues --json``."""
+    status, out, err = mmctl_status_out
     assert status == 0, err
     listed = [row["name"] for row in json.loads(out)]
-    files = os.listdir(mm.transit_dir)
+    files = os.listdir(transit_dir)
     return [n for n in listed + files if n.startswith("mmctl-reply-")]
 
 
@@ -299,35 +323,36 @@ def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.002)
 
 
-def test_commands_given_while_no_daemon_runs_expire_instead_of_firing_later(mm, transit):
+async def test_commands_given_while_no_daemon_runs_expire_instead_of_firing_later(
+        inproc, transit):
     # Given no daemon running, and a task module Cfg that has no config section
-    mm.task("Cfg", CONFIG_ECHO)
-    mm.config(router_section(route("Cfg", "out")))
-    # When mmctl stop, reload and config are run, each waiting 0.5 s
+    inproc.task("Cfg", CONFIG_ECHO)
+    inproc.config(router_section(route("Cfg", "out")))
+    # When mmctl stop, reload and config are run, each waiting 0.2 s
     for args in (("stop",), ("reload",), ("config", "Cfg", '{"k": 1}')):
-        status, _, err = mm.mmctl(*args, "--wait", "0.5")
+        status, _, err = await inproc.mmctl(*args, "--wait", "0.2")
         # Then each exits 3 (not running), leaving no reply queue behind
         assert status == 3, (args, err)
         assert "did not answer" in err, err
-    assert _reply_queues(mm) == []
+    assert _reply_queues(await inproc.mmctl("queues", "--json"), inproc.transit.path) == []
     # (their messages are still on the control queue)
     assert transit.stat("MultiModule_control").messages == 3
 
     # When a daemon is started afterwards on that transit dir
-    daemon = mm.start()
+    daemon = await inproc.start()
     # Then it logs the three messages as expired, ignored
-    for _ in range(3):
-        daemon.expect("stdout", "ignored an expired control message")
+    assert len(inproc.records_of("log", "ignored an expired control message")) == 3
     # and keeps running: it answers status (handled after the stale messages, in order)
-    status, out, err = mm.mmctl("status", "--json")
+    status, out, err = await inproc.mmctl("status", "--json")
     assert status == 0, err
-    assert json.loads(out)["pid"] == daemon.pid
-    assert daemon.proc.poll() is None
-    assert not daemon.lines_matching("stdout", "cleanly_exit requested"), daemon.output()
+    assert json.loads(out)["pid"] == os.getpid()
+    assert not inproc._run.done()
+    assert not inproc.records_of("log", "cleanly_exit requested"), inproc.lines()
     # and the stale config did not load Cfg
-    status, _, err = mm.mmctl("config", "Cfg")
+    status, _, err = await inproc.mmctl("config", "Cfg")
     assert status == 4, err
-    daemon.stop_ok()
+    assert "Cfg" not in daemon.runners
+    assert await inproc.stop() == 0
 
 
 def test_query_that_timed_out_leaves_no_reply_queue_when_the_daemon_answers_late(mm, transit):
@@ -356,7 +381,7 @@ def test_query_that_timed_out_leaves_no_reply_queue_when_the_daemon_answers_late
     assert json.loads(out)["pid"] == daemon.pid
     daemon.expect("stdout", "ignored an expired control message")
     # no mmctl-reply-* queue exists: neither mmctl's nor the vanished one was re-created
-    assert _reply_queues(mm) == []
+    assert _reply_queues(mm.mmctl("queues", "--json"), mm.transit_dir) == []
     daemon.stop_ok()
 
 
@@ -376,51 +401,59 @@ REFUSED = [
 ]
 
 
-def test_invalid_control_messages_refused_naming_the_field_daemon_keeps_serving(mm, transit):
+def errors_logged(caplog) -> list[str]:
+    """What the event loop logged at ERROR (an exception nobody handled: a traceback on the
+    daemon's standard error)."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_invalid_control_messages_refused_naming_the_field_daemon_keeps_serving(
+        inproc, caplog):
     # Given a running daemon
-    mm.config(router_section())
-    daemon = mm.start()
+    inproc.config(router_section())
+    await inproc.start()
     # When each invalid control message arrives
     for message, words in REFUSED:
-        transit.send("MultiModule_control", message)
+        before = len(inproc.records_of("error", "control message refused: "))
+        await inproc.raw_control(message)
         # Then it is refused with a line naming what is wrong
-        line = daemon.expect("stderr", "control message refused: ")
-        assert words in line, (message, line)
+        refused = inproc.records_of("error", "control message refused: ")
+        assert len(refused) == before + 1, (message, inproc.lines())
+        assert words in refused[-1].line, (message, refused[-1].line)
     # and the daemon still answers, without a traceback anywhere
-    status, out, err = mm.mmctl("status", "--json")
-    assert status == 0, err
-    assert json.loads(out)["pid"] == daemon.pid
-    assert not daemon.lines_matching("stderr", "Traceback"), daemon.output()
-    assert not daemon.lines_matching("stderr", "control message failed"), daemon.output()
-    daemon.stop_ok()
+    reply = await inproc.control(query="status")
+    assert reply["status"]["pid"] == os.getpid()
+    assert not [line for line in inproc.lines() if "Traceback" in line], inproc.lines()
+    assert not inproc.records_of("error", "control message failed"), inproc.lines()
+    assert not errors_logged(caplog)
+    assert await inproc.stop() == 0
 
 
-def test_refused_control_message_answered_on_its_reply_queue(mm, transit):
+async def test_refused_control_message_answered_on_its_reply_queue(inproc):
     # Given a running daemon and a reply queue
-    mm.config(router_section())
-    mm.start()
-    transit.sysv_queue("reply-here")
+    inproc.config(router_section())
+    await inproc.start()
     # When a control message with a bad query names that reply queue
-    transit.send("MultiModule_control",
-                 {".multimodule": {"query": "bogus", "reply_to": "reply-here"}})
+    reply = await inproc.raw_control(
+        {".multimodule": {"query": "bogus", "reply_to": "reply-here"}}, reply_to="reply-here")
     # Then the refusal comes back there, naming the field
-    reply = transit.receive("reply-here", timeout=10)
     assert reply["error"].startswith("control message refused: .multimodule.query"), reply
 
 
-def test_control_message_with_a_bad_reply_queue_name_refused_without_traceback(mm, transit):
+async def test_control_message_with_a_bad_reply_queue_name_refused_without_traceback(
+        inproc, caplog):
     # Given a running daemon
-    mm.config(router_section())
-    daemon = mm.start()
+    inproc.config(router_section())
+    await inproc.start()
     # When a control message names a reply queue that is no valid queue name
-    transit.send("MultiModule_control",
-                 {".multimodule": {"query": "status", "reply_to": "a/b"}})
+    await inproc.raw_control({".multimodule": {"query": "status", "reply_to": "a/b"}})
     # Then it is refused naming reply_to, with no traceback, and the daemon still answers
-    line = daemon.expect("stderr", "control message")
+    line = inproc.records_of("error", "control message")[0].line
     assert "control message refused: .multimodule.reply_to" in line, line
-    status, _, err = mm.mmctl("status")
-    assert status == 0, err
-    assert not daemon.lines_matching("stderr", "Traceback"), daemon.output()
+    reply = await inproc.control(query="status")
+    assert reply is not None and "status" in reply, inproc.lines()
+    assert not [line for line in inproc.lines() if "Traceback" in line], inproc.lines()
+    assert not errors_logged(caplog)
 
 
 def test_mmctl_config_for_an_unknown_task_exits_4_and_sets_nothing(mm):
