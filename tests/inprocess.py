@@ -26,8 +26,9 @@ dramatiq's ``StubBroker.join()``). Records of the out-of-band channels are kept 
 daemon prints them); ``await inproc.record(channel, text)`` waits for one.
 
 More: ``await inproc.raw_control(message, reply_to=None)`` puts any message on the control
-queue (for malformed ones; with ``reply_to`` it returns the answer on that queue); ``await inproc.mmctl(*args)`` runs mmctl (in this process, in a worker
-thread, over the real control queue) and gives ``(status, stdout, stderr)``;
+queue (for malformed ones; with ``reply_to`` it returns the answer on that queue);
+``await inproc.mmctl(*args)`` runs mmctl (in this process, in a worker thread, over the real
+control queue) and gives ``(status, stdout, stderr)``;
 ``await inproc.restart()`` stops the daemon (it must exit 0) and starts a new one on the same
 files, as a new process would; ``await inproc.start(clock=ManualClock())`` gives the monitor a
 clock that moves only by ``clock.advance(seconds)`` (then ``await daemon.monitor.sample()``
@@ -347,21 +348,25 @@ class InProcessDaemon:
         async with asyncio.timeout(timeout):
             return await asyncio.get_running_loop().run_in_executor(None, run)
 
-    async def record(self, channel: str, contains: str = "", timeout: float = WAIT_S
-                     ) -> Record:
-        """Await the first record of ``channel`` whose text contains ``contains`` (one
-        already there counts); fails after ``timeout``."""
+    async def record(self, channel: str, contains: str = "", *, since: int = 0,
+                     timeout: float = WAIT_S) -> Record:
+        """Await the first record of ``channel`` whose text contains ``contains``, among
+        the records from index ``since`` of :attr:`records` on (one already there counts);
+        fails after ``timeout``."""
+        def found() -> list[Record]:
+            return [r for r in self.records[since:]
+                    if r.channel == channel and contains in r.text]
+
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     changed = self.channels.changed()
-                    found = self.records_of(channel, contains)
-                    if found:
-                        return found[0]
+                    if found():
+                        return found()[0]
                     await changed
         except TimeoutError:
             raise AssertionError(f"no {channel} record with {contains!r} within {timeout} s; "
-                                 f"records: {self.records}") from None
+                                 f"records: {self.lines()}") from None
 
     # -- quiescence ------------------------------------------------------------------------
 
