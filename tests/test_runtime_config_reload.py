@@ -1,12 +1,17 @@
 """Following the config file: changes take effect within a second (atomic rename or in-place
 write), bad files are refused while the old config keeps running, a task module that failed
-to import is tried again when the config changes, control-message overrides vs the file."""
+to import is tried again when the config changes, control-message overrides vs the file.
+
+The file watcher end to end, mmctl reload and SIGHUP run a real daemon subprocess; the rest
+runs the daemon in-process (see tests/inprocess.py), whose file watcher is the real one
+(inotify on the test's loop), with a ticker ticking every 0.02 s instead of 0.1 s."""
 
 from __future__ import annotations
 
-import json
+import os
 import signal
 import time
+from pathlib import Path
 
 from helpers import receive_n, receive_until, router_section, route
 
@@ -21,6 +26,10 @@ TICKER = """
         def tick(self):
             self.emit({"outstr": self.config.get("outstr")})
 """
+
+#: The same, ticking every 0.02 s (for the in-process daemon).
+FAST_TICKER = TICKER.replace("every 0.1 s", "every 0.02 s").replace('"tick", 0.1,',
+                                                                  '"tick", 0.02,')
 
 
 def ticker_config(outstr: str, *routes: str) -> str:
@@ -41,6 +50,40 @@ def assert_change_seen_within(transit, old: str, new: str, written_at: float) ->
     assert [m["outstr"] for m in receive_n(transit, "out", 3)] == [new] * 3
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def next_until(inproc, qname: str, predicate, timeout: float = 3.0):
+    """Await messages on capture queue ``qname`` until one satisfies ``predicate`` (total
+    wait bounded by ``timeout``); return it and the messages skipped before it."""
+    skipped = []
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await inproc.next(qname, timeout=max(0.0, deadline - time.monotonic()))
+        if predicate(message):
+            return message, skipped
+        skipped.append(message)
+
+
+async def next_n(inproc, qname: str, count: int) -> list[dict]:
+    """The next ``count`` messages on capture queue ``qname``."""
+    return [await inproc.next(qname) for _ in range(count)]
+
+
+async def change_seen_within(inproc, old: str, new: str, written_at: float) -> None:
+    """In-process :func:`assert_change_seen_within`: the first tick with ``new`` comes within
+    ~1 s of the write; before it only ``old``; then only ``new``."""
+    _, skipped = await next_until(inproc, "out", outstr_is(new))
+    elapsed = time.monotonic() - written_at
+    assert elapsed < 1.5, f"config change took {elapsed:.2f} s to show"
+    assert {m["outstr"] for m in skipped} <= {old}, skipped
+    assert [m["outstr"] for m in await next_n(inproc, "out", 3)] == [new] * 3
+
+
 def test_config_change_by_rename_and_in_place_write_takes_effect_within_a_second(mm, transit):
     # Given a ticker emitting outstr "one"
     mm.task("Ticker", TICKER)
@@ -59,24 +102,28 @@ def test_config_change_by_rename_and_in_place_write_takes_effect_within_a_second
     assert_change_seen_within(transit, "two", "three", written)
 
 
-def test_json_config_file_followed_too(mm, transit, tmp_path):
-    mm.task("Ticker", TICKER)
-    path = tmp_path / "config.json"
+async def test_json_config_file_followed_too(inproc):
+    # Given a ticker configured by a JSON file
+    inproc.task("Ticker", FAST_TICKER)
+    path = inproc.root / "config.json"
     routes = '{"routes": [{"match": {"source": "Ticker"}, "forwards": [{"qname": "out"}]}]}'
-    mm.config('{"Ticker": {"outstr": "j1"}, "Router": %s}' % routes, path=path)
-    mm.start(config=path)
-    receive_until(transit, "out", outstr_is("j1"))
+    path.write_text('{"Ticker": {"outstr": "j1"}, "Router": %s}' % routes)
+    inproc.capture("out")
+    await inproc.start(config_file=path)
+    await next_until(inproc, "out", outstr_is("j1"))
+    # When the file is replaced / Then the ticks carry the new value within a second
     written = time.monotonic()
-    mm.config('{"Ticker": {"outstr": "j2"}, "Router": %s}' % routes, path=path, atomic=True)
-    assert_change_seen_within(transit, "j1", "j2", written)
+    write_atomic(path, '{"Ticker": {"outstr": "j2"}, "Router": %s}' % routes)
+    await change_seen_within(inproc, "j1", "j2", written)
 
 
-def test_bad_config_files_refused_old_config_keeps_running(mm, transit):
+async def test_bad_config_files_refused_old_config_keeps_running(inproc):
     # Given a ticker emitting "good", routed by the Router to "out"
-    mm.task("Ticker", TICKER)
-    mm.config(ticker_config("good"))
-    daemon = mm.start()
-    receive_until(transit, "out", outstr_is("good"))
+    inproc.task("Ticker", FAST_TICKER)
+    inproc.config(ticker_config("good"))
+    inproc.capture("out")
+    await inproc.start()
+    await next_until(inproc, "out", outstr_is("good"))
     bad_files = [
         # (file text, what the error must say)
         ('[Ticker]\noutstr = "bad1"\n[Router\n', "line 3"),                    # TOML syntax
@@ -91,74 +138,76 @@ def test_bad_config_files_refused_old_config_keeps_running(mm, transit):
     ]
     for text, words in bad_files:
         # When a bad file is written
-        mark = daemon.mark("stderr")
-        mm.config(text, atomic=True)
+        mark = len(inproc.records)
+        write_atomic(inproc.config_path, text)
         # Then the error channel says it was refused, naming the file and the problem
-        _, line = daemon.wait_line("stderr", "config refused", start=mark)
+        line = (await inproc.record("error", "config refused", since=mark)).line
         assert "the previous config stays in force" in line, line
-        assert str(mm.config_path) in line and words in line, (words, line)
+        assert str(inproc.config_path) in line and words in line, (words, line)
         # and the old config keeps working: ticks still flow, routed, with the old outstr
-        assert [m["outstr"] for m in receive_n(transit, "out", 3)] == ["good"] * 3
+        assert [m["outstr"] for m in await next_n(inproc, "out", 3)] == ["good"] * 3
         # and `mmctl reload` of that file fails, saying why
-        status, _, err = mm.mmctl("reload")
-        assert status == 1 and words in err and str(mm.config_path) in err, err
+        status, _, err = await inproc.mmctl("reload")
+        assert status == 1 and words in err and str(inproc.config_path) in err, err
     # When a good file follows / Then it is taken
     written = time.monotonic()
-    mm.config(ticker_config("fixed"), atomic=True)
-    assert_change_seen_within(transit, "good", "fixed", written)
+    write_atomic(inproc.config_path, ticker_config("fixed"))
+    await change_seen_within(inproc, "good", "fixed", written)
 
 
-def test_task_module_with_syntax_error_reported_and_retried_when_config_changes(mm, transit):
+async def test_task_module_with_syntax_error_reported_and_retried_when_config_changes(inproc):
     # Given a task module with a syntax error, configured beside a working Ticker
-    mm.task("Ticker", TICKER)
-    mm.task("Broken", "from multimodule import Task\n\nclass Broken(Task:\n    pass\n")
-    mm.config('[Broken]\n\n' + ticker_config("alive", route("Broken", "out")))
+    inproc.task("Ticker", FAST_TICKER)
+    inproc.task("Broken", "from multimodule import Task\n\nclass Broken(Task:\n    pass\n")
+    inproc.config('[Broken]\n\n' + ticker_config("alive", route("Broken", "out")))
+    inproc.capture("out")
     # When the daemon starts
-    daemon = mm.start()
+    await inproc.start()
     # Then the error names the module and the SyntaxError
-    line = daemon.expect("stderr", "task module Broken failed to import")
+    line = inproc.records_of("error", "task module Broken failed to import")[0].line
     assert "SyntaxError" in line, line
     # and the other task keeps running
-    receive_until(transit, "out", outstr_is("alive"))
-    status, out, _ = mm.mmctl("status", "--json")
-    report = json.loads(out)
+    await next_until(inproc, "out", outstr_is("alive"))
+    report = (await inproc.control(query="status"))["status"]
     assert "SyntaxError" in report["import_failures"]["Broken"]
     assert "Broken" not in report["tasks"]
     # When the module is fixed and the config changed
-    mm.task("Broken", """
+    inproc.task("Broken", """
         from multimodule import Task
 
         class Broken(Task):
             def set_config(self, config):
                 self.emit({"fixed": True, "config": dict(config)})
     """)
-    mm.config('[Broken]\nnote = "retry"\n\n' + ticker_config("alive", route("Broken", "out")),
-              atomic=True)
+    write_atomic(inproc.config_path,
+                 '[Broken]\nnote = "retry"\n\n' + ticker_config("alive", route("Broken", "out")))
     # Then the task loads with the new config
-    message, _ = receive_until(transit, "out", lambda m: m.get("source") == "Broken")
+    message, _ = await next_until(inproc, "out", lambda m: m.get("source") == "Broken")
     assert message["fixed"] is True and message["config"] == {"note": "retry"}
-    status, out, _ = mm.mmctl("status", "--json")
-    report = json.loads(out)
+    report = (await inproc.control(query="status"))["status"]
     assert "Broken" in report["tasks"] and report["import_failures"] == {}
 
 
-def test_file_change_overrides_control_message_config_of_that_task_only(mm, transit):
+async def test_file_change_overrides_control_message_config_of_that_task_only(inproc):
     # Given a ticker whose config was replaced by a control message
-    mm.task("Ticker", TICKER)
-    mm.config(ticker_config("file1"))
-    mm.start()
-    receive_until(transit, "out", outstr_is("file1"))
-    mm.mmctl("config", "Ticker", '{"outstr": "ctl"}')
-    receive_until(transit, "out", outstr_is("ctl"))
+    inproc.task("Ticker", FAST_TICKER)
+    inproc.config(ticker_config("file1"))
+    inproc.capture("out")
+    inproc.capture("out2")
+    await inproc.start()
+    await next_until(inproc, "out", outstr_is("file1"))
+    assert await inproc.control(config={"Ticker": {"outstr": "ctl"}}) == {"ok": True}
+    await next_until(inproc, "out", outstr_is("ctl"))
     # When the file changes another task's section only (a second route for Ticker)
-    mm.config(ticker_config("file1", route("Ticker", "out2")), atomic=True)
-    transit.receive("out2", timeout=5)  # the new route is in force
+    write_atomic(inproc.config_path, ticker_config("file1", route("Ticker", "out2")))
+    await inproc.next("out2")  # the new route is in force
     # Then the control message's config stays in force
-    receive_n(transit, "out2", 1)
-    assert {m["outstr"] for m in receive_n(transit, "out", 3)} == {"ctl"}
+    await next_n(inproc, "out2", 1)
+    inproc.taken("out")  # ticks from before the change
+    assert {m["outstr"] for m in await next_n(inproc, "out", 3)} == {"ctl"}
     # When the file changes Ticker's own section / Then the file wins
-    mm.config(ticker_config("file2", route("Ticker", "out2")), atomic=True)
-    receive_until(transit, "out", outstr_is("file2"), timeout=3)
+    write_atomic(inproc.config_path, ticker_config("file2", route("Ticker", "out2")))
+    await next_until(inproc, "out", outstr_is("file2"))
 
 
 def test_mmctl_reload_and_sighup_reread_a_file_the_watcher_cannot_see(mm, transit, tmp_path):
@@ -190,21 +239,23 @@ def test_mmctl_reload_and_sighup_reread_a_file_the_watcher_cannot_see(mm, transi
     receive_until(transit, "out", outstr_is("v3"), timeout=3)
 
 
-def test_router_config_by_control_message_validated_by_the_router_model(mm, transit):
+async def test_router_config_by_control_message_validated_by_the_router_model(inproc):
     # Given a running ticker routed to "out"
-    mm.task("Ticker", TICKER)
-    mm.config(ticker_config("x"))
-    daemon = mm.start()
-    receive_until(transit, "out", outstr_is("x"))
+    inproc.task("Ticker", FAST_TICKER)
+    inproc.config(ticker_config("x"))
+    inproc.capture("out")
+    inproc.capture("out2")
+    await inproc.start()
+    await next_until(inproc, "out", outstr_is("x"))
     # When a Router config with a route lacking forwards arrives by control message
-    status, _, err = mm.mmctl("config", "Router", '{"routes": [{"match": {}}]}')
+    status, _, err = await inproc.mmctl("config", "Router", '{"routes": [{"match": {}}]}')
     assert status == 1 and "Router.routes.0.forwards" in err, err
     # Then it is refused naming the field, and routing goes on as before
-    line = daemon.expect("stderr", "config for Router refused")
+    line = inproc.records_of("error", "config for Router refused")[0].line
     assert "Router.routes.0.forwards" in line, line
-    receive_n(transit, "out", 3)
+    await next_n(inproc, "out", 3)
     # When a valid one re-routes to "out2" / Then it takes effect
-    status, _, _ = mm.mmctl(
+    status, _, _ = await inproc.mmctl(
         "config", "Router",
         '{"routes": [{"match": {"source": "Ticker"}, "forwards": [{"qname": "out2"}]}]}')
-    assert transit.receive("out2", timeout=5)["outstr"] == "x"
+    assert (await inproc.next("out2"))["outstr"] == "x"
