@@ -222,9 +222,15 @@ class InProcessDaemon:
         (self.tasks_dir / f"{name}.py").write_text(textwrap.dedent(source))
         importlib.invalidate_caches()
 
-    def config(self, text: str) -> None:
-        """Write the config file (dedented)."""
-        self.config_path.write_text(textwrap.dedent(text))
+    def config(self, text: str, *, atomic: bool = False) -> None:
+        """Write the config file (dedented): in place, or with ``atomic`` through a temporary
+        file renamed over it."""
+        if atomic:
+            tmp = self.config_path.with_name(f".{self.config_path.name}.new")
+            tmp.write_text(textwrap.dedent(text))
+            tmp.replace(self.config_path)
+        else:
+            self.config_path.write_text(textwrap.dedent(text))
 
     def capture(self, qname: str) -> None:
         """Keep what is sent to ``qname`` in this process for :meth:`taken` (call before
@@ -300,11 +306,13 @@ class InProcessDaemon:
         messages = self.transit.local_queue(qname).drain()
         return [{k: v for k, v in m.items() if k != META_KEY} for m in messages]
 
-    async def next(self, qname: str, timeout: float = WAIT_S) -> dict[str, Any]:
-        """Await the next message on capture queue ``qname`` (without transit meta)."""
+    async def next(self, qname: str, timeout: float = WAIT_S, *, meta: bool = False
+                   ) -> dict[str, Any]:
+        """Await the next message on capture queue ``qname`` (without transit meta, unless
+        ``meta``)."""
         async with asyncio.timeout(timeout):
             message = await self.transit.local_queue(qname).get_async()
-        return {k: v for k, v in message.items() if k != META_KEY}
+        return message if meta else {k: v for k, v in message.items() if k != META_KEY}
 
     async def control(self, **body: Any) -> dict[str, Any] | None:
         """Put ``{".multimodule": body}`` on the daemon's control queue with a reply queue,
