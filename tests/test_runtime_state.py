@@ -1,7 +1,13 @@
 """State in a running daemon: saved at SIGTERM after delivering what is in memory, saved
-periodically, restored at start, and a corrupt state file moved aside."""
+periodically, restored at start, and a corrupt state file moved aside.
+
+SIGTERM, a killed daemon and many receiver threads stopping run a real daemon subprocess; the
+stop during an async handler and the corrupt state file run the daemon in-process (see
+tests/inprocess.py)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import json
 import signal
@@ -47,14 +53,19 @@ SLOW_SYNC = """
 """
 
 #: The same with an async handler that awaits, so the loop (and the shutdown) runs while a
-#: message is in progress; it records handlers that overlap.
-SLOW_ASYNC = """
-    import asyncio, os, time
+#: message is in progress; it records handlers that overlap. The first message sets
+#: ``started`` and awaits ``go`` (asyncio events the test reaches through the task instance,
+#: for the in-process daemon).
+SLOW_EVENTS = """
+    import asyncio
     from multimodule import Task
 
     class Slow(Task):
         is_stateful = True
         busy = False
+
+        def set_config(self, config):
+            self.started, self.go = asyncio.Event(), asyncio.Event()
 
         async def message(self, message):
             i = message["i"]
@@ -63,12 +74,8 @@ SLOW_ASYNC = """
             self.busy = True
             try:
                 if i == 0:
-                    open(os.path.join(self.config["dir"], "started"), "w").close()
-                    deadline = time.monotonic() + 10
-                    while not os.path.exists(os.path.join(self.config["dir"], "go")):
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("no go file")
-                        await asyncio.sleep(0.005)
+                    self.started.set()
+                    await self.go.wait()
                 await asyncio.sleep(0.001)
                 self.state["handled"] = self.state.get("handled", 0) + 1
                 self.state["last"] = i
@@ -107,24 +114,30 @@ def test_sigterm_delivers_messages_in_memory_and_saves_state(mm, transit):
     assert not daemon.lines_matching("stderr", "error"), daemon.output()
 
 
-def test_sigterm_during_async_handler_delivers_the_rest_after_it_in_order(mm, transit):
+async def test_stop_during_async_handler_delivers_the_rest_after_it_in_order(inproc):
     # Given 50 messages in Slow's memory queue, the first in an async handler that awaits
     count = 50
-    _slow_setup(mm, SLOW_ASYNC)
-    daemon = mm.start()
-    transit.send("Feeder", {"count": count})
-    wait_for_file(mm.tmp / "started")
-    # When SIGTERM arrives (the loop is free: the shutdown starts while message 0 is in
-    # progress), then the handler is let go
-    daemon.proc.send_signal(signal.SIGTERM)
-    daemon.expect("stdout", "stopping: delivering messages in memory")
-    (mm.tmp / "go").touch()
+    inproc.task("Feeder", FEEDER)
+    inproc.task("Slow", SLOW_EVENTS)
+    # save_state = 60: no periodic save happens during the test; the file comes from the exit
+    inproc.config("[Feeder]\n\n[Slow]\nintervals = { save_state = 60 }\n\n"
+                  + router_section(route("Slow", "out")))
+    inproc.capture("out")
+    daemon = await inproc.start()
+    slow = daemon.runners["Slow"].task
+    inproc.send("Feeder", {"count": count})
+    async with asyncio.timeout(10):
+        await slow.started.wait()
+    # When the daemon is asked to stop (as on SIGTERM; the loop is free: the shutdown starts
+    # while message 0 is in progress), then the handler is let go
+    daemon.request_stop()
+    await inproc.record("log", "stopping: delivering messages in memory")
+    slow.go.set()
     # Then every message is handled once, in order, never two at a time
-    got = receive_n(transit, "out", count)
-    assert daemon.wait_exit(15) == 0, daemon.output()
-    assert [m["i"] for m in got] == list(range(count))
-    assert json.loads(mm.state_file("Slow").read_text()) == {"handled": count,
-                                                             "last": count - 1}
+    assert await inproc.stop() == 0, inproc.lines("error")
+    assert [m["i"] for m in inproc.taken("out")] == list(range(count))
+    assert json.loads((inproc.state_dir / "Slow.state.json").read_text()) == \
+        {"handled": count, "last": count - 1}
 
 
 def test_state_saved_periodically_and_restored_at_start(mm, transit):
@@ -157,9 +170,9 @@ def test_state_saved_periodically_and_restored_at_start(mm, transit):
     assert transit.receive("out", timeout=10)["ct"] == 4
 
 
-def test_corrupt_state_file_moved_aside_task_starts_empty(mm, transit):
+async def test_corrupt_state_file_moved_aside_task_starts_empty(inproc):
     # Given a stateful task whose state file is not JSON
-    mm.task("Counter", """
+    inproc.task("Counter", """
         from multimodule import Task
 
         class Counter(Task):
@@ -169,25 +182,27 @@ def test_corrupt_state_file_moved_aside_task_starts_empty(mm, transit):
                 self.state["ct"] = self.state.get("ct", 0) + 1
                 self.emit({"ct": self.state["ct"]})
     """)
-    mm.config("[Counter]\n\n" + router_section(route("Counter", "out")))
-    mm.state_dir.mkdir(mode=0o700)
-    mm.state_file("Counter").write_text('{"ct": 41, oops')
+    inproc.config("[Counter]\n\n" + router_section(route("Counter", "out")))
+    inproc.capture("out")
+    inproc.state_dir.mkdir(mode=0o700)
+    state_file = inproc.state_dir / "Counter.state.json"
+    state_file.write_text('{"ct": 41, oops')
     # When the daemon starts
-    daemon = mm.start()
+    await inproc.start()
     # Then an error names the file, and it was moved aside with its content kept
-    line = daemon.expect("stderr", "error: Counter: state file")
-    assert str(mm.state_file("Counter")) in line and "not valid JSON" in line, line
-    aside = list(mm.state_dir.glob("Counter.state.json.corrupt-*"))
-    assert len(aside) == 1, list(mm.state_dir.iterdir())
+    line = [line for line in inproc.lines("error")
+            if line.startswith("error: Counter: state file")][0]
+    assert str(state_file) in line and "not valid JSON" in line, line
+    aside = list(inproc.state_dir.glob("Counter.state.json.corrupt-*"))
+    assert len(aside) == 1, list(inproc.state_dir.iterdir())
     assert aside[0].name in line
     assert aside[0].read_text() == '{"ct": 41, oops'
     # and the task starts with empty state and works
-    status, out, _ = mm.mmctl("state", "Counter")
-    assert status == 0 and json.loads(out) == {}
-    transit.send("Counter", {})
-    assert transit.receive("out", timeout=10)["ct"] == 1
-    daemon.stop_ok()
-    assert json.loads(mm.state_file("Counter").read_text()) == {"ct": 1}
+    assert (await inproc.control(query="state", task="Counter"))["state"] == {}
+    inproc.send("Counter", {})
+    assert (await inproc.next("out"))["ct"] == 1
+    assert await inproc.stop() == 0
+    assert json.loads(state_file.read_text()) == {"ct": 1}
     assert aside[0].read_text() == '{"ct": 41, oops'
 
 
