@@ -1,44 +1,36 @@
 """The daemon's defences: messages for a full queue kept across exits, receivers that leave
-messages in the kernel while a task is behind, and the Router's hop limit. Real daemon
-subprocesses over real System V queues, except the in-process AsyncReceiver test."""
+messages in the kernel while a task is behind, and the Router's hop limit. The daemon runs
+in-process (see tests/inprocess.py) over real System V queues; the AsyncReceiver test runs a
+receiver on its own."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from typing import Any, Callable
 
 import orjson
 
 from multimodule.errors import Empty, QueueFull
+from multimodule.runtime import host as host_module
 from multimodule.tasks.Router import MAX_HOPS
 from multimodule.transit.lowlevel import AsyncReceiver
 
-from helpers import receive_n, router_section, strip_meta, wait_for_file
+from helpers import router_section, strip_meta
 
 #: The receiver's defaults in the daemon (see TaskRunner and Transit.receiver).
 HIGH_WATER = 256
 MAX_PENDING = 64
 
 
-def status_json(mm) -> dict[str, Any]:
-    """``mmctl status --json`` (bounded by mmctl's own --wait)."""
-    status, out, err = mm.mmctl("status", "--json")
+async def status_json(inproc) -> dict[str, Any]:
+    """``mmctl status --json`` (in a worker thread, bounded by mmctl's own --wait): answers
+    even while a task is busy, when the daemon is not quiet."""
+    status, out, err = await inproc.mmctl("status", "--json")
     assert status == 0, err
     return json.loads(out)
-
-
-def wait_status(mm, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 10.0
-                ) -> dict[str, Any]:
-    """Ask for the daemon's status until ``predicate`` holds (at most ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        report = status_json(mm)
-        if predicate(report):
-            return report
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status condition not met within {timeout} s; last: {report}")
 
 
 def drain(transit, qname: str) -> list[dict[str, Any]]:
@@ -54,8 +46,11 @@ def drain(transit, qname: str) -> list[dict[str, Any]]:
 # -- outboxes ---------------------------------------------------------------------------------
 
 
-def test_messages_for_a_full_queue_kept_across_exit_and_sent_at_next_start(mm, transit):
-    # Given a System V queue "full" filled up by this process (with messages smaller than
+async def test_messages_for_a_full_queue_kept_across_exit_and_sent_at_next_start(
+        inproc, transit, monkeypatch):
+    # Given a stop that waits 0.2 s (not 5) for room in full queues
+    monkeypatch.setattr(host_module, "OVERFLOW_EXIT_WAIT_S", 0.2)
+    # and a System V queue "full" filled up by another process (with messages smaller than
     # any the daemon will forward there, so none of those fits in what room is left)
     prefilled = 0
     while True:
@@ -66,107 +61,124 @@ def test_messages_for_a_full_queue_kept_across_exit_and_sent_at_next_start(mm, t
         prefilled += 1
     assert prefilled > 0
     # and a daemon whose Router forwards {"kind": "x"} messages to it
-    mm.config('[Router]\nroutes = [ { match = { kind = "x" }, '
-              'forwards = [ { qname = "full" } ] } ]\n')
-    daemon = mm.start()
+    inproc.config('[Router]\nroutes = [ { match = { kind = "x" }, '
+                  'forwards = [ { qname = "full" } ] } ]\n')
+    daemon = await inproc.start()
     # When 3 messages are to be forwarded there, and wait in the daemon's outbox
     for n in range(3):
-        transit.send("Router", {"kind": "x", "n": n})
-    wait_status(mm, lambda s: s["outboxes"] == {"full": 3})
-    # and the daemon gets SIGTERM while the queue stays full
-    assert daemon.terminate(30) == 0, daemon.output()
-    # Then it says on stderr that the 3 messages were kept in state_dir/outbox.full.jsonl
-    path = mm.state_dir / "outbox.full.jsonl"
-    line = daemon.expect("stderr", "stayed full")
+        inproc.send("Router", {"kind": "x", "n": n})
+    await inproc.quiet()
+    assert (await inproc.control(query="status"))["status"]["outboxes"] == {"full": 3}
+    # and the daemon stops (as on SIGTERM) while the queue stays full
+    assert await inproc.stop() == 0, inproc.lines("error")
+    # Then it says on its error channel that the 3 messages were kept in
+    # state_dir/outbox.full.jsonl
+    path = inproc.state_dir / "outbox.full.jsonl"
+    line = inproc.records_of("error", "stayed full")[0].line
     assert f"queue 'full' stayed full: 3 messages kept in {path}" in line, line
     # and the file holds them, in order, one per line
     kept = [orjson.loads(raw) for raw in path.read_bytes().splitlines()]
     assert [(m["kind"], m["n"]) for m in kept] == [("x", 0), ("x", 1), ("x", 2)]
 
-    # When this process drains the queue: only the pre-filled messages were there
+    # When the other process drains the queue: only the pre-filled messages were there
     assert [m["p"] for m in drain(transit, "full")] == list(range(prefilled))
-    # and the daemon is started again
-    daemon = mm.start()
-    # Then it says (before it is running) that it sends the kept messages
-    daemon.wait_line("stdout", "sending 3 messages kept for queue 'full' at the last exit")
-    # and they arrive, in order, once
-    got = receive_n(transit, "full", 3)
+    # and the daemon is started again (as a new process would be)
+    mark = len(inproc.records)
+    daemon = await inproc.start()
+    # Then it says, before it is running, that it sends the kept messages
+    said = [r.text for r in inproc.records[mark:] if r.channel == "log"]
+    sending = said.index("sending 3 messages kept for queue 'full' at the last exit")
+    assert sending < next(i for i, text in enumerate(said) if text.startswith("running (pid"))
+    # and they arrive, in order, once (its sender thread has sent them all and ended)
+    for thread in [t for t in threading.enumerate() if t.name == "mm-overflow:full"]:
+        await asyncio.to_thread(thread.join, 10)
+        assert not thread.is_alive()
+    got = drain(transit, "full")
     assert [strip_meta(m) for m in got] == [{"kind": "x", "n": n} for n in range(3)]
-    try:
-        extra = transit.receive("full", timeout=0.3)
-    except Empty:
-        extra = None
-    assert extra is None, extra
+    assert daemon.overflow.held == 0
     assert not path.exists()
-    daemon.stop_ok()
+    assert await inproc.stop() == 0
 
 
 # -- receiver backpressure --------------------------------------------------------------------
 
 #: The first message waits (in an async handler, so the loop and status queries go on) until
-#: the file "go" appears, after creating "started"; every message goes out with its number.
+#: the test sets ``go``, after setting ``started`` (asyncio events the test reaches through the
+#: task instance); every message goes out with its number.
 BLOCKED = """
-    import asyncio, os, time
+    import asyncio
     from multimodule import Task
 
     class Blocked(Task):
+        def set_config(self, config):
+            self.started, self.go = asyncio.Event(), asyncio.Event()
+
         async def message(self, message):
             if message["i"] == 0:
-                open(os.path.join(self.config["dir"], "started"), "w").close()
-                deadline = time.monotonic() + 60
-                while not os.path.exists(os.path.join(self.config["dir"], "go")):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("no go file")
-                    await asyncio.sleep(0.005)
+                self.started.set()
+                await self.go.wait()
             self.emit({"i": message["i"]})
 """
 
 
-def test_blocked_task_leaves_messages_in_the_kernel_then_handles_all_in_order(mm, transit):
+async def test_blocked_task_leaves_messages_in_the_kernel_then_handles_all_in_order(
+        inproc, transit):
     count = 1000
     bound = HIGH_WATER + MAX_PENDING + 1
-    # Given a task whose first message blocks it until the file "go" exists
-    mm.task("Blocked", BLOCKED)
-    mm.config(f'[Blocked]\ndir = "{mm.tmp}"\n\n' + router_section(
+    # Given a task whose first message blocks it until it is let go
+    inproc.task("Blocked", BLOCKED)
+    inproc.config("[Blocked]\n\n" + router_section(
         '{ match = { source = "Blocked" }, forwards = [ { qname = "out" } ] }'))
-    mm.start()
+    inproc.capture("out")
+    daemon = await inproc.start()
+    runner = daemon.runners["Blocked"]
     transit.send("Blocked", {"i": 0})
-    wait_for_file(mm.tmp / "started")
-    # When this process sends it more messages over System V, refilling the kernel queue
-    # whenever there is room, until the daemon's figures stop moving
+    async with asyncio.timeout(10):
+        await runner.task.started.wait()
+    # When another process sends it more messages over System V, refilling the kernel queue
+    # whenever there is room, until the daemon's receiver has stopped taking (it waits for
+    # the task: nothing but the task's progress moves it on) with the kernel queue full
     sent = 1
     depths: list[int] = []
-    previous = None
-    deadline = time.monotonic() + 30
-    while True:
-        while sent < count:
-            try:
-                transit.send("Blocked", {"i": sent}, timeout=0)
-            except QueueFull:
+    async with asyncio.timeout(30):
+        while True:
+            full = False
+            while sent < count:
+                try:
+                    transit.send("Blocked", {"i": sent}, timeout=0)
+                except QueueFull:
+                    full = True
+                    break
+                sent += 1
+            depths.append(runner.queue.depth)
+            if full and runner.receiver._throttled and not runner.receiver.pending:
                 break
-            sent += 1
-        depth = status_json(mm)["tasks"]["Blocked"]["queue_depth"]
-        in_kernel = transit.stat("Blocked").messages
-        depths.append(depth)
-        now = (depth, in_kernel, sent)
-        if depth >= HIGH_WATER and now == previous:
-            break  # two looks in a row, with a status round trip between: stable
-        previous = now
-        assert time.monotonic() < deadline, f"never stable; depths {depths[-10:]}, last {now}"
+            await asyncio.sleep(0.001)  # the receiver thread and the loop take their turns
+    depth, in_kernel = runner.queue.depth, transit.stat("Blocked").messages
     # Then the daemon holds at most high_water + max_pending (+1) messages in memory
+    assert depth >= HIGH_WATER, depths
     assert max(depths) <= bound, depths
+    assert (await status_json(inproc))["tasks"]["Blocked"]["queue_depth"] == depth
     # and the rest stay in the kernel queue, which has stopped draining
     assert in_kernel > 0, (in_kernel, sent)
-    again = status_json(mm)["tasks"]["Blocked"]["queue_depth"]
+    again = (await status_json(inproc))["tasks"]["Blocked"]["queue_depth"]
     assert (again, transit.stat("Blocked").messages) == (depth, in_kernel)
 
-    # When the task is let go, and the rest is sent
-    (mm.tmp / "go").touch()
-    for i in range(sent, count):
-        transit.send("Blocked", {"i": i}, timeout=30)
+    # When the task is let go, and the rest is sent (from a thread: it waits for room)
+    runner.task.go.set()
+
+    def send_rest() -> None:
+        for i in range(sent, count):
+            transit.send("Blocked", {"i": i}, timeout=30)
+
+    sender = asyncio.get_running_loop().run_in_executor(None, send_rest)
     # Then every message is handled, once, in order
-    assert [m["i"] for m in receive_n(transit, "out", count)] == list(range(count))
-    report = status_json(mm)["tasks"]["Blocked"]
+    got = [(await inproc.next("out"))["i"] for _ in range(count)]
+    await sender
+    assert got == list(range(count))
+    await inproc.quiet()
+    assert inproc.taken("out") == []
+    report = (await inproc.control(query="status"))["status"]["tasks"]["Blocked"]
     assert (report["messages_in"], report["task_message_failure"]) == (count, 0)
 
 
@@ -218,31 +230,32 @@ def test_async_receiver_stops_taking_at_high_water_and_resumes_when_consumed(tra
 # -- the Router's hop limit -------------------------------------------------------------------
 
 
-def test_routing_loop_broken_reported_daemon_keeps_serving_and_stops_promptly(mm, transit):
+async def test_routing_loop_broken_reported_daemon_keeps_serving_and_stops_promptly(inproc):
     # Given a Router route that sends {"loop": 1} back to the Router
-    mm.config('[Router]\nroutes = [ { match = { loop = 1 }, '
-              'forwards = [ { qname = "Router" } ] } ]\n')
-    daemon = mm.start()
+    inproc.config('[Router]\nroutes = [ { match = { loop = 1 }, '
+                  'forwards = [ { qname = "Router" } ] } ]\n')
+    await inproc.start()
     # When one such message arrives
-    transit.send("Router", {"loop": 1})
-    # Then the loop is reported within a few seconds
-    line = daemon.expect("stderr", "routing loop", timeout=5)
+    inproc.send("Router", {"loop": 1})
+    # Then the loop is reported
+    await inproc.quiet()
+    line = inproc.records_of("error", "routing loop")[0].line
     assert line.startswith(f"error: Router: message passed the Router {MAX_HOPS} times"), line
     # and the daemon still answers, counting one broken loop (the message passed once from
     # the queue and MAX_HOPS times more)
-    router = status_json(mm)["tasks"]["Router"]
+    router = (await inproc.control(query="status"))["status"]["tasks"]["Router"]
     assert router["loops_broken"] == 1
     assert router["messages_in"] == MAX_HOPS + 1
-    assert len(daemon.lines_matching("stderr", "routing loop")) == 1
-    # and it stops at once on SIGTERM with status 0
+    assert len(inproc.records_of("error", "routing loop")) == 1
+    # and it stops at once (as on SIGTERM) with status 0
     started = time.monotonic()
-    assert daemon.terminate(10) == 0, daemon.output()
+    assert await inproc.stop() == 0, inproc.lines("error")
     assert time.monotonic() - started < 5
 
 
-def test_static_forwards_through_a_task_count_hops_and_reach_the_last_hop(mm, transit):
+async def test_static_forwards_through_a_task_count_hops_and_reach_the_last_hop(inproc):
     # Given a task that passes on every message it gets (back through the Router)
-    mm.task("Relay", """
+    inproc.task("Relay", """
         from multimodule import Task
 
         class Relay(Task):
@@ -250,19 +263,19 @@ def test_static_forwards_through_a_task_count_hops_and_reach_the_last_hop(mm, tr
                 message.pop(".ipc_transit_meta", None)
                 self.emit(message)
     """)
-    mm.config("[Relay]\n\n" + router_section())
-    daemon = mm.start()
+    inproc.config("[Relay]\n\n" + router_section())
+    inproc.capture("out")
+    await inproc.start()
     # When a message with two static hops (Relay, then "out") is given to the Router
-    transit.send("Router", {"v": 1, "static_forwards": [[{"forward": {"qname": "Relay"}}],
-                                                        [{"forward": {"qname": "out"}}]]})
-    # Then once the Router has seen it twice (its forwards are sent during the pass)
-    wait_status(mm, lambda s: s["tasks"]["Router"]["messages_in"] >= 2)
-    # it is on "out", having passed the Router twice, and no loop was reported
-    try:
-        got = transit.receive("out", timeout=1)
-    except Empty:
-        raise AssertionError("the message never reached its last hop\n"
-                             + daemon.output()) from None
-    assert not daemon.lines_matching("stderr", "routing loop"), daemon.output()
-    assert strip_meta(got) == {"v": 1, "source": "Relay"}
-    assert got[".router_hops"] == 2, got
+    inproc.send("Router", {"v": 1, "static_forwards": [[{"forward": {"qname": "Relay"}}],
+                                                       [{"forward": {"qname": "out"}}]]})
+    await inproc.quiet()
+    # Then the Router has seen it twice
+    router = (await inproc.control(query="status"))["status"]["tasks"]["Router"]
+    assert router["messages_in"] >= 2
+    # and it is on "out", having passed the Router twice, and no loop was reported
+    got = inproc.transit.local_queue("out").drain()
+    assert len(got) == 1, got
+    assert not inproc.records_of("error", "routing loop"), inproc.lines()
+    assert strip_meta(got[0]) == {"v": 1, "source": "Relay"}
+    assert got[0][".router_hops"] == 2, got
