@@ -1,14 +1,20 @@
 """The resource monitor in a real daemon: alerts on level changes, failsafe (automatic, by
 hand, across restarts), flapping, per-task thresholds, status and top, Prometheus.
 
-External tasks run as detached processes here (the systemd backend is covered in the
-container tests). Alerts are read where an operator's Router would send them: each test
-routes ``source = "MultiModule"`` to the queue ``alerts``. The monitor samples every 0.1 s
-over a 1 s window, so levels move within a second or two.
+Figures of real processes (memory, CPU and descriptors of an external task), status and top
+with an external task, and Prometheus over HTTP run a daemon subprocess whose external tasks
+are detached processes (the systemd backend is covered in the container tests); there the
+monitor samples every 0.1 s over a 1 s window, so levels move within a second or two. The
+monitor's logic (queue fill, flapping from the restarts a backend reports, message failures,
+failsafe by hand and from a file, a hung handler) runs the daemon in-process (see
+tests/inprocess.py) with a manual clock: each sample is taken by the test, after moving the
+clock. Alerts are read where an operator's Router would send them: each test routes
+``source = "MultiModule"`` to the queue ``alerts``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import urllib.request
@@ -16,8 +22,10 @@ import urllib.request
 import pytest
 
 from multimodule.errors import QueueFull
+from multimodule.runtime.runner import TaskRunner
 
 from helpers import receive_n, receive_until, route, router_section
+from inprocess import ManualClock
 from test_runtime_external import alive
 
 FAST = ("--monitor-interval", "0.1", "--monitor-window", "1")
@@ -52,6 +60,38 @@ def row(mm, name):
     return rows.get(name)
 
 
+# -- the in-process daemon -------------------------------------------------------------------
+
+#: Seconds the manual clock moves between two samples (the harness's window is 7200 s).
+STEP_S = 60.0
+
+
+async def sample(inproc, clock: ManualClock, step: float = STEP_S,
+                 ignoring: tuple[str, ...] = ()) -> None:
+    """Once what was sent is handled, move the clock by ``step``, take one sample, and wait
+    until its alerts are routed (``ignoring``: tasks held up on purpose, see
+    ``inproc.quiet``)."""
+    await inproc.quiet(ignoring=ignoring)
+    clock.advance(step)
+    await inproc.daemon.monitor.sample()
+    await inproc.quiet(ignoring=ignoring)
+
+
+def alerts_about(inproc, task, predicate=lambda m: True) -> list[dict]:
+    """The alerts about ``task`` routed to "alerts" since the last call that satisfy
+    ``predicate`` (the others taken away with them)."""
+    return [m for m in inproc.taken("alerts") if m.get("task") == task and predicate(m)]
+
+
+async def inproc_status(inproc, ignoring: tuple[str, ...] = ()) -> dict:
+    return (await inproc.control(query="status", ignoring=ignoring))["status"]
+
+
+async def inproc_row(inproc, name, ignoring: tuple[str, ...] = ()) -> dict | None:
+    rows = (await inproc_status(inproc, ignoring))["rows"]
+    return {r["name"]: r for r in rows}.get(name)
+
+
 LEAKER = """
     import os
     from multimodule import Task
@@ -67,7 +107,7 @@ LEAKER = """
         def tick(self):
             self.state["ticks"] = self.state.get("ticks", 0) + 1
             if self.leaking:
-                self.hoard.append(b"x" * 2_000_000)  # touched: resident at once
+                self.hoard.append(b"x" * 8_000_000)  # touched: resident at once
             self.emit({"ticks": self.state["ticks"], "pid": os.getpid()})
 """
 
@@ -80,7 +120,7 @@ def test_memory_leak_alerts_in_order_then_failsafe_survives_restart_until_unfail
     mm.task("Leaker", LEAKER)
     mm.config("[Leaker]\nis_external = true\nintervals = { save_state = 0.05 }\n"
               + MEMORY_LEVELS + router_section(ALERTS, route("Leaker", "out")))
-    # Given an external task leaking 2 MB every 50 ms, with its own memory levels
+    # Given an external task leaking 8 MB every 50 ms, with its own memory levels
     daemon = mm.start(*FAST)
     pid = receive_until(transit, "out", lambda m: True)[0]["pid"]
     # Then warn, severe and failsafe come in that order
@@ -170,16 +210,16 @@ def test_fd_leak_reaches_failsafe(mm, transit):
 
             def set_config(self, config):
                 self.files = []
-                self.named_recur("open", 0.02, self.open_one)
+                self.named_recur("open", 0.02, self.open_two)
                 self.emit({"pid": os.getpid()})
 
-            def open_one(self):
-                self.files.append(open(os.devnull))
+            def open_two(self):
+                self.files += [open(os.devnull), open(os.devnull)]
     """)
     mm.config("[Opener]\nis_external = true\n"
               "[Opener.monitor.open_fds]\nwarn = 60\nsevere = 90\nfailsafe = 120\n"
               + router_section(ALERTS, route("Opener", "out")))
-    # Given an external task opening 50 files a second
+    # Given an external task opening 100 files a second
     mm.start(*FAST)
     pid = receive_until(transit, "out", lambda m: True)[0]["pid"]
     # Then open_fds goes warn, severe, failsafe, and the task is stopped
@@ -189,8 +229,8 @@ def test_fd_leak_reaches_failsafe(mm, transit):
     assert row(mm, "Opener")["state"] == "failsafe"
 
 
-def test_queue_filling_alerts_but_never_stops_the_task(mm, transit):
-    mm.task("Slow", """
+async def test_queue_filling_alerts_but_never_stops_the_task(inproc, transit):
+    inproc.task("Slow", """
         import asyncio
         from multimodule import Task
 
@@ -205,57 +245,84 @@ def test_queue_filling_alerts_but_never_stops_the_task(mm, transit):
                 await self.gate.wait()
                 self.emit({"n": message["n"]})
     """)
-    mm.config("[Slow]\n" + router_section(ALERTS, route("Slow", "out")))
+    inproc.config("[Slow]\n" + router_section(ALERTS, route("Slow", "out")))
+    inproc.capture("alerts")
+    inproc.capture("out")
+    clock = ManualClock()
     # Given a task that handles nothing until its gate opens
-    mm.start(*FAST)
-    # When its System V queue is filled (past what the daemon takes into memory)
+    await inproc.start(clock=clock)
+    # When another process fills its System V queue (past what the daemon takes into memory)
     queue = transit.sysv_queue("Slow")
-    sent = 0
-    pad = "x" * 300
-    while True:
-        try:
-            # The daemon takes 256 into memory, then stops taking: the queue stays full.
-            transit.send("Slow", {"n": sent, "pad": pad}, timeout=0.5)
-        except QueueFull:
-            break
-        sent += 1
+
+    def fill() -> int:
+        sent = 0
+        pad = "x" * 300
+        while True:
+            try:
+                # The daemon takes 256 into memory, then stops taking: the queue stays full.
+                transit.send("Slow", {"n": sent, "pad": pad}, timeout=0.5)
+            except QueueFull:
+                return sent
+            sent += 1
+
+    sent = await asyncio.to_thread(fill)
     assert sent > 256 and queue.stat().fill > 0.95
-    # Then the fill alerts rise to the top level, and the task is not stopped
-    assert levels_seen(transit, "Slow", "queue_fill", "failsafe")[-1] == "failsafe"
-    r = row(mm, "Slow")
+    # Then the fill alerts rise to the top level (once the sample at start, of an empty
+    # queue, has left the window), and the task is not stopped
+    await sample(inproc, clock, step=7201, ignoring=("Slow",))
+    levels = [m["level"] for m in alerts_about(inproc, "Slow", lambda m: m["type"] == "alert"
+                                               and m["metric"] == "queue_fill")]
+    assert levels[-1] == "failsafe", levels
+    r = await inproc_row(inproc, "Slow", ignoring=("Slow",))
     assert r["state"] == "running" and r["levels"]["queue_fill"] == "failsafe"
-    assert status(mm)["failsafe"] == {}
+    assert (await inproc_status(inproc, ignoring=("Slow",)))["failsafe"] == {}
+    assert "Slow" in inproc.daemon.runners
     # When the gate opens, everything is delivered in order and the level goes back to ok
-    assert mm.mmctl("config", "Slow", '{"open": true}')[0] == 0
-    assert [m["n"] for m in receive_n(transit, "out", sent, timeout=30)] == list(range(sent))
-    assert levels_seen(transit, "Slow", "queue_fill", "ok")[-1] == "ok"
+    assert await inproc.control(config={"Slow": {"open": True}}) == {"ok": True}
+    assert [m["n"] for m in inproc.taken("out")] == list(range(sent))
+    await sample(inproc, clock, step=7201)  # the full queue's samples have left the window
+    levels = [m["level"] for m in alerts_about(inproc, "Slow", lambda m: m["type"] == "alert"
+                                               and m["metric"] == "queue_fill")]
+    assert levels[-1] == "ok", levels
 
 
-def test_flapping_task_is_put_in_failsafe(mm, transit):
-    mm.task("Crasher", """
-        import os
+async def test_flapping_task_is_put_in_failsafe(inproc):
+    inproc.task("Crasher", """
         from multimodule import Task
 
         class Crasher(Task):
             is_stateful = True
 
-            def set_config(self, config):
-                self.emit({"pid": os.getpid()})
-                self.named_recur("crash", 0.2, lambda: os._exit(3))
+            def message(self, message):
+                pass
     """)
-    mm.config("[Crasher]\nis_external = true\n"
-              "[Crasher.monitor.restarts]\nwarn = 1\nsevere = 1\nfailsafe = 2\n"
-              + router_section(ALERTS, route("Crasher", "out")))
-    # Given an external task that crashes 0.2 s after each start (restarted after 1 s, 2 s)
-    daemon = mm.start(*FAST)
+    inproc.config("[Crasher]\nis_external = true\n"
+                  "[Crasher.monitor.restarts]\nwarn = 1\nsevere = 1\nfailsafe = 2\n"
+                  + router_section(ALERTS))
+    inproc.capture("alerts")
+    clock = ManualClock()
+    # Given an external task seen running, whose backend then reports it restarted once, then
+    # twice (the detached backend's own count of real crashes: test_runtime_external)
+    daemon = await inproc.start(clock=clock)
+    assert "Crasher" in daemon.externals
+    seen = []
+    for restarts in (0, 1, 2):
+        inproc.backend.restarts["Crasher"] = restarts
+        await sample(inproc, clock)
+        seen += alerts_about(inproc, "Crasher")
     # Then after its second restart it is flapping: failsafe, with an alert that says so
-    assert levels_seen(transit, "Crasher", "restarts", "failsafe", timeout=30)[-1] == "failsafe"
-    stopped = alert_for(transit, "Crasher", lambda m: m["type"] == "failsafe")
-    assert stopped["reason"].startswith("flapping: 2 restarts")
-    daemon.expect("stdout", "task Crasher stopped (failsafe)")
-    # And it is not started again
-    assert row(mm, "Crasher")["state"] == "failsafe"
-    assert "Crasher" not in status(mm)["externals"]
+    levels = [m["level"] for m in seen if m["type"] == "alert" and m["metric"] == "restarts"]
+    assert levels[-1] == "failsafe", seen
+    stopped = [m for m in seen if m["type"] == "failsafe"]
+    assert stopped and stopped[0]["reason"].startswith("flapping: 2 restarts"), seen
+    assert inproc.records_of("log", "task Crasher stopped (failsafe)")
+    # And it is not started again: its process stopped, no start after the stop
+    assert (await inproc_row(inproc, "Crasher"))["state"] == "failsafe"
+    assert "Crasher" not in (await inproc_status(inproc))["externals"]
+    calls = [(method, task) for method, task, _ in inproc.backend.calls if task == "Crasher"]
+    assert ("stop", "Crasher") in calls
+    assert ("start", "Crasher") not in calls[calls.index(("stop", "Crasher")):]
+    assert "Crasher" not in inproc.backend.active
 
 
 FAULTY = """
@@ -267,32 +334,41 @@ FAULTY = """
 """
 
 
-def test_message_failures_alert_with_a_per_task_override(mm, transit):
-    mm.task("FaultyA", FAULTY.format(name="FaultyA"))
-    mm.task("FaultyB", FAULTY.format(name="FaultyB"))
-    mm.config("[FaultyA]\n[FaultyB.monitor.message_failures]\nwarn = 3\n"
-              + router_section(ALERTS))
+async def test_message_failures_alert_with_a_per_task_override(inproc):
+    inproc.task("FaultyA", FAULTY.format(name="FaultyA"))
+    inproc.task("FaultyB", FAULTY.format(name="FaultyB"))
+    inproc.config("[FaultyA]\n[FaultyB.monitor.message_failures]\nwarn = 3\n"
+                  + router_section(ALERTS))
+    inproc.capture("alerts")
+    clock = ManualClock()
     # Given two tasks whose handler raises; B's own threshold is 3 failures, A's the default 1
-    mm.start(*FAST)
+    await inproc.start(clock=clock)
     # When each fails once
-    transit.send("FaultyB", {"n": 1})
-    transit.send("FaultyA", {"n": 1})
+    inproc.send("FaultyB", {"n": 1})
+    inproc.send("FaultyA", {"n": 1})
+    await sample(inproc, clock)
     # Then A gets a message-failure alert at once
-    alert = alert_for(transit, "FaultyA", lambda m: m["metric"] == "message_failures")
+    alerts = alerts_about(inproc, "FaultyA", lambda m: m["metric"] == "message_failures")
+    assert len(alerts) == 1, alerts
+    alert = alerts[0]
     assert alert["level"] == "warn" and alert["value"] == 1
     assert alert["source"] == "MultiModule" and "message_failures 1: ok -> warn" in alert["text"]
     # And B, with the same one failure counted, stays ok
-    b = row(mm, "FaultyB")
+    b = await inproc_row(inproc, "FaultyB")
     assert b["message_failures"] == 1 and b["levels"]["message_failures"] == "ok"
     assert "ValueError: bad input 1" in b["last_error"]
     # When B fails twice more, it reaches its own level
-    transit.send("FaultyB", {"n": 2})
-    transit.send("FaultyB", {"n": 3})
-    alert = alert_for(transit, "FaultyB", lambda m: m["metric"] == "message_failures")
-    assert alert["level"] == "warn" and alert["value"] == 3
+    inproc.send("FaultyB", {"n": 2})
+    inproc.send("FaultyB", {"n": 3})
+    await sample(inproc, clock)
+    alerts = alerts_about(inproc, "FaultyB", lambda m: m["metric"] == "message_failures")
+    assert [(a["level"], a["value"]) for a in alerts] == [("warn", 3)], alerts
     # And with no more failures the window empties and both go back to ok
-    assert alert_for(transit, "FaultyA", lambda m: m["metric"] == "message_failures")["level"] \
-        == "ok"
+    await sample(inproc, clock, step=7201)
+    alerts = inproc.taken("alerts")
+    for task in ("FaultyA", "FaultyB"):
+        assert [a["level"] for a in alerts if a["task"] == task
+                and a["metric"] == "message_failures"] == ["ok"], alerts
 
 
 COUNTER = """
@@ -307,44 +383,50 @@ COUNTER = """
 """
 
 
-def test_internal_task_failsafe_by_hand_keeps_messages_and_state(mm, transit):
-    mm.task("Counter", COUNTER)
-    mm.config("[Counter]\nintervals = { save_state = 0.05 }\n"
-              + router_section(ALERTS, route("Counter", "out")))
-    daemon = mm.start(*FAST)
-    transit.send("Counter", {"n": 0})
-    assert receive_n(transit, "out", 1)[0]["n"] == 0
+async def test_internal_task_failsafe_by_hand_keeps_messages_and_state(inproc, transit):
+    inproc.task("Counter", COUNTER)
+    inproc.config("[Counter]\nintervals = { save_state = 0.05 }\n"
+                  + router_section(ALERTS, route("Counter", "out")))
+    inproc.capture("alerts")
+    inproc.capture("out")
+    daemon = await inproc.start()
+    inproc.send("Counter", {"n": 0})
+    assert (await inproc.next("out"))["n"] == 0
     # When an operator puts the internal task in failsafe
-    code, _, err = mm.mmctl("failsafe", "Counter", "--reason", "maintenance")
+    code, _, err = await inproc.mmctl("failsafe", "Counter", "--reason", "maintenance")
     assert code == 0, err
+    await inproc.quiet()
     # Then it is unloaded and reported so, with an alert to the Router
-    assert alert_for(transit, "Counter", lambda m: m["type"] == "failsafe")["reason"] == \
-        "maintenance"
-    assert row(mm, "Counter")["state"] == "failsafe"
-    assert status(mm)["failsafe"]["Counter"]["reason"] == "maintenance"
-    assert "Counter" not in status(mm)["tasks"]
-    code, out, err = mm.mmctl("state", "Counter")
+    failsafe = alerts_about(inproc, "Counter", lambda m: m["type"] == "failsafe")
+    assert [m["reason"] for m in failsafe] == ["maintenance"]
+    assert (await inproc_row(inproc, "Counter"))["state"] == "failsafe"
+    assert (await inproc_status(inproc))["failsafe"]["Counter"]["reason"] == "maintenance"
+    assert "Counter" not in (await inproc_status(inproc))["tasks"]
+    assert "Counter" not in daemon.runners
+    code, out, err = await inproc.mmctl("state", "Counter")
     assert code == 0 and json.loads(out) == {"seen": [0]} and "as last saved" in err
-    code, out, _ = mm.mmctl("config", "Counter")
+    code, out, _ = await inproc.mmctl("config", "Counter")
     assert code == 0 and json.loads(out)["intervals"] == {"save_state": 0.05}
     # And messages sent to it meanwhile wait in its queue (also across a daemon restart)
     for n in (1, 2, 3):
         transit.send("Counter", {"n": n})
-    daemon.stop_ok()
-    daemon = mm.start(*FAST)
-    daemon.wait_line("stdout", "task Counter stays stopped", start=0)
+    mark = len(inproc.records)
+    daemon = await inproc.restart()
+    assert [r for r in inproc.records[mark:]
+            if r.channel == "log" and r.text.startswith("task Counter stays stopped")]
     transit.send("Counter", {"n": 4})
+    await inproc.quiet()
     assert transit.stat("Counter").messages == 4
     # A second failsafe is refused, and so is migrating it
-    code, _, err = mm.mmctl("failsafe", "Counter")
+    code, _, err = await inproc.mmctl("failsafe", "Counter")
     assert code == 1 and "already in failsafe" in err
-    code, _, err = mm.mmctl("migrate", "Counter", "--external")
+    code, _, err = await inproc.mmctl("migrate", "Counter", "--external")
     assert code == 1 and "mmctl unfailsafe Counter" in err
     # When it is cleared
-    assert mm.mmctl("unfailsafe", "Counter")[0] == 0
+    assert (await inproc.mmctl("unfailsafe", "Counter"))[0] == 0
     # Then the waiting messages are handled in order and the state went on
-    assert [m["n"] for m in receive_n(transit, "out", 4)] == [1, 2, 3, 4]
-    code, out, _ = mm.mmctl("state", "Counter")
+    assert [(await inproc.next("out"))["n"] for _ in range(4)] == [1, 2, 3, 4]
+    code, out, _ = await inproc.mmctl("state", "Counter")
     assert code == 0 and json.loads(out)["seen"] == [0, 1, 2, 3, 4]
 
 
@@ -427,8 +509,11 @@ def unused_tcp_port():
         return s.getsockname()[1]
 
 
-def test_failsafe_of_a_hung_async_handler_returns_the_rest_to_its_queue(mm, transit):
-    mm.task("Hang", """
+async def test_failsafe_of_a_hung_async_handler_returns_the_rest_to_its_queue(
+        inproc, transit, monkeypatch):
+    # Given a stop whose grace period for a handler in progress is 0.3 s (not 10)
+    monkeypatch.setattr(TaskRunner.stop_consumer, "__defaults__", (0.3,))
+    inproc.task("Hang", """
         import asyncio
         from multimodule import Task
 
@@ -437,26 +522,27 @@ def test_failsafe_of_a_hung_async_handler_returns_the_rest_to_its_queue(mm, tran
                 self.emit({"n": message["n"]})
                 await asyncio.sleep(3600)
     """)
-    mm.config("[Hang]\n" + router_section(ALERTS, route("Hang", "out")))
-    daemon = mm.start(*FAST)
+    inproc.config("[Hang]\n" + router_section(ALERTS, route("Hang", "out")))
+    inproc.capture("out")
+    await inproc.start()
     # Given a handler that never returns, with two more messages behind it in memory
     for n in range(3):
-        transit.send("Hang", {"n": n})
-    assert receive_n(transit, "out", 1)[0]["n"] == 0
+        inproc.send("Hang", {"n": n})
+    assert (await inproc.next("out"))["n"] == 0
     # When it is put in failsafe
-    code, _, err = mm.mmctl("failsafe", "Hang", "--wait", "30")
+    reply = await inproc.control(failsafe="Hang")
     # Then after the stop's grace period the hung handler is cancelled, the task stops, and
     # the messages it never got are back in its queue (for after unfailsafe), not lost
-    assert code == 0, err
-    daemon.expect("stderr", "2 messages in memory go back to its queue")
+    assert reply == {"ok": True}, reply
+    assert inproc.records_of("error", "2 messages in memory go back to its queue")
     assert transit.stat("Hang").messages == 2
-    assert [m["n"] for m in receive_n(transit, "Hang", 2)] == [1, 2]
+    assert [transit.receive("Hang", timeout=0)["n"] for _ in range(2)] == [1, 2]
     # And the daemon still stops in order
-    daemon.stop_ok()
+    assert await inproc.stop() == 0, inproc.lines("error")
 
 
-def test_config_for_a_task_in_failsafe_is_checked_against_its_model(mm, transit):
-    mm.task("Typed", """
+async def test_config_for_a_task_in_failsafe_is_checked_against_its_model(inproc):
+    inproc.task("Typed", """
         from pydantic import BaseModel
         from multimodule import Task
 
@@ -467,30 +553,32 @@ def test_config_for_a_task_in_failsafe_is_checked_against_its_model(mm, transit)
             def message(self, message):
                 self.emit({"n": self.settings.n})
     """)
-    mm.config("[Typed]\nn = 2\n" + router_section(route("Typed", "out")))
-    mm.start(*FAST)
-    assert mm.mmctl("failsafe", "Typed")[0] == 0
+    inproc.config("[Typed]\nn = 2\n" + router_section(route("Typed", "out")))
+    inproc.capture("out")
+    await inproc.start()
+    assert await inproc.control(failsafe="Typed") == {"ok": True}
     # When a bad config is sent while it is stopped: refused, naming the field
-    code, _, err = mm.mmctl("config", "Typed", '{"n": "abc"}')
+    code, _, err = await inproc.mmctl("config", "Typed", '{"n": "abc"}')
     assert code == 1 and "Typed.n" in err
     # And a good one is taken, and used once it runs again
-    assert mm.mmctl("config", "Typed", '{"n": 5}')[0] == 0
-    assert mm.mmctl("unfailsafe", "Typed")[0] == 0
-    transit.send("Typed", {})
-    assert receive_n(transit, "out", 1)[0]["n"] == 5
+    assert (await inproc.mmctl("config", "Typed", '{"n": 5}'))[0] == 0
+    assert (await inproc.mmctl("unfailsafe", "Typed"))[0] == 0
+    inproc.send("Typed", {})
+    assert (await inproc.next("out"))["n"] == 5
 
 
-def test_a_malformed_failsafe_file_is_read_as_far_as_it_makes_sense(mm, transit):
-    mm.task("Counter", COUNTER)
-    mm.config("[Counter]\n" + router_section(route("Counter", "out")))
-    mm.state_dir.mkdir(exist_ok=True)
-    (mm.state_dir / "failsafe.json").write_text(
+async def test_a_malformed_failsafe_file_is_read_as_far_as_it_makes_sense(inproc):
+    inproc.task("Counter", COUNTER)
+    inproc.config("[Counter]\n" + router_section(route("Counter", "out")))
+    inproc.capture("out")
+    inproc.state_dir.mkdir(exist_ok=True)
+    (inproc.state_dir / "failsafe.json").write_text(
         '{"Counter": {"since": "yesterday", "reason": "line\\nbreak"}, "Router": {}}')
     # Then the daemon starts, holds Counter (the odd date dropped), and never the Router
-    daemon = mm.start(*FAST)
-    daemon.wait_line("stdout", "task Counter stays stopped: in failsafe (line break)")
-    daemon.wait_line("stderr", "the Router is never held in failsafe; ignored", start=0)
-    assert status(mm)["failsafe"]["Counter"]["since"] is None
-    assert mm.mmctl("unfailsafe", "Counter")[0] == 0
-    transit.send("Counter", {"n": 1})
-    assert receive_n(transit, "out", 1)[0]["n"] == 1
+    await inproc.start()
+    assert inproc.records_of("log", "task Counter stays stopped: in failsafe (line break)")
+    assert inproc.records_of("error", "the Router is never held in failsafe; ignored")
+    assert (await inproc_status(inproc))["failsafe"]["Counter"]["since"] is None
+    assert await inproc.control(unfailsafe="Counter") == {"ok": True}
+    inproc.send("Counter", {"n": 1})
+    assert (await inproc.next("out"))["n"] == 1
