@@ -10,6 +10,7 @@ import signal
 import threading
 
 import psutil
+import pytest
 
 from helpers import receive_until, router_section, route
 
@@ -219,6 +220,7 @@ def test_config_change_reaches_an_external_task(mm, transit):
     receive_until(transit, "out", lambda m: m.get("outstr") == "two", timeout=20)
 
 
+@pytest.mark.slow  # a soak over real processes: about 23 s by design
 def test_fifty_random_migrations_while_messages_flow_lose_and_repeat_nothing(mm, transit):
     # Given Seq in the daemon, and a steady stream of numbered messages to it
     mm.task("Seq", SEQ)
