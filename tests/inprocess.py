@@ -12,7 +12,7 @@ Use the ``inproc`` fixture in an ``async def`` test::
                     self.emit(message)
         ''')
         inproc.config('[Echo]\\n' + router_section(route("Echo", "out")))
-        out = inproc.capture("out")        # sends to "out" stay in memory, for the test
+        inproc.capture("out")              # sends to "out" stay in memory, for the test
         await inproc.start()
         inproc.send("Echo", {"x": 1})      # as a task in the daemon would
         await inproc.quiet()               # every queue empty, every handler idle
@@ -21,9 +21,10 @@ Use the ``inproc`` fixture in an ``async def`` test::
 ``quiet()`` returns once nothing is left to do: no message waiting or in hand in any task (in
 memory, or in the System V queue of a task or of the control queue), no control request or
 answer pending, no migration, start, unload, failsafe stop or monitor sample in progress (like
-dramatiq's ``StubBroker.join()``). Records of the out-of-band channels are kept in
-``inproc.records`` instead of being written anywhere (``inproc.lines()`` renders them as the
-daemon prints them); ``await inproc.record(channel, text)`` waits for one.
+dramatiq's ``StubBroker.join()``); ``quiet(ignoring=("Task",))`` leaves out a task the test
+holds up on purpose (so does ``control(..., ignoring=...)``). Records of the out-of-band
+channels are kept in ``inproc.records`` instead of being written anywhere (``inproc.lines()``
+renders them as the daemon prints them); ``await inproc.record(channel, text)`` waits for one.
 
 More: ``await inproc.raw_control(message, reply_to=None)`` puts any message on the control
 queue (for malformed ones; with ``reply_to`` it returns the answer on that queue);
