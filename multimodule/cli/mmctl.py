@@ -477,6 +477,9 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
     _add_recv(sub, common)
     _add_queues(sub, common)
     _add_control(sub, common)
+    for subparser in sub.choices.values():
+        subparser.set_defaults(subparser=subparser)
+    parser.subcommands = dict(sub.choices)  # command -> its own parser
     return parser
 
 
@@ -486,9 +489,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmctl",
     parser = parser or build_parser(prog)
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's parser, so that usage and name fit
-        subparsers = next(a for a in parser._actions
-                          if isinstance(a, argparse._SubParsersAction))
-        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.prog = prog
     try:
         return args.func(args)
@@ -507,8 +508,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmctl",
 
 def _alias(command: str, name: str) -> int:
     parser = build_parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    subparsers.choices[command].prog = name  # so that its usage and errors say "strans ..."
+    parser.subcommands[command].prog = name  # so that its usage and errors say "strans ..."
     return main([command, *sys.argv[1:]], prog=name, parser=parser)
 
 

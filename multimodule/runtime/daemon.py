@@ -348,29 +348,15 @@ class Daemon(HostProcess):
     async def status(self) -> dict[str, Any]:
         """The daemon's figures: pid, uptime, tasks with their counters, external tasks as
         their backend says now (asked off the loop), failures, rows of the monitor."""
-        said = await self.externals.statuses()
-        externals = {}
-        for name in sorted(self.externals.processes):
-            process = said.get(name)
-            if process is None:
-                externals[name] = {"backend": self.externals.name, "state": "activating",
-                                   "pid": None, "restarts": 0, "where": ""}
-            elif isinstance(process, str):
-                externals[name] = {"backend": self.externals.name, "error": process}
-            else:
-                externals[name] = {"backend": self.externals.name,
-                                   "state": process.state.value, "pid": process.main_pid,
-                                   "restarts": process.restarts, "where": process.where}
-        queue_rows = self.monitor.monitor.queue_rows
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
             "tasks": {name: r.figures() for name, r in sorted(self.registry.runners.items())},
-            "externals": externals,
+            "externals": await self.externals.status_table(),
             "import_failures": dict(self.registry.failures),
             "outboxes": self.overflow.depths(),
             "rows": self.monitor.rows(),
-            "queues": [queue_rows[q] for q in sorted(queue_rows)],
+            "queues": self.monitor.queue_rows(),
             "failsafe": dict(self.failsafe.marks),
             "monitor": self.monitor.figures(),
             "oob_dropped": self.channels.dropped,

@@ -137,6 +137,24 @@ class ExternalTasks:
                  if self.processes.get(n) is not None]
         return await self._call(self._statuses, names)
 
+    async def status_table(self) -> dict[str, dict[str, Any]]:
+        """For ``mmctl status``: task -> ``{"backend", "state", "pid", "restarts", "where"}``
+        as the backend says now (``{"backend", "error"}`` if it could not say)."""
+        said = await self.statuses()
+        table: dict[str, dict[str, Any]] = {}
+        for name in sorted(self.processes):
+            process = said.get(name)
+            if process is None:  # still being started
+                table[name] = {"backend": self.name, "state": "activating", "pid": None,
+                               "restarts": 0, "where": ""}
+            elif isinstance(process, str):
+                table[name] = {"backend": self.name, "error": process}
+            else:
+                table[name] = {"backend": self.name, "state": process.state.value,
+                               "pid": process.main_pid, "restarts": process.restarts,
+                               "where": process.where}
+        return table
+
     async def settle(self) -> None:
         """Wait for the starts in progress."""
         for start in list(self.starting.values()):

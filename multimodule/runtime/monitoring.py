@@ -258,6 +258,11 @@ class MonitorService:
             rows.append(row)
         return rows
 
+    def queue_rows(self) -> list[dict[str, Any]]:
+        """One row per System V queue that is no task's own (name, fill, level), by name."""
+        rows = self.monitor.queue_rows
+        return [rows[qname] for qname in sorted(rows)]
+
     def figures(self) -> dict[str, Any]:
         """The monitor's settings and counts, for the status reply."""
         return {"interval_s": self.interval_s, "window_s": self.monitor.window_s,

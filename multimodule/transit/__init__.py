@@ -25,7 +25,6 @@ System V queue), ``_local`` (in-memory queues), ``_async`` (System V to asyncio)
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 from multimodule.errors import (
@@ -40,13 +39,8 @@ from multimodule.errors import (
 )
 from multimodule.transit._directory import MAX_NAME_CHARS, default_transit_dir, validate_qname
 from multimodule.transit._sysv import QueueStat
-from multimodule.transit._transit import Transit
+from multimodule.transit._transit import Transit, get_default, set_default
 from multimodule.transit._wire import META_KEY
-
-# The default Transit of the module-level functions (lowlevel.default() hands it out).
-_default: Transit | None = None
-_default_lock = threading.Lock()
-
 
 def configure(transit_dir: str | os.PathLike[str] | None = None,
               group: str | int | None = None) -> Transit:
@@ -55,20 +49,7 @@ def configure(transit_dir: str | os.PathLike[str] | None = None,
     ``transit_dir``: default :func:`default_transit_dir`; ``group``: see :class:`Transit`.
     Raises :class:`TransitBroken` if the directory cannot be prepared.
     """
-    global _default
-    with _default_lock:
-        _default = Transit(transit_dir, group)
-        return _default
-
-
-def _make_default() -> Transit:
-    """The default :class:`Transit`, made from the environment on first use."""
-    global _default
-    if _default is None:
-        with _default_lock:
-            if _default is None:
-                _default = Transit()
-    return _default
+    return set_default(transit_dir, group)
 
 
 def send(qname: str, message: dict[str, Any], *, timeout: float | None = None,
@@ -80,7 +61,7 @@ def send(qname: str, message: dict[str, Any], *, timeout: float | None = None,
     :class:`UnserializableMessage`, :class:`QueueFull` or :class:`TransitBroken`; see
     :meth:`Transit.send`.
     """
-    (_default or _make_default()).send(qname, message, timeout=timeout, **meta)
+    get_default().send(qname, message, timeout=timeout, **meta)
 
 
 def receive(qname: str, *, timeout: float | None = None) -> dict[str, Any]:
@@ -88,13 +69,13 @@ def receive(qname: str, *, timeout: float | None = None) -> dict[str, Any]:
     ``.ipc_transit_meta``. ``timeout``: seconds to wait (``0``: do not wait, ``None``:
     forever). Raises :class:`Empty`, :class:`BadMessage` (those bytes are consumed),
     :class:`InvalidQueueName`, :class:`TransitBroken`; see :meth:`Transit.receive`."""
-    return (_default or _make_default()).receive(qname, timeout=timeout)
+    return get_default().receive(qname, timeout=timeout)
 
 
 def stat(qname: str) -> QueueStat:
     """Figures for ``qname`` on the default transit (messages, bytes, max_bytes, last send
     and receive); raises :class:`TransitError` if no such queue. See :meth:`Transit.stat`."""
-    return (_default or _make_default()).stat(qname)
+    return get_default().stat(qname)
 
 
 __all__ = [

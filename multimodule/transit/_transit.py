@@ -280,3 +280,33 @@ class Transit:
                 continue
         for spill in self.directory.spill_path.iterdir():
             spill.unlink(missing_ok=True)
+
+
+# The default Transit of the module-level functions (``multimodule.transit.send`` ...).
+_default: Transit | None = None
+_default_lock = threading.Lock()
+
+
+def set_default(transit_dir: str | os.PathLike[str] | None = None,
+                group: str | int | None = None) -> Transit:
+    """Make (and return) the default :class:`Transit`. Raises :class:`TransitBroken` if the
+    directory cannot be prepared."""
+    global _default
+    with _default_lock:
+        _default = Transit(transit_dir, group)
+        return _default
+
+
+def get_default() -> Transit:
+    """The default :class:`Transit`, made from the environment on first use."""
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                return _make_default_locked()
+    return _default
+
+
+def _make_default_locked() -> Transit:
+    global _default
+    _default = Transit()
+    return _default

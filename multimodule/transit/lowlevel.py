@@ -22,13 +22,12 @@ package, which no code outside :mod:`multimodule.transit` imports.
 
 from __future__ import annotations
 
-from multimodule import transit as _transit
 from multimodule.transit._async import AsyncReceiver
 from multimodule.transit._directory import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
 from multimodule.transit._interrupt import ensure_handler
 from multimodule.transit._local import LocalQueue
 from multimodule.transit._overflow import Overflow
-from multimodule.transit._transit import Transit
+from multimodule.transit._transit import Transit, get_default
 from multimodule.transit._wire import (
     HEADER_JSON,
     copy_message,
@@ -44,7 +43,7 @@ def default() -> Transit:
     and the other module-level functions, made from the environment on first use (or the one
     :func:`multimodule.transit.configure` made). Raises
     :class:`~multimodule.errors.TransitBroken` if its directory cannot be prepared."""
-    return _transit._default or _transit._make_default()
+    return get_default()
 
 
 def declare_local(qname: str) -> LocalQueue:
