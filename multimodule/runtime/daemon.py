@@ -235,12 +235,9 @@ class Daemon(HostProcess):
 
     def _reconcile(self, name: str) -> None:
         """After a move: follow the config in force if it changed meanwhile."""
-        table = self.configs.effective(name)
-        for action in plan_reload({name: table}, {name: table}, self._placement):
+        tables = {k: v for k, v in self.configs.configured().items() if k == name}
+        for action in plan_reload(tables, tables, self._placement):
             self._do(action)
-        if (name in self.externals) != self.configs.wants_external(name) and \
-                self._placement(name) is not Placement.HELD:
-            self.migrations.begin(name, to_external=name not in self.externals)
 
     def _forget(self, name: str) -> None:
         self.monitor.forget(name)
@@ -372,12 +369,14 @@ class Daemon(HostProcess):
     # -- stop ------------------------------------------------------------------------------
 
     async def stop_services(self) -> None:
-        await self.monitor.stop()
+        if self.monitor is not None:
+            await self.monitor.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        await self.control.stop()
+        if self.control is not None:
+            await self.control.stop()
         await self.failsafe.settle()
-        moving = list(self.migrations.in_progress.values())
+        moving = list(self.migrations.in_progress.values()) if self.migrations else []
         if moving:
             await asyncio.wait(moving, timeout=MIGRATION_EXIT_WAIT_S)
 

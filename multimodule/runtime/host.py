@@ -268,10 +268,11 @@ class HostProcess:
             if heartbeat is not None:
                 heartbeat.cancel()
             await self.shutdown()
-        except (MultiModuleError, ConfigError) as exc:
+        except MultiModuleError as exc:  # ConfigError included
             print(f"multimodule: {exc}", file=sys.stderr)
             self.exit_status = 1
-            if self.registry is not None:
+            if self.registry is not None:  # what did start stops in order
+                await self.stop_services()
                 await self.registry.stop_all(time.monotonic() + STOP_BUDGET_S)
         finally:
             if watcher is not None:
