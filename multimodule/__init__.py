@@ -12,55 +12,10 @@ What only the daemon and tools need is in :mod:`multimodule.transit.lowlevel` an
 modules below the package (``config``, ``runtime``, ``supervise``...), not here.
 """
 
-from multimodule.errors import (
-    AlreadyRunning,
-    BackendError,
-    BadMessage,
-    Cancelled,
-    CommandError,
-    ConfigError,
-    DetachedProcessError,
-    Empty,
-    InvalidQueueName,
-    MultiModuleError,
-    QueueFull,
-    QueueRemoved,
-    StateError,
-    TaskError,
-    TaskImportFailed,
-    TaskNotFound,
-    TransitBroken,
-    TransitError,
-    UnitError,
-    UnserializableMessage,
-    UsageError,
-)
+from multimodule import errors as _errors
+from multimodule.errors import *  # noqa: F403 - the whole error tree: errors.__all__
 from multimodule.task import Task
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AlreadyRunning",
-    "BackendError",
-    "BadMessage",
-    "Cancelled",
-    "CommandError",
-    "ConfigError",
-    "DetachedProcessError",
-    "Empty",
-    "InvalidQueueName",
-    "MultiModuleError",
-    "QueueFull",
-    "QueueRemoved",
-    "StateError",
-    "Task",
-    "TaskError",
-    "TaskImportFailed",
-    "TaskNotFound",
-    "TransitBroken",
-    "TransitError",
-    "UnitError",
-    "UnserializableMessage",
-    "UsageError",
-    "__version__",
-]
+__all__ = ["Task", "__version__", *_errors.__all__]
