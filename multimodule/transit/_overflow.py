@@ -101,11 +101,12 @@ class Overflow:
         behind the messages already held for that queue. Never blocks. Raises the
         transit's usage errors (:class:`InvalidQueueName`, :class:`UnserializableMessage`)
         and :class:`TransitBroken` if the queue cannot be opened."""
-        with self.lock:
-            sender = self.senders.get(qname)
-            if sender is not None and not sender.retired:
-                sender.items.append(_wire.encode_body(message, _wire.make_meta({})))
-                return
+        if qname in self.senders:  # without the lock first: most queues never overflow
+            with self.lock:
+                sender = self.senders.get(qname)
+                if sender is not None and not sender.retired:
+                    sender.items.append(_wire.encode_body(message, _wire.make_meta({})))
+                    return
         try:
             self.transit.send(qname, message, timeout=0)
             return
