@@ -290,3 +290,48 @@ async def test_requests_still_waiting_when_the_daemon_stops_get_an_answer(inproc
     assert "stopping" in answers[3]["error"]
     for reply_to in replies:
         inproc.transit.remove(reply_to)
+
+
+async def test_an_external_task_leaving_the_config_is_stopped_not_moved_in(inproc):
+    # Given a task running in its own process
+    inproc.task("Keeper", KEEPER)
+    inproc.config("[Keeper]\nis_external = true\n")
+    daemon = await inproc.start()
+    assert "Keeper" in daemon.externals
+    # When its section is removed
+    inproc.config("")
+    assert daemon.reload() is None
+    await inproc.quiet()
+    # Then its process is stopped, and it runs nowhere (not in the daemon either)
+    assert "Keeper" not in daemon.externals and "Keeper" not in daemon.runners
+    assert ("stop", "Keeper") in [(m, t) for m, t, _ in inproc.backend.calls]
+    assert not [m for m, t, _ in inproc.backend.calls if (m, t) == ("start", "Keeper")][1:]
+
+
+async def test_unfailsafe_of_an_unknown_task_is_refused_as_no_such_task(inproc):
+    await inproc.start()
+    reply = await inproc.control(unfailsafe="Nosuchtask")
+    assert reply["error"].startswith("no task 'Nosuchtask'"), reply
+
+
+async def test_a_request_that_comes_while_the_daemon_stops_is_answered(inproc, monkeypatch):
+    # Given a daemon whose stop takes a while (a handler hangs until its grace runs out)
+    monkeypatch.setattr(registry_module, "STOP_GRACE_S", 1.0)
+    inproc.task("Hung0", HUNG.format(n=0))
+    inproc.config("[Hung0]\n")
+    daemon = await inproc.start()
+    inproc.send("Hung0", {"first": 0})
+    await asyncio.sleep(0)
+    control_queue = daemon.options.control_queue
+    # When the daemon is stopping and the control server has stopped serving
+    stopping = asyncio.get_running_loop().create_task(inproc.stop())
+    async with asyncio.timeout(10):
+        while inproc.transit.is_local(control_queue):
+            await asyncio.sleep(0.001)  # the control server gives its queue back
+    inproc.transit.sysv_queue("late-reply")
+    inproc.transit.send(control_queue, {".multimodule": {"query": "status",
+                                                         "reply_to": "late-reply"}})
+    assert await stopping == 0
+    # Then that request is answered too, before the daemon exits
+    assert "stopping" in inproc.transit.receive("late-reply", timeout=0)["error"]
+    inproc.transit.remove("late-reply")

@@ -213,3 +213,14 @@ def test_the_process_of_an_unknown_external_task_exits_1(mm):
     assert result.returncode == 1, result
     assert "Nosuchtask" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "running (pid" not in result.stdout
+
+
+def test_the_process_of_a_stateless_task_is_refused(mm):
+    # Given a stateless task (the daemon's copy serves its queue)
+    mm.task("Plain", "from multimodule import Task\n\nclass Plain(Task):\n"
+                     "    def message(self, message):\n        pass\n")
+    mm.config("[Plain]\n")
+    # When its own process is started / Then it exits 1: a second reader would take half
+    result = mm.run_daemon("-m", "Plain")
+    assert result.returncode == 1, result
+    assert "stateless" in result.stderr and "running (pid" not in result.stdout, result

@@ -115,7 +115,7 @@ class Act(enum.Enum):
     """What :func:`plan_reload` asks the host to do for one task."""
 
     LOAD = "load"                  # start it (internal or external, as its config says)
-    UNLOAD = "unload"              # it left the config: stop it
+    UNLOAD = "unload"              # it left the config: stop it (here or its own process)
     APPLY = "apply"                # give the running task its new config
     MIGRATE_OUT = "migrate_out"    # move it to its own process
     MIGRATE_IN = "migrate_in"      # move it into this process
@@ -144,7 +144,9 @@ def plan_reload(before: Mapping[str, Table], after: Mapping[str, Table],
         if where is Placement.HELD:
             continue
         if where is Placement.EXTERNAL:
-            if not external:
+            if new is None:
+                actions.append(Action(Act.UNLOAD, name))
+            elif not external:
                 actions.append(Action(Act.MIGRATE_IN, name))
             elif new != old:
                 actions.append(Action(Act.THRESHOLDS, name))

@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any, Awaitable, Protocol
 
-from multimodule.errors import ConfigError, Empty, MultiModuleError, TransitError
+from multimodule.errors import BadMessage, ConfigError, Empty, MultiModuleError, TransitError
 from multimodule.oob import Channels
 from multimodule.runtime.control import CONTROL_KEY, ControlBody, parse_control
 
@@ -214,11 +214,22 @@ class ControlServer:
             self._serving.cancel()
         waiting = self.queue.drain() if self.queue is not None else []
         self.transit.undeclare_local(self.qname)
+        self.answer_waiting(waiting)
+        if self._later:
+            await asyncio.wait(list(self._later))
+
+    def answer_waiting(self, waiting: list[dict[str, Any]] | None = None) -> None:
+        """Answer ``waiting`` and every request in the control queue now: the daemon is
+        stopping (a ``cleanly_exit`` gets ``ok``). Called by :meth:`stop`, and again at the
+        very end of the stop for requests that came meanwhile."""
+        waiting = list(waiting or [])
         while True:
             try:
                 waiting.append(self.transit.receive(self.qname, timeout=0))
             except Empty:
                 break
+            except BadMessage as exc:
+                self.channels.emit("error", SOURCE, f"control queue: {exc}")
             except TransitError as exc:
                 self.channels.emit("error", SOURCE, f"control queue: {exc}")
                 break
@@ -232,8 +243,6 @@ class ControlServer:
                 isinstance(c, dict) and c.get("type") == "cleanly_exit" for c in control)
             self.reply(reply_to, {"ok": True} if exits else
                        {"error": "the daemon is stopping; the request was not carried out"})
-        if self._later:
-            await asyncio.wait(list(self._later))
 
 
 async def _first_problem(waits: list[Awaitable]) -> str | None:

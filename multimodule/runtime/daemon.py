@@ -81,7 +81,8 @@ class Daemon(HostProcess):
     def prepare(self) -> None:
         self.failsafe = Failsafe(self.store.path / "failsafe.json", channels=self.channels,
                                  notify=self.alerts, stop_task=self._stop_task,
-                                 start_task=self._start_cleared, why_not=self._why_not_stop)
+                                 start_task=self._start_cleared,
+                                 loaded=self._runs, moving=self._moving)
         self.failsafe.load()
         self._publish_options()
 
@@ -226,7 +227,15 @@ class Daemon(HostProcess):
 
     async def _unload(self, name: str) -> None:
         try:
-            await self.registry.unload(name)
+            if name in self.externals:
+                await self.externals.stop(name)
+                self._forget(name)
+            else:
+                await self.registry.unload(name)
+        except (MultiModuleError, OSError) as exc:
+            self.channels.emit("error", SOURCE, f"task {name} left the config but cannot be "
+                                                f"stopped: {exc}", task=name)
+            return
         finally:
             self.unloading.discard(name)
         self.channels.emit("log", SOURCE, f"task {name} left the config: stopped (state "
@@ -270,7 +279,7 @@ class Daemon(HostProcess):
         move it. Returns why it was refused, or the asyncio task moving it."""
         if self.failsafe.holds(name):
             return f"task {name} is in failsafe; `mmctl unfailsafe {name}` first"
-        if name not in self.registry and name not in self.externals:
+        if not self._runs(name):
             return f"no task {name!r} is loaded"
         problem = self.set_task_config(name, {**self.configs.effective(name),
                                               "is_external": to_external})
@@ -318,12 +327,11 @@ class Daemon(HostProcess):
 
     # -- failsafe's stop/start pair --------------------------------------------------------
 
-    def _why_not_stop(self, name: str) -> str | None:
-        if name in self.migrations:
-            return f"task {name} is being migrated; try again when it has moved"
-        if name not in self.registry and name not in self.externals:
-            return f"no task {name!r} is loaded"
-        return None
+    def _runs(self, name: str) -> bool:
+        return name in self.registry or name in self.externals
+
+    def _moving(self, name: str) -> bool:
+        return name in self.migrations
 
     async def _stop_task(self, name: str) -> None:
         if name in self.registry:
@@ -389,4 +397,5 @@ class Daemon(HostProcess):
             self.channels.emit("log", SOURCE, "external tasks keep running: "
                                               + ", ".join(sorted(self.externals.processes)))
         self.externals.close()
+        self.control.answer_waiting()  # requests that came while the tasks stopped
 

@@ -42,20 +42,22 @@ class Failsafe:
 
     ``path``: the marks file. ``stop_task(name)``: stops a running task (awaitable).
     ``start_task(name)``: starts it again as its config says; returns why it cannot, the
-    asyncio task starting it (external tasks), or ``None``. ``why_not(name)``: why ``name``
-    cannot be stopped now (not loaded, moving), or ``None``. ``notify``: see :data:`Notify`.
+    asyncio task starting it (external tasks), or ``None``. ``loaded(name)``: whether
+    ``name`` runs (here or in its own process); ``moving(name)``: whether it is being
+    migrated (it cannot be stopped then). ``notify``: see :data:`Notify`.
     """
 
     def __init__(self, path: Path, *, channels: Channels, notify: Notify,
                  stop_task: Callable[[str], Awaitable[None]],
                  start_task: Callable[[str], str | asyncio.Task | None],
-                 why_not: Callable[[str], str | None]):
+                 loaded: Callable[[str], bool], moving: Callable[[str], bool]):
         self.path = path
         self.channels = channels
         self.notify = notify
         self.stop_task = stop_task
         self.start_task = start_task
-        self.why_not = why_not
+        self.loaded = loaded
+        self.moving = moving
         self.marks: dict[str, dict[str, Any]] = {}
         self.entering: dict[str, asyncio.Task] = {}
 
@@ -118,9 +120,10 @@ class Failsafe:
             return "the Router is never put in failsafe: nothing could be routed without it"
         if name in self.marks:
             return f"task {name} is already in failsafe"
-        problem = self.why_not(name)
-        if problem is not None:
-            return problem
+        if self.moving(name):
+            return f"task {name} is being migrated; try again when it has moved"
+        if not self.loaded(name):
+            return f"no task {name!r} is loaded"
         reason = printable(reason)
         self.marks[name] = {"reason": reason, "since": time.time(), **fields}
         self._save()
@@ -149,6 +152,8 @@ class Failsafe:
         if name in self.entering:
             return f"task {name} is still being stopped; try again"
         if name not in self.marks:
+            if not self.loaded(name):
+                return f"no task {name!r} is loaded or in failsafe"
             return f"task {name} is not in failsafe"
         mark = self.marks.pop(name)
         outcome = self.start_task(name)

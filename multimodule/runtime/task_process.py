@@ -87,7 +87,11 @@ class TaskProcessHost(HostProcess):
         name = self.name
         cls = self.registry.find(name)
         if cls is None:
-            raise MultiModuleError(f"task {name} cannot run: {self.registry.failures[name]}")
+            raise MultiModuleError(f"task {name} cannot run here; exiting")
+        if not cls.is_stateful:
+            # Its queue is served by the daemon's copy: a second reader would take half of it.
+            raise MultiModuleError(f"task {name} is stateless: only the daemon runs it (only "
+                                   "a stateful task runs in its own process); exiting")
         table = self.configs.effective(name)
         source = self.configs.source(name)
         limits = parse_limits(name, table.get("limits"), source)
@@ -101,7 +105,7 @@ class TaskProcessHost(HostProcess):
         config, settings = self.configs.validate(name, cls, table, source)
         runner = self.registry.start(name, cls, config, settings)
         if runner is None:
-            raise MultiModuleError(f"task {name} cannot run: {self.registry.failures[name]}")
+            raise MultiModuleError(f"task {name} cannot run here; exiting")
         self.reporter = FiguresReporter(runner, figures_path(self.store.path, name),
                                         self.options.monitor_interval_s, self.channels)
 
