@@ -283,6 +283,11 @@ class InProcessDaemon:
             await asyncio.sleep(0)
         await self.daemon.ready.wait()
 
+    @property
+    def running(self) -> bool:
+        """Whether the daemon was started and has not exited."""
+        return self._run is not None and not self._run.done()
+
     async def stop(self) -> int:
         """Stop the daemon as SIGTERM would; return its exit status."""
         self.daemon.request_stop()
@@ -443,7 +448,7 @@ async def inproc(tmp_path: Path, transit_dir: Path):
     saved_path = list(sys.path)
     try:
         yield harness
-        if harness._run is not None and not harness._run.done():
+        if harness.running:
             status = await harness.stop()
             assert status == 0, harness.records_of("error")
     finally:

@@ -346,7 +346,7 @@ async def test_commands_given_while_no_daemon_runs_expire_instead_of_firing_late
     status, out, err = await inproc.mmctl("status", "--json")
     assert status == 0, err
     assert json.loads(out)["pid"] == os.getpid()
-    assert not inproc._run.done()
+    assert inproc.running
     assert not inproc.records_of("log", "cleanly_exit requested"), inproc.lines()
     # and the stale config did not load Cfg
     status, _, err = await inproc.mmctl("config", "Cfg")

@@ -151,7 +151,7 @@ async def test_blocked_task_leaves_messages_in_the_kernel_then_handles_all_in_or
                     break
                 sent += 1
             depths.append(runner.queue.depth)
-            if full and runner.receiver._throttled and not runner.receiver.pending:
+            if full and runner.receiver.throttled and not runner.receiver.pending:
                 break
             await asyncio.sleep(0.001)  # the receiver thread and the loop take their turns
     depth, in_kernel = runner.queue.depth, transit.stat("Blocked").messages
@@ -207,7 +207,7 @@ def test_async_receiver_stops_taking_at_high_water_and_resumes_when_consumed(tra
                 remaining = count - len(taken)
                 # When the list is not emptied: the receiver stops (waits for the consumer)
                 # once high_water messages are delivered, or it has taken the last ones
-                await wait_until(lambda: (receiver._throttled and len(got) >= high_water)
+                await wait_until(lambda: (receiver.throttled and len(got) >= high_water)
                                  or len(got) == remaining)
                 await asyncio.sleep(0)  # run the drain already scheduled by its last take
                 # Then it took at most max_pending more, and the rest is in the kernel

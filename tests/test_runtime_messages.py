@@ -258,7 +258,7 @@ async def test_handler_raising_systemexit_or_keyboardinterrupt_reported_daemon_g
     quitter = (await inproc.control(query="status"))["status"]["tasks"]["Quitter"]
     assert (quitter["task_message_failure"], quitter["messages_in"]) == (4, 8)
     # and the daemon is still running, and exits 0 when stopped (as on SIGTERM)
-    assert not inproc._run.done()
+    assert inproc.running
     assert await inproc.stop() == 0
 
 

@@ -221,5 +221,5 @@ async def test_scheduled_work_raising_systemexit_or_keyboardinterrupt_reported_s
     status = (await inproc.control(query="status"))["status"]
     assert status["tasks"]["Quits"]["recur_failure"] >= 3
     # and the daemon still runs, and exits 0 when stopped (as on SIGTERM)
-    assert not inproc._run.done()
+    assert inproc.running
     assert await inproc.stop() == 0

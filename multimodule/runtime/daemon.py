@@ -113,6 +113,7 @@ class Daemon(HostProcess):
         self.control = ControlServer(self, transit=self.transit, qname=opts.control_queue,
                                      channels=self.channels)
         self.control.start()
+        await self.externals.scan(sorted(self.configs.file))
         if not self._load(ROUTER_QNAME):
             raise MultiModuleError("the Router could not be started (see the error above); "
                                    "nothing can be routed, exiting")

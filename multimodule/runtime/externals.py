@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 from multimodule.errors import BackendError, MultiModuleError
 from multimodule.oob import Channels
-from multimodule.state import lock_holder
 from multimodule.supervise.base import LaunchSpec, TaskBackend, TaskProcess, choose_backend_name
 from multimodule.supervise.detached import DetachedBackend
 from multimodule.supervise.systemd import SystemdBackend
@@ -63,6 +62,9 @@ class ExternalTasks:
         self.on_failed = on_failed
         self.processes: dict[str, TaskProcess | None] = {}
         self.starting: dict[str, asyncio.Task] = {}
+        #: Tasks found running in their own process when the daemon started (see
+        #: :meth:`scan`), not yet adopted.
+        self.outside: set[str] = set()
 
     def __contains__(self, name: object) -> bool:
         return name in self.processes
@@ -72,16 +74,20 @@ class ExternalTasks:
         """The backend's name (``systemd`` or ``detached``)."""
         return self.backend.name
 
+    async def scan(self, names: list[str]) -> None:
+        """Ask the backend (in a worker thread, once, at the daemon's start) which tasks run
+        in their own process already: of ``names`` and of the tasks whose processes left a
+        lock in the state directory (every task that ever ran external did)."""
+        locks = {path.name[len("task-"):-len(".lock")]
+                 for path in self.state_dir.glob("task-*.lock")}
+        said = await self.statuses_of(sorted({*names, *locks}))
+        self.outside = {name for name, process in said.items()
+                        if not isinstance(process, str) and process.running}
+
     def runs_outside(self, name: str) -> bool:
-        """Whether a process of task ``name`` runs now without this daemon having started it
-        (one moved out before the daemon started): it holds the task's lock in the state
-        directory. A read of ``/proc/locks``, not a call to the backend."""
-        if name in self.processes:
-            return False
-        try:
-            return lock_holder(self.state_dir / f"task-{name}.lock") is not None
-        except OSError:
-            return False
+        """Whether task ``name`` was found running in its own process when the daemon
+        started (moved out before, see :meth:`scan`) and is not adopted yet."""
+        return name in self.outside and name not in self.processes
 
     async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, function, *args)
@@ -120,6 +126,7 @@ class ExternalTasks:
         Raises the backend's error (it is then still known)."""
         await self._call(self.backend.stop, name)
         self.processes.pop(name, None)
+        self.outside.discard(name)
 
     def _statuses(self, names: list[str]) -> dict[str, TaskProcess | str]:
         out: dict[str, TaskProcess | str] = {}
@@ -131,11 +138,16 @@ class ExternalTasks:
         return out
 
     async def statuses(self, names: list[str] | None = None) -> dict[str, TaskProcess | str]:
-        """What the backend says of each task now (a worker thread): task name ->
-        :class:`TaskProcess`, or the error text if it could not say."""
+        """What the backend says of each external task up and running (of ``names``, or
+        all), now: task name -> :class:`TaskProcess`, or the error text if it could not
+        say (a worker thread)."""
         names = [n for n in (names if names is not None else self.processes)
                  if self.processes.get(n) is not None]
-        return await self._call(self._statuses, names)
+        return await self.statuses_of(names)
+
+    async def statuses_of(self, names: list[str]) -> dict[str, TaskProcess | str]:
+        """Like :meth:`statuses`, for any task names (a worker thread)."""
+        return await self._call(self._statuses, names) if names else {}
 
     async def status_table(self) -> dict[str, dict[str, Any]]:
         """For ``mmctl status``: task -> ``{"backend", "state", "pid", "restarts", "where"}``

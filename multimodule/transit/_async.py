@@ -75,6 +75,12 @@ class AsyncReceiver:
         self._interrupter: Interrupter | None = None
 
     @property
+    def throttled(self) -> bool:
+        """Whether the worker leaves messages in the kernel queue now (backpressure: the
+        consumer is ``high_water`` messages behind)."""
+        return self._throttled
+
+    @property
     def pending(self) -> int:
         """Messages (and errors) taken off the queue and not yet handed to ``deliver``."""
         return len(self._pending)
