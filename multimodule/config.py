@@ -392,6 +392,14 @@ def options_path(state_dir: Path) -> Path:
     return Path(state_dir) / "daemon-options.json"
 
 
+def published_options(options: DaemonOptions, oob: str) -> bytes:
+    """What the daemon publishes at :func:`options_path` for its external tasks: its
+    :data:`INHERITED_OPTIONS` as a JSON object, with ``oob`` (its ``-o`` spec with file
+    paths made absolute) for ``options.oob``."""
+    return json.dumps({**{name: getattr(options, name) for name in INHERITED_OPTIONS},
+                       "oob": oob}).encode()
+
+
 def inherit_options(options: DaemonOptions) -> DaemonOptions:
     """For ``multimodule -m TASK``: ``options`` with the daemon's published values of the
     :data:`INHERITED_OPTIONS` it was not given. Unchanged if nothing is published; raises

@@ -81,6 +81,16 @@ class StateStore:
         self._last_saved[task] = data
         return state, None
 
+    def saved(self, task: str) -> dict[str, Any]:
+        """The state last saved for ``task``, as its file holds it (for tasks that do not run
+        here). Raises :class:`StateError` if there is none or it cannot be read."""
+        try:
+            return orjson.loads(self.file_for(task).read_bytes())
+        except FileNotFoundError:
+            raise StateError(f"task {task} has no saved state") from None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise StateError(f"cannot read the saved state of {task}: {exc}") from exc
+
     def _move_aside(self, path: Path, why: str) -> str:
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         try:

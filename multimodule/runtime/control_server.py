@@ -201,10 +201,11 @@ class ControlServer:
             self.channels.emit("debug", SOURCE,
                                f"no reply sent: reply queue {reply_to!r} is gone or full")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float) -> None:
         """Stop serving; answer every request still waiting (in memory or in the System V
         queue) with an error saying the daemon is stopping (a ``cleanly_exit`` with
-        ``ok``), and wait for the answers owed to commands in progress."""
+        ``ok``), and wait up to ``timeout`` seconds for the answers owed to commands in
+        progress (those still pending then are answered "cancelled")."""
         self._stopping = True
         if self.receiver is not None:
             await self.receiver.stop()
@@ -216,7 +217,11 @@ class ControlServer:
         self.transit.undeclare_local(self.qname)
         self.answer_waiting(waiting)
         if self._later:
-            await asyncio.wait(list(self._later))
+            _, pending = await asyncio.wait(list(self._later), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
 
     def answer_waiting(self, waiting: list[dict[str, Any]] | None = None) -> None:
         """Answer ``waiting`` and every request in the control queue now: the daemon is

@@ -1,29 +1,26 @@
-"""The control daemon: composes the parts that load tasks, route their messages, keep their
-state, obey the control queue, follow the config file, run external tasks and watch them.
-
-One asyncio event loop runs every internal task cooperatively. The parts, each in a module of
-its own: :class:`~multimodule.runtime.registry.TaskRegistry` (the tasks running here),
-:class:`~multimodule.runtime.configs.TaskConfigs` (configs and reloads),
-:class:`~multimodule.runtime.externals.ExternalTasks` and
-:class:`~multimodule.runtime.migration.Migrations` (tasks in their own processes),
-:class:`~multimodule.runtime.failsafe.Failsafe`,
-:class:`~multimodule.runtime.monitoring.MonitorService`,
-:class:`~multimodule.runtime.control_server.ControlServer`; the process itself (locks, sends,
-signals, a bounded stop) is :class:`~multimodule.runtime.host.HostProcess`. Each part gets only
-what it needs; none holds the daemon. Control messages keep the original's shapes (see
-:mod:`multimodule.runtime.control`).
+"""The control daemon: the composition root of the parts that load tasks (``registry``), follow
+the config (``configs``), run tasks in their own processes (``externals``, ``migration``), hold
+tasks in failsafe (``failsafe``), watch them (``monitoring``) and obey the control queue
+(``control_server``), over the process they share (:class:`~multimodule.runtime.host.HostProcess`).
+One asyncio loop runs every internal task. Each part gets only what it needs; none holds the
+daemon. Control messages keep the original's shapes (:mod:`multimodule.runtime.control`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
-import orjson
-
-from multimodule.config import INHERITED_OPTIONS, DaemonOptions, check_config, options_path
-from multimodule.errors import ConfigError, MultiModuleError, TaskImportFailed, TaskNotFound
+from multimodule.config import DaemonOptions, check_config, options_path, published_options
+from multimodule.errors import (
+    ConfigError,
+    MultiModuleError,
+    StateError,
+    TaskImportFailed,
+    TaskNotFound,
+)
 from multimodule.monitor.monitor import Monitor
 from multimodule.oob import Channels, absolute_spec
 from multimodule.runtime.configs import (
@@ -47,8 +44,9 @@ from multimodule.config import parse_limits
 from multimodule.task import ROUTER_QNAME
 from multimodule.transit import Transit
 
-#: Seconds the stop waits for migrations in progress.
-MIGRATION_EXIT_WAIT_S = 10.0
+#: Seconds the stop waits, at most, for each of: answers owed to control commands in
+#: progress, failsafe stops, migrations (all within the stop's budget).
+SERVICE_EXIT_WAIT_S = 10.0
 
 
 class Daemon(HostProcess):
@@ -82,7 +80,8 @@ class Daemon(HostProcess):
         self.failsafe = Failsafe(self.store.path / "failsafe.json", channels=self.channels,
                                  notify=self.alerts, stop_task=self._stop_task,
                                  start_task=self._start_cleared,
-                                 loaded=self._runs, moving=self._moving)
+                                 loaded=self._runs,
+                                 moving=lambda name: name in self.migrations)
         self.failsafe.load()
         self._publish_options()
 
@@ -133,12 +132,11 @@ class Daemon(HostProcess):
                                                  self.loop, self.channels)
 
     def _publish_options(self) -> None:
-        """Write the options external tasks inherit (see :func:`inherit_options`): their
-        units' command lines do not carry the daemon's ``-o``, ``-d`` or monitor options."""
-        inherited = {name: getattr(self.options, name) for name in INHERITED_OPTIONS}
-        inherited["oob"] = absolute_spec(self.options.oob)
+        """Write the options external tasks inherit (see :func:`inherit_options`)."""
         try:
-            write_atomic(options_path(self.store.path), orjson.dumps(inherited), mode=0o640)
+            write_atomic(options_path(self.store.path),
+                         published_options(self.options, absolute_spec(self.options.oob)),
+                         mode=0o640)
         except OSError as exc:
             self.channels.emit("error", SOURCE, f"cannot write the options for external "
                                                 f"tasks: {exc}")
@@ -311,12 +309,10 @@ class Daemon(HostProcess):
                 reply["config"] = self.configs.effective(name)
                 return reply
             try:
-                reply["state"] = orjson.loads(self.store.file_for(name).read_bytes())
+                reply["state"] = self.store.saved(name)
                 reply["stateful"] = reply["saved"] = True
-            except FileNotFoundError:
-                reply["error"] = f"task {name} has no saved state"
-            except (OSError, orjson.JSONDecodeError) as exc:
-                reply["error"] = f"cannot read the saved state of {name}: {exc}"
+            except StateError as exc:
+                reply["error"] = str(exc)
         elif runner is None:
             reply["error"] = f"no task {name!r} is loaded"
         elif what == "state":
@@ -330,9 +326,6 @@ class Daemon(HostProcess):
 
     def _runs(self, name: str) -> bool:
         return name in self.registry or name in self.externals
-
-    def _moving(self, name: str) -> bool:
-        return name in self.migrations
 
     async def _stop_task(self, name: str) -> None:
         if name in self.registry:
@@ -377,23 +370,26 @@ class Daemon(HostProcess):
 
     # -- stop ------------------------------------------------------------------------------
 
-    async def stop_services(self) -> None:
+    async def stop_services(self, deadline: float) -> None:
+        def left() -> float:
+            return max(0.0, min(SERVICE_EXIT_WAIT_S, deadline - time.monotonic()))
+
         if self.monitor is not None:
             await self.monitor.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         if self.control is not None:
-            await self.control.stop()
-        await self.failsafe.settle()
+            await self.control.stop(left())
+        await self.failsafe.settle(left())
         moving = list(self.migrations.in_progress.values()) if self.migrations else []
         if moving:
-            await asyncio.wait(moving, timeout=MIGRATION_EXIT_WAIT_S)
+            await asyncio.wait(moving, timeout=left())
 
-    async def after_tasks(self) -> None:
+    async def after_tasks(self, deadline: float) -> None:
         """External tasks outlive the daemon unless ``exit_externals`` was asked for."""
-        await self.externals.settle()
+        await self.externals.settle(max(0.0, deadline - time.monotonic()))
         if self._exit_externals:
-            await self.externals.stop_all()
+            await self.externals.stop_all(max(1.0, deadline - time.monotonic()))
         elif self.externals.processes:
             self.channels.emit("log", SOURCE, "external tasks keep running: "
                                               + ", ".join(sorted(self.externals.processes)))

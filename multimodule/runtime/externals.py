@@ -167,13 +167,15 @@ class ExternalTasks:
                                "where": process.where}
         return table
 
-    async def settle(self) -> None:
-        """Wait for the starts in progress."""
-        for start in list(self.starting.values()):
-            await asyncio.wait([start])
+    async def settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the starts in progress."""
+        if self.starting:
+            await asyncio.wait(list(self.starting.values()), timeout=timeout)
 
-    async def stop_all(self) -> None:
-        """Stop every external task at once (``mmctl stop --externals``)."""
+    async def stop_all(self, timeout: float) -> None:
+        """Stop every external task at once (``mmctl stop --externals``), waiting up to
+        ``timeout`` seconds (stops still running then go on in the backend: systemd finishes
+        a unit's stop job by itself)."""
         async def stop_one(name: str) -> None:
             try:
                 await self.stop(name)
@@ -181,7 +183,12 @@ class ExternalTasks:
             except BackendError as exc:
                 self.channels.emit("error", SOURCE, f"cannot stop external task {name}: {exc}")
 
-        await asyncio.gather(*(stop_one(name) for name in list(self.processes)))
+        if self.processes:
+            stops = [asyncio.ensure_future(stop_one(name)) for name in list(self.processes)]
+            _, pending = await asyncio.wait(stops, timeout=timeout)
+            if pending:
+                self.channels.emit("error", SOURCE, f"{len(pending)} external tasks still "
+                                                    "stopping when the daemon exits")
 
     def close(self) -> None:
         """Release the backend's own resources (the detached backend's exit watchers)."""

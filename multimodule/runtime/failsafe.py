@@ -165,7 +165,8 @@ class Failsafe:
                     {"level": "ok", "reason": "unfailsafe", "metric": None, "value": None})
         return outcome
 
-    async def settle(self) -> None:
-        """Wait for the failsafe stops in progress."""
-        for task in list(self.entering.values()):
-            await asyncio.wait([task])
+    async def settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the failsafe stops in progress (one still
+        running then goes on; its mark is saved already)."""
+        if self.entering:
+            await asyncio.wait(list(self.entering.values()), timeout=timeout)

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from multimodule.config import DaemonOptions
@@ -125,11 +126,12 @@ class HostProcess:
         """Apply the config file's new tables (``self.configs.file``); ``before``: what was in
         force."""
 
-    async def stop_services(self) -> None:
-        """Stop what must stop before the tasks (the control queue, the monitor)."""
+    async def stop_services(self, deadline: float) -> None:
+        """Stop what must stop before the tasks (the control queue, the monitor), waiting
+        for nothing past ``deadline`` (``time.monotonic()``)."""
 
-    async def after_tasks(self) -> None:
-        """What is left to do once the tasks have stopped."""
+    async def after_tasks(self, deadline: float) -> None:
+        """What is left to do once the tasks have stopped (bounded by ``deadline``)."""
 
     def status_line(self) -> str:
         """One line for systemd's ``STATUS=``."""
@@ -272,8 +274,9 @@ class HostProcess:
             print(f"multimodule: {exc}", file=sys.stderr)
             self.exit_status = 1
             if self.registry is not None:  # what did start stops in order
-                await self.stop_services()
-                await self.registry.stop_all(time.monotonic() + STOP_BUDGET_S)
+                deadline = time.monotonic() + STOP_BUDGET_S
+                await self.stop_services(deadline)
+                await self.registry.stop_all(deadline)
         finally:
             if watcher is not None:
                 watcher.close()
@@ -293,14 +296,14 @@ class HostProcess:
         deadline = time.monotonic() + STOP_BUDGET_S
         self.channels.emit("log", SOURCE, "stopping: delivering messages in memory, saving "
                                           "state")
-        await self.stop_services()
+        await self.stop_services(deadline)
         await self.registry.stop_all(deadline)
         wait = min(OVERFLOW_EXIT_WAIT_S, max(0.0, deadline - time.monotonic()))
         if not await self.overflow.drain(wait):
             self._keep(self.overflow.stop_and_take())
-        await self.after_tasks()
+        await self.after_tasks(deadline)
 
-    def _kept_file(self, qname: str):
+    def _kept_file(self, qname: str) -> Path:
         return self.store.path / f"outbox.{qname}.jsonl"
 
     def _keep(self, held: dict[str, list[bytes]]) -> None:

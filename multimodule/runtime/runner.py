@@ -2,8 +2,9 @@
 
 Each task has an in-memory queue (declared local in the process's transit) fed by senders in
 this process and by an :class:`~multimodule.transit.lowlevel.AsyncReceiver` for the System V
-queue of the same name. One consumer coroutine per task takes messages in order and calls the handler; it
-hands the loop back after about 2 ms of handling so that one busy task cannot starve the others.
+queue of the same name. One consumer coroutine per task takes messages in order and calls the
+handler; it hands the loop back after about 2 ms of handling so that one busy task cannot
+starve the others.
 """
 
 from __future__ import annotations

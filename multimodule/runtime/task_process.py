@@ -127,7 +127,7 @@ class TaskProcessHost(HostProcess):
         self.channels.emit("log", SOURCE, f"config reloaded: {self.name} changed",
                            task=self.name)
 
-    async def after_tasks(self) -> None:
+    async def after_tasks(self, deadline: float) -> None:
         if self.reporter is not None:
             self.reporter.stop()
 
