@@ -2,8 +2,11 @@
 
 The built-in prefix ``multimodule.tasks.`` is tried first, then each configured prefix in
 order (``-p``); a prefix is a dotted package path ending in ``.`` or the empty string (a
-top-level module on ``sys.path``, e.g. from ``--task-path``). Like Perl's ``use lib``,
-``--task-path`` directories are added to ``sys.path``.
+top-level module). Like Perl's ``use lib``, ``--task-path`` directories are added to
+``sys.path``. This is the one lookup of every path (the config at start and on reload, control
+messages, sends to a name not yet loaded): a top-level module is imported only if its file lies
+under a ``--task-path`` directory, so no name can make the daemon import a module of the
+standard library or of site-packages.
 """
 
 from __future__ import annotations
@@ -41,13 +44,12 @@ def _found_under(module_name: str, paths: Sequence[Path]) -> bool:
 
 
 def find_task_class(name: str, prefixes: Sequence[str],
-                    bare_paths: Sequence[Path] | None = None) -> type[Task]:
+                    task_path: Sequence[Path]) -> type[Task]:
     """The task class for ``name``.
 
-    ``bare_paths``: when given, a module found through the empty prefix (a top-level module)
-    is only imported if its file lies under one of these directories (the daemon passes its
-    ``--task-path`` for tasks loaded on first use, so that a queue name cannot make it import
-    an arbitrary module).
+    A top-level module (the empty prefix) is only imported if its file lies under one of the
+    ``task_path`` directories; the built-ins and the modules of a package prefix (one the
+    operator named with ``-p``) are imported wherever the package is.
 
     Raises :class:`TaskNotFound` (no such module or class, or the class is not a ``Task``)
     or :class:`TaskImportFailed` (a module was found but failed to import).
@@ -58,9 +60,8 @@ def find_task_class(name: str, prefixes: Sequence[str],
     not_task = []
     for prefix in (BUILTIN_PREFIX, *prefixes):
         module_name = f"{prefix}{name}"
-        if prefix == "" and bare_paths is not None and not _found_under(module_name,
-                                                                        bare_paths):
-            continue
+        if "." not in module_name and not _found_under(module_name, task_path):
+            continue  # a top-level module outside the task path: never imported
         tried.append(module_name)
         try:
             # A module that failed to import is not kept in sys.modules, so the next lookup

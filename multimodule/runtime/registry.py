@@ -65,12 +65,11 @@ class TaskRegistry:
     # -- classes ---------------------------------------------------------------------------
 
     def find(self, name: str, *, on_demand: bool = False) -> type[Task] | None:
-        """Task ``name``'s class, or ``None`` (recorded in :attr:`not_tasks` when looked for
-        on first use, else reported and recorded in :attr:`failures`). On first use a bare
-        module is only looked for in ``task_path``: a queue name must not import any module."""
+        """Task ``name``'s class, found the one way (see :meth:`lookup`), or ``None``:
+        recorded in :attr:`not_tasks` when looked for on first use (a send to a name no task
+        answers to), else reported and recorded in :attr:`failures`."""
         try:
-            return find_task_class(name, self.prefixes,
-                                   bare_paths=self.task_path if on_demand else None)
+            return find_task_class(name, self.prefixes, self.task_path)
         except TaskNotFound as exc:
             if on_demand:
                 self.not_tasks.add(name)
@@ -81,16 +80,18 @@ class TaskRegistry:
         return None
 
     def lookup(self, name: str) -> type[Task]:
-        """Task ``name``'s class: the loaded one, else found as the config file's tasks are.
+        """Task ``name``'s class: the loaded one, else found the one way every path finds one
+        (the built-ins, the ``prefixes``; a top-level module only under ``task_path``: no
+        name, in the config, a control message or a send, imports any other module).
         Raises :class:`TaskNotFound` or :class:`TaskImportFailed`; records nothing."""
         runner = self.runners.get(name)
         if runner is not None:
             return runner.cls
-        return find_task_class(name, self.prefixes)
+        return find_task_class(name, self.prefixes, self.task_path)
 
     def class_of(self, name: str) -> type[Task] | None:
-        """Task ``name``'s class to check a config against: the loaded one, else found as
-        the config file's tasks are; ``None`` if there is none (nothing is recorded)."""
+        """Task ``name``'s class to check a config against (see :meth:`lookup`); ``None``
+        if there is none (nothing is recorded)."""
         try:
             return self.lookup(name)
         except (TaskNotFound, TaskImportFailed):

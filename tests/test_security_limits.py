@@ -1,0 +1,143 @@
+"""What a config section or a control message may make the daemon do: import only task modules
+(built-ins, ``--task-path`` modules, modules of an explicit ``-p`` package).
+
+Logic runs the daemon in-process (tests/inprocess.py); one test runs it as a process with a
+module planted on its ``PYTHONPATH`` that leaves a marker file when imported."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from helpers import route, router_section
+
+UPPER = """
+    from multimodule import Task
+
+    class Upper(Task):
+        def message(self, message):
+            self.emit({"text": message["text"].upper()})
+"""
+
+#: A module that leaves a marker file when imported (proof that the daemon imported it).
+PLANTED = """
+open({marker!r}, "w").close()
+
+from multimodule import Task
+
+
+class {name}(Task):
+    def message(self, message):
+        pass
+"""
+
+
+@pytest.fixture
+def no_this():
+    """``this`` (the stdlib's Zen module) not imported before the test, nor left after."""
+    sys.modules.pop("this", None)
+    yield
+    sys.modules.pop("this", None)
+
+
+# -- task classes are looked up in one restricted way ------------------------------
+
+
+async def test_a_config_section_at_start_imports_no_module_outside_the_task_path(
+        inproc, no_this):
+    # Given a config file with a section [this] (the stdlib module's name)
+    inproc.config("[this]\n")
+    # When the daemon starts
+    await inproc.start()
+    # Then the module was not imported, and the unknown task is reported
+    assert "this" not in sys.modules
+    failure = inproc.records_of("error", "cannot load task this")
+    assert failure and "no task 'this'" in failure[0].text
+    assert "this" not in inproc.daemon.registry.runners
+
+
+async def test_a_config_section_on_reload_imports_no_module_outside_the_task_path(
+        inproc, no_this):
+    # Given a running daemon
+    await inproc.start()
+    # When its config file gains a section [this] and is reloaded
+    inproc.config("[this]\n")
+    assert inproc.daemon.reload() is None
+    await inproc.quiet()
+    # Then the module was not imported, and the unknown task is reported
+    assert "this" not in sys.modules
+    assert inproc.records_of("error", "cannot load task this")
+
+
+async def test_mmctl_config_of_a_stdlib_module_exits_4_and_imports_nothing(inproc, no_this):
+    # Given a running daemon
+    await inproc.start()
+    # When mmctl sets a config for "this"
+    code, _, err = await inproc.mmctl("config", "this", "{}")
+    # Then it exits 4 (no such task) and the module was not imported
+    assert code == 4, err
+    assert "no task 'this'" in err
+    assert "this" not in sys.modules
+    assert "this" not in inproc.daemon.configs.overrides
+
+
+async def test_package_and_task_path_modules_load_and_nothing_else(inproc, tmp_path,
+                                                                   monkeypatch):
+    # Given a package mypkg (outside the task path) given with -p, with task Pkgd
+    site = tmp_path / "site"
+    (site / "mypkg").mkdir(parents=True)
+    (site / "mypkg" / "__init__.py").write_text("")
+    (site / "mypkg" / "Pkgd.py").write_text(PLANTED.format(
+        marker=str(tmp_path / "pkgd-imported"), name="Pkgd"))
+    # and a bare module planted next to it, on sys.path but not in the task path
+    (site / "planted.py").write_text(PLANTED.format(
+        marker=str(tmp_path / "planted-imported"), name="planted"))
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "mypkg", raising=False)
+    monkeypatch.delitem(sys.modules, "mypkg.Pkgd", raising=False)
+    # and task Upper in the task path, all three configured
+    inproc.task("Upper", UPPER)
+    inproc.config("[Upper]\n[Pkgd]\n[planted]\n" + router_section(route("Upper", "out")))
+    inproc.capture("out")
+    # When the daemon starts with the prefixes "" and "mypkg."
+    await inproc.start(prefixes=["", "mypkg."])
+    try:
+        # Then Upper and Pkgd run, and planted was never imported (reported as no task)
+        assert {"Upper", "Pkgd"} <= set(inproc.daemon.registry.runners)
+        assert (tmp_path / "pkgd-imported").exists()
+        assert not (tmp_path / "planted-imported").exists()
+        assert "no task 'planted'" in inproc.daemon.registry.failures["planted"]
+        # and a control message reaches the package's task but not the planted module
+        assert await inproc.control(config={"Pkgd": {}}) == {"ok": True}
+        reply = await inproc.control(config={"planted": {}})
+        assert reply["error"].startswith("no task 'planted'")
+        assert not (tmp_path / "planted-imported").exists()
+        inproc.send("Upper", {"text": "a"})
+        assert (await inproc.next("out"))["text"] == "A"
+    finally:
+        assert await inproc.stop() == 0
+        for name in ("mypkg", "mypkg.Pkgd", "planted"):
+            sys.modules.pop(name, None)
+
+
+def test_a_daemon_process_imports_no_module_named_by_config_or_control(mm, tmp_path):
+    # Given a module on the daemon's PYTHONPATH (not its task path) that leaves a marker
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "planted-imported"
+    (site / "planted.py").write_text(PLANTED.format(marker=str(marker), name="planted"))
+    mm.env["PYTHONPATH"] = os.pathsep.join([str(site), mm.env["PYTHONPATH"]])
+    # and a config naming it
+    mm.config("[planted]\n")
+    # When the daemon starts
+    daemon = mm.start()
+    # Then it reports no such task and did not import it
+    daemon.expect("stderr", "cannot load task planted: no task 'planted'")
+    assert not marker.exists()
+    # When mmctl sets a config for it
+    code, _, err = mm.mmctl("config", "planted", "{}")
+    # Then mmctl exits 4 and the module is still not imported
+    assert code == 4, err
+    assert not marker.exists()
