@@ -1,5 +1,7 @@
-"""What a config section or a control message may make the daemon do: import only task modules
-(built-ins, ``--task-path`` modules, modules of an explicit ``-p`` package).
+"""What a config section, a control message or one message may make the daemon do: import only
+task modules (built-ins, ``--task-path`` modules, modules of an explicit ``-p`` package), and
+create only so many System V queues (``static_forwards`` naming at most
+``max_static_forward_queues`` queues), every refusal reported and counted.
 
 Logic runs the daemon in-process (tests/inprocess.py); one test runs it as a process with a
 module planted on its ``PYTHONPATH`` that leaves a marker file when imported."""
@@ -40,6 +42,20 @@ def no_this():
     sys.modules.pop("this", None)
     yield
     sys.modules.pop("this", None)
+
+
+def static(*qnames: str) -> dict:
+    """A message to the Router with one hop of static forwards to ``qnames``."""
+    return {"static_forwards": [[{"forward": {"qname": q}} for q in qnames]], "x": 1}
+
+
+async def status(inproc) -> dict:
+    return (await inproc.control(query="status"))["status"]
+
+
+def queues(inproc, prefix: str) -> list[str]:
+    """The queue names registered in the transit directory that start with ``prefix``."""
+    return [n for n in inproc.transit.directory.names() if n.startswith(prefix)]
 
 
 # -- task classes are looked up in one restricted way ------------------------------
@@ -141,3 +157,43 @@ def test_a_daemon_process_imports_no_module_named_by_config_or_control(mm, tmp_p
     # Then mmctl exits 4 and the module is still not imported
     assert code == 4, err
     assert not marker.exists()
+
+
+# -- one message creates only so many queues ----------------------------------------
+
+
+async def test_300_static_forwards_are_refused_whole_and_create_no_queue(inproc):
+    # Given a running daemon (the default limit: 16 queues per message's static_forwards)
+    await inproc.start()
+    # When a message to the Router names 300 queues in its static_forwards
+    inproc.send("Router", static(*(f"flood{i}" for i in range(300))))
+    await inproc.quiet()
+    # Then no queue was created, nothing was forwarded, and the refusal is reported
+    assert queues(inproc, "flood") == []
+    refused = inproc.records_of("error", "static_forwards names 300 queues")
+    assert refused and "max_static_forward_queues" in refused[0].text
+    # and counted in the status
+    assert (await status(inproc))["tasks"]["Router"]["static_forwards_refused"] == 1
+
+
+async def test_static_forwards_limit_counts_distinct_queues_of_every_hop(inproc):
+    # Given the Router allowing 3 queues per message
+    inproc.config("[Router]\nmax_static_forward_queues = 3\n")
+    await inproc.start()
+    # When one message names 3 distinct queues (one twice, over two hops)
+    inproc.send("Router", {"static_forwards": [[{"forward": {"qname": "hopa"}},
+                                                {"forward": {"qname": "hopb"}}],
+                                               [{"forward": {"qname": "hopa"}}],
+                                               [{"forward": {"qname": "hopc"}}]],
+                           "x": 1})
+    # and another names 4 (the fourth in a later hop)
+    inproc.send("Router", {"static_forwards": [[{"forward": {"qname": "hopd"}}],
+                                               [{"forward": {"qname": "hope"}},
+                                                {"forward": {"qname": "hopf"}},
+                                                {"forward": {"qname": "hopg"}}]],
+                           "x": 2})
+    await inproc.quiet()
+    # Then the first went to its first hop, the second was refused whole
+    assert sorted(queues(inproc, "hop")) == ["hopa", "hopb"]
+    assert inproc.records_of("error", "static_forwards names 4 queues")
+    assert (await status(inproc))["tasks"]["Router"]["static_forwards_refused"] == 1

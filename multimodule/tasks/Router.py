@@ -23,7 +23,9 @@ reported on ``error`` and not forwarded, which breaks routing loops.
 
 A message carrying ``static_forwards`` (a list of hops, each a list of
 ``{forward = {qname = ...}, transform = {...}}``) ignores the routes: it goes to the first hop
-and carries the remaining hops with it.
+and carries the remaining hops with it. One that names more distinct queues, over all its hops,
+than ``max_static_forward_queues`` (default 16) is refused whole: reported on ``error``,
+counted (``static_forwards_refused``), sent nowhere.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ Matcher = Callable[[Any], bool]
 #: again (a route that leads back to the Router would otherwise spin for ever).
 HOPS_KEY = ".router_hops"
 MAX_HOPS = 64
+
+#: Default of ``max_static_forward_queues``: the distinct queues one message may name.
+MAX_STATIC_FORWARD_QUEUES = 16
 
 
 def _is_regex(pattern: Any) -> bool:
@@ -141,11 +146,16 @@ class StaticForward(BaseModel):
 
 
 class Router(Task):
-    """Forwards messages by routes; see the module docstring. Counts ``unrouted`` messages."""
+    """Forwards messages by routes; see the module docstring. Counts ``unrouted`` messages,
+    ``loops_broken`` and ``static_forwards_refused``."""
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         routes: list[Route] = Field(default_factory=list)
+        max_static_forward_queues: int = Field(
+            MAX_STATIC_FORWARD_QUEUES, ge=1,
+            description="most distinct queues one message's static_forwards may name, over "
+                        "all its hops; a message naming more is refused whole")
 
     def set_config(self, config: dict[str, Any]) -> None:
         routes = self.settings.routes if self.settings else []
@@ -159,9 +169,11 @@ class Router(Task):
         self.unrouted = getattr(self, "unrouted", 0)
 
     def extra_figures(self) -> dict[str, int]:
-        return {"unrouted": getattr(self, "unrouted", 0), "loops_broken": self.loops_broken}
+        return {"unrouted": getattr(self, "unrouted", 0), "loops_broken": self.loops_broken,
+                "static_forwards_refused": self.static_forwards_refused}
 
     loops_broken = 0
+    static_forwards_refused = 0
 
     def message(self, message: dict[str, Any]) -> None:
         hops = message.get(HOPS_KEY, 0)
@@ -203,9 +215,20 @@ class Router(Task):
 
     def _static_forward(self, message: dict[str, Any], hops: int) -> None:
         plan = message["static_forwards"]
+        if not isinstance(plan, list) or not plan or not isinstance(plan[0], list):
+            self.error("malformed static_forwards, message not forwarded: static_forwards "
+                       "must be a non-empty list of hops (lists)", message=message)
+            return
+        limit = self.settings.max_static_forward_queues if self.settings \
+            else MAX_STATIC_FORWARD_QUEUES
+        named = _named_queues(plan)
+        if len(named) > limit:
+            self.static_forwards_refused += 1
+            self.error(f"static_forwards names {len(named)} queues, more than "
+                       f"max_static_forward_queues ({limit}): message refused, not forwarded",
+                       source=message.get("source"), first_queues=sorted(named)[:5])
+            return
         try:
-            if not isinstance(plan, list) or not plan or not isinstance(plan[0], list):
-                raise ValueError("static_forwards must be a non-empty list of hops (lists)")
             hop = [StaticForward.model_validate(entry) for entry in plan[0]]
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             self.error(f"malformed static_forwards, message not forwarded: {exc}",
@@ -222,3 +245,16 @@ class Router(Task):
             if entry.transform:
                 out.update(entry.transform)
             self.send(entry.forward.qname, out)  # a copy each: the hops list is shared
+
+
+def _named_queues(plan: list[Any]) -> set[str]:
+    """The distinct queue names a ``static_forwards`` plan gives, over all its hops (entries
+    that are not well-formed name none; a later Router refuses them)."""
+    named = set()
+    for hop in plan:
+        for entry in hop if isinstance(hop, list) else ():
+            forward = entry.get("forward") if isinstance(entry, dict) else None
+            qname = forward.get("qname") if isinstance(forward, dict) else None
+            if isinstance(qname, str):
+                named.add(qname)
+    return named
