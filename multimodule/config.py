@@ -342,6 +342,13 @@ class DaemonOptions(BaseModel):
     metrics_listen: str | None = Field(None, description="serve the monitor's figures for "
                                                          "Prometheus on ADDR:PORT (off by "
                                                          "default)")
+    queue_creation_rate: float = Field(
+        50.0, gt=0, allow_inf_nan=False,
+        description="new System V queues the daemon's sends may create per second; a send "
+                    "that would create one over this is refused and reported to its task")
+    queue_creation_burst: int = Field(100, ge=1, description="new System V queues the "
+                                                             "daemon's sends may create at "
+                                                             "once, before the rate applies")
     task_backend: Literal["auto", "systemd", "detached"] = Field(
         "auto", description="how external tasks run: systemd units "
                             "(multimodule-task@NAME.service), detached processes, or auto "

@@ -16,6 +16,7 @@ follows trio's and dramatiq's error modules)::
             QueueFull, Empty                a timeout ran out (nobody's fault)
             BadMessage                      foreign or broken bytes on a queue (a sender's bug)
             QueueRemoved, TransitBroken     the environment (ipcrm, permissions, kernel limits)
+            QueueCreationRefused            a new queue over the daemon's rate (a flood)
             Cancelled                       internal: a receive its owner stopped
         StateError                      the state directory (environment)
             AlreadyRunning                  another process holds its lock
@@ -131,6 +132,17 @@ class TransitBroken(TransitError):
     """
 
 
+class QueueCreationRefused(TransitError):
+    """A send would have created a System V queue while the daemon's rate of new queues was
+    used up (``--queue-creation-rate``, ``--queue-creation-burst``); nothing was sent.
+
+    Cause: a sender naming many new queues at once (one message fanned out to many names, or
+    a flood). Raised by ``Task.send`` in the daemon to the sending task (a handler it escapes
+    fails and is reported; the Router reports each forward refused); a queue that exists
+    already is never refused.
+    """
+
+
 class Cancelled(TransitError):
     """A blocking System V receive was interrupted because its owner asked it to stop.
 
@@ -214,6 +226,7 @@ __all__ = [
     "Empty",
     "InvalidQueueName",
     "MultiModuleError",
+    "QueueCreationRefused",
     "QueueFull",
     "QueueRemoved",
     "StateError",

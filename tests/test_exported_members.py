@@ -30,6 +30,7 @@ ERRORS = {
     "BadMessage",
     "QueueRemoved",
     "TransitBroken",
+    "QueueCreationRefused",
     "Cancelled",
     "StateError",
     "AlreadyRunning",

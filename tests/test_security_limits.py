@@ -1,7 +1,8 @@
 """What a config section, a control message or one message may make the daemon do: import only
 task modules (built-ins, ``--task-path`` modules, modules of an explicit ``-p`` package), and
 create only so many System V queues (``static_forwards`` naming at most
-``max_static_forward_queues`` queues), every refusal reported and counted.
+``max_static_forward_queues`` queues; new queues at most ``--queue-creation-rate`` per second,
+``--queue-creation-burst`` at once), every refusal reported and counted.
 
 Logic runs the daemon in-process (tests/inprocess.py); one test runs it as a process with a
 module planted on its ``PYTHONPATH`` that leaves a marker file when imported."""
@@ -14,6 +15,11 @@ import sys
 import pytest
 
 from helpers import route, router_section
+from multimodule.cli.daemon import build_parser, parse_options
+from multimodule.config import DaemonOptions
+from multimodule.errors import QueueCreationRefused
+from multimodule.transit import META_KEY, Transit
+from multimodule.transit.lowlevel import Overflow
 
 UPPER = """
     from multimodule import Task
@@ -21,6 +27,15 @@ UPPER = """
     class Upper(Task):
         def message(self, message):
             self.emit({"text": message["text"].upper()})
+"""
+
+SPRAYER = """
+    from multimodule import Task
+
+    class Sprayer(Task):
+        def message(self, message):
+            for qname in message["to"]:
+                self.send(qname, {"x": 1})
 """
 
 #: A module that leaves a marker file when imported (proof that the daemon imported it).
@@ -58,7 +73,7 @@ def queues(inproc, prefix: str) -> list[str]:
     return [n for n in inproc.transit.directory.names() if n.startswith(prefix)]
 
 
-# -- task classes are looked up in one restricted way ------------------------------
+# -- task classes are looked up in one restricted way --------------------------------------
 
 
 async def test_a_config_section_at_start_imports_no_module_outside_the_task_path(
@@ -159,7 +174,7 @@ def test_a_daemon_process_imports_no_module_named_by_config_or_control(mm, tmp_p
     assert not marker.exists()
 
 
-# -- one message creates only so many queues ----------------------------------------
+# -- one message creates only so many queues -----------------------------------------------
 
 
 async def test_300_static_forwards_are_refused_whole_and_create_no_queue(inproc):
@@ -197,3 +212,96 @@ async def test_static_forwards_limit_counts_distinct_queues_of_every_hop(inproc)
     assert sorted(queues(inproc, "hop")) == ["hopa", "hopb"]
     assert inproc.records_of("error", "static_forwards names 4 queues")
     assert (await status(inproc))["tasks"]["Router"]["static_forwards_refused"] == 1
+
+
+async def test_new_queues_beyond_the_burst_are_refused_and_reported(inproc, transit):
+    # Given a daemon that may create 3 queues at once (and hardly any more per second)
+    inproc.task("Sprayer", SPRAYER)
+    inproc.config("[Sprayer]\n")
+    await inproc.start(queue_creation_burst=3, queue_creation_rate=0.001)
+    # and 5 queues that exist already (made by another process)
+    for i in range(5):
+        transit.sysv_queue(f"old{i}")
+    # When a task sends to the 5 existing queues
+    inproc.send("Sprayer", {"to": [f"old{i}" for i in range(5)]})
+    await inproc.quiet()
+    # Then every message is there: opening a queue is no creation
+    assert [transit.stat(f"old{i}").messages for i in range(5)] == [1] * 5
+    assert not inproc.records_of("error")
+    # When it sends to 5 new queues
+    inproc.send("Sprayer", {"to": [f"new{i}" for i in range(5)]})
+    await inproc.quiet()
+    # Then 3 are created and the fourth send is refused: an error of the sending task's
+    # handler, naming the queue, never silent
+    assert sorted(queues(inproc, "new")) == ["new0", "new1", "new2"]
+    [failure] = inproc.records_of("error", "QueueCreationRefused")
+    assert failure.task == "Sprayer" and "'new3'" in failure.text
+    report = await status(inproc)
+    assert report["tasks"]["Sprayer"]["task_message_failure"] == 1
+    assert report["queue_creations_refused"] == 1
+
+
+async def test_router_forwards_over_the_creation_rate_are_refused_one_by_one(inproc):
+    # Given a daemon that may create 2 queues at once
+    inproc.capture("kept")
+    await inproc.start(queue_creation_burst=2, queue_creation_rate=0.001)
+    # When one message is forwarded to 4 new queues and one that is served here
+    inproc.send("Router", static("fresh0", "fresh1", "fresh2", "fresh3", "kept"))
+    await inproc.quiet()
+    # Then 2 queues are created, the 2 forwards over the rate are reported by name, and the
+    # queue that needs no creation still gets its copy
+    assert sorted(queues(inproc, "fresh")) == ["fresh0", "fresh1"]
+    texts = [r.text for r in inproc.records_of("error", "not forwarded to")]
+    assert len(texts) == 2 and "'fresh2'" in texts[0] and "'fresh3'" in texts[1]
+    assert [{k: v for k, v in m.items() if k != META_KEY} for m in inproc.taken("kept")] \
+        == [{"x": 1, ".router_hops": 1}]
+    report = await status(inproc)
+    assert report["tasks"]["Router"]["forwards_refused"] == 2
+    assert report["queue_creations_refused"] == 2
+
+
+def test_the_creation_rate_is_a_token_bucket_refilled_with_time(transit, transit_dir):
+    # Given an overflow that may create 2 queues per second, 1 at once, on a clock of its own
+    now = [100.0]
+    overflow = Overflow(transit, lambda channel, text: None)
+    overflow.limit_creations(2.0, 1, clock=lambda: now[0])
+    # and a queue another process made
+    Transit(transit_dir).sysv_queue("made")
+    # When it sends to a new queue, then to another at once
+    overflow.send("tb0", {"x": 0})
+    with pytest.raises(QueueCreationRefused, match="'tb1'"):
+        overflow.send("tb1", {"x": 1})
+    # Then the existing queue still takes messages (no creation) while the bucket is empty
+    overflow.send("made", {"x": 2})
+    # and half a second later one more queue may be made, and no more
+    now[0] += 0.5
+    overflow.send("tb1", {"x": 3})
+    with pytest.raises(QueueCreationRefused):
+        overflow.send("tb2", {"x": 4})
+    # and after a long pause, still only one at once (the burst)
+    now[0] += 60
+    overflow.send("tb2", {"x": 5})
+    with pytest.raises(QueueCreationRefused):
+        overflow.send("tb3", {"x": 6})
+    assert overflow.creations_refused == 3
+    assert [transit.stat(q).messages for q in ("tb0", "made", "tb1", "tb2")] == [1, 1, 1, 1]
+    assert "tb3" not in transit.directory.names()
+
+
+def test_the_limits_are_options_with_defaults_and_flags():
+    # The daemon's defaults: 50 new queues per second, 100 at once
+    defaults = DaemonOptions()
+    assert (defaults.queue_creation_rate, defaults.queue_creation_burst) == (50, 100)
+    # set on the command line, listed in multimodule -h with their field's description
+    opts = parse_options(["--queue-creation-rate", "5", "--queue-creation-burst", "7"])
+    assert (opts.queue_creation_rate, opts.queue_creation_burst) == (5, 7)
+    helptext = build_parser().format_help()
+    assert "--queue-creation-rate" in helptext and "--queue-creation-burst" in helptext
+    # and refused when not positive
+    for argv in (["--queue-creation-rate", "0"], ["--queue-creation-burst", "0"]):
+        with pytest.raises(SystemExit):
+            parse_options(argv)
+    # The Router's: 16 queues per message, set in its config
+    from multimodule.tasks.Router import Router
+    assert Router.Config().max_static_forward_queues == 16
+    assert Router.Config(max_static_forward_queues=2).max_static_forward_queues == 2

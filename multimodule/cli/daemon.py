@@ -30,13 +30,16 @@ FLAGS = {
     "monitor_interval_s": ("--monitor-interval",),
     "monitor_window_s": ("--monitor-window",),
     "metrics_listen": ("--metrics-listen",),
+    "queue_creation_rate": ("--queue-creation-rate",),
+    "queue_creation_burst": ("--queue-creation-burst",),
 }
 
 _METAVARS = {"prefixes": "P1,P2", "config_file": "FILE", "state_dir": "DIR", "debug": "N",
              "module": "TASK", "oob": "SPEC", "transit_dir": "DIR", "task_path": "DIR",
              "slow_handler_s": "S", "control_queue": "QNAME",
              "task_backend": "{auto,systemd,detached}", "monitor_interval_s": "S",
-             "monitor_window_s": "S", "metrics_listen": "ADDR:PORT"}
+             "monitor_window_s": "S", "metrics_listen": "ADDR:PORT",
+             "queue_creation_rate": "N", "queue_creation_burst": "N"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,13 +23,7 @@ from multimodule.errors import (
 )
 from multimodule.monitor.monitor import Monitor
 from multimodule.oob import Channels, absolute_spec
-from multimodule.runtime.configs import (
-    Act,
-    Action,
-    Placement,
-    describe_changes,
-    plan_reload,
-)
+from multimodule.runtime.configs import Act, Action, Placement, describe_changes, plan_reload
 from multimodule.runtime.control_server import ControlServer
 from multimodule.runtime.externals import ExternalTasks, make_backend
 from multimodule.runtime.failsafe import Failsafe
@@ -92,6 +86,7 @@ class Daemon(HostProcess):
 
     async def start_tasks(self) -> None:
         opts = self.options
+        self.overflow.limit_creations(opts.queue_creation_rate, opts.queue_creation_burst)
         backend = self._backend or make_backend(
             opts.task_backend, state_dir=self.store.path, transit_dir=self.transit.path,
             config_file=opts.config_file, task_path=opts.task_path, prefixes=opts.prefixes,
@@ -346,7 +341,8 @@ class Daemon(HostProcess):
 
     async def status(self) -> dict[str, Any]:
         """The daemon's figures: pid, uptime, tasks with their counters, external tasks as
-        their backend says now (asked off the loop), failures, rows of the monitor."""
+        their backend says now (asked off the loop), failures, sends refused because they
+        would have created a queue over the rate, rows of the monitor."""
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
@@ -354,6 +350,7 @@ class Daemon(HostProcess):
             "externals": await self.externals.status_table(),
             "import_failures": dict(self.registry.failures),
             "outboxes": self.overflow.depths(),
+            "queue_creations_refused": self.overflow.creations_refused,
             "rows": self.monitor.rows(),
             "queues": self.monitor.queue_rows(),
             "failsafe": dict(self.failsafe.marks),

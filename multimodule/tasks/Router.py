@@ -25,7 +25,9 @@ A message carrying ``static_forwards`` (a list of hops, each a list of
 ``{forward = {qname = ...}, transform = {...}}``) ignores the routes: it goes to the first hop
 and carries the remaining hops with it. One that names more distinct queues, over all its hops,
 than ``max_static_forward_queues`` (default 16) is refused whole: reported on ``error``,
-counted (``static_forwards_refused``), sent nowhere.
+counted (``static_forwards_refused``), sent nowhere. A forward the daemon refuses because it
+would create a queue over its rate (:class:`~multimodule.errors.QueueCreationRefused`) is
+reported naming the queue and counted (``forwards_refused``); the other forwards go out.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from multimodule.config import QueueName
+from multimodule.errors import QueueCreationRefused
 from multimodule.task import Task
 
 Matcher = Callable[[Any], bool]
@@ -147,7 +150,7 @@ class StaticForward(BaseModel):
 
 class Router(Task):
     """Forwards messages by routes; see the module docstring. Counts ``unrouted`` messages,
-    ``loops_broken`` and ``static_forwards_refused``."""
+    ``loops_broken``, ``static_forwards_refused`` and ``forwards_refused``."""
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -170,10 +173,12 @@ class Router(Task):
 
     def extra_figures(self) -> dict[str, int]:
         return {"unrouted": getattr(self, "unrouted", 0), "loops_broken": self.loops_broken,
-                "static_forwards_refused": self.static_forwards_refused}
+                "static_forwards_refused": self.static_forwards_refused,
+                "forwards_refused": self.forwards_refused}
 
     loops_broken = 0
     static_forwards_refused = 0
+    forwards_refused = 0
 
     def message(self, message: dict[str, Any]) -> None:
         hops = message.get(HOPS_KEY, 0)
@@ -208,10 +213,17 @@ class Router(Task):
             out[HOPS_KEY] = hops
             if transform:
                 out.update(transform)
-            if i < last or transform:
-                self.send(qname, out)
-            else:
-                self.send(qname, out, owned=True)
+            try:
+                if i < last or transform:
+                    self.send(qname, out)
+                else:
+                    self.send(qname, out, owned=True)
+            except QueueCreationRefused as exc:
+                self._refused(qname, exc, out)
+
+    def _refused(self, qname: str, exc: QueueCreationRefused, message: dict[str, Any]) -> None:
+        self.forwards_refused += 1
+        self.error(f"not forwarded to {qname!r}: {exc}", message=message)
 
     def _static_forward(self, message: dict[str, Any], hops: int) -> None:
         plan = message["static_forwards"]
@@ -244,7 +256,10 @@ class Router(Task):
                 del out["static_forwards"]
             if entry.transform:
                 out.update(entry.transform)
-            self.send(entry.forward.qname, out)  # a copy each: the hops list is shared
+            try:
+                self.send(entry.forward.qname, out)  # a copy each: the hops list is shared
+            except QueueCreationRefused as exc:
+                self._refused(entry.forward.qname, exc, out)
 
 
 def _named_queues(plan: list[Any]) -> set[str]:

@@ -10,6 +10,12 @@ A queue removed under a sender (``ipcrm``, logind's ``RemoveIPC=``) is opened ag
 creates it anew, and sending goes on. What is still held when the process stops can be kept in
 taken with :meth:`Overflow.stop_and_take` (the host keeps it in its state directory) and sent
 at the next start with :meth:`Overflow.resend`.
+
+:meth:`Overflow.limit_creations` bounds the System V queues its sends create (a token bucket,
+consulted only for a name this process has not opened yet and that has no live queue): a send
+that would create one over the rate raises :class:`QueueCreationRefused` to its caller, who
+hears of it (a task's handler fails and is reported), rather than being held, which would keep
+a flood in memory and still create every queue.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from multimodule.errors import QueueFull, QueueRemoved, TransitError
+from multimodule.errors import QueueCreationRefused, QueueFull, QueueRemoved, TransitError
 from multimodule.transit import _wire
 
 #: Seconds of each wait for room, between two looks at the stop flag.
@@ -29,6 +35,35 @@ WAIT_S = 0.5
 RETRY_S = 1.0
 
 Report = Callable[[str, str], None]
+
+
+class _CreationBucket:
+    """A token bucket: ``rate`` new queues per second, at most ``burst`` at once, on
+    ``clock`` (seconds)."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+        self.refused = 0
+        self.lock = threading.Lock()
+
+    def take(self, qname: str) -> None:
+        """One token for creating ``qname``; raises :class:`QueueCreationRefused` if none."""
+        with self.lock:
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            self.refused += 1
+        raise QueueCreationRefused(
+            f"queue {qname!r} does not exist and was not created, nothing sent: this process "
+            f"creates at most {self.rate:g} new System V queues per second ({self.burst} at "
+            "once)")
 
 
 class _OverflowSender:
@@ -93,20 +128,38 @@ class Overflow:
         self.report = report
         self.lock = threading.Lock()
         self.senders: dict[str, _OverflowSender] = {}
+        self._creations: _CreationBucket | None = None
+
+    def limit_creations(self, rate: float, burst: int, *,
+                        clock: Callable[[], float] = time.monotonic) -> None:
+        """From now on, let :meth:`send` create at most ``rate`` new System V queues per
+        second, ``burst`` at once (a token bucket, full to start with; ``clock``: for tests).
+        A queue that exists already (made by anyone) is no creation. Refusals count in
+        :attr:`creations_refused`."""
+        self._creations = _CreationBucket(rate, burst, clock)
+
+    @property
+    def creations_refused(self) -> int:
+        """Sends refused because they would have created a queue over the limit."""
+        return self._creations.refused if self._creations is not None else 0
 
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, qname: str, message: dict[str, Any]) -> None:
         """Send ``message`` to System V queue ``qname`` now if it has room, else hold it
         behind the messages already held for that queue. Never blocks. Raises the
-        transit's usage errors (:class:`InvalidQueueName`, :class:`UnserializableMessage`)
-        and :class:`TransitBroken` if the queue cannot be opened."""
+        transit's usage errors (:class:`InvalidQueueName`, :class:`UnserializableMessage`),
+        :class:`TransitBroken` if the queue cannot be opened, and
+        :class:`QueueCreationRefused` if it would be created over :meth:`limit_creations`."""
         if qname in self.senders:  # without the lock first: most queues never overflow
             with self.lock:
                 sender = self.senders.get(qname)
                 if sender is not None and not sender.retired:
                     sender.items.append(_wire.encode_body(message, _wire.make_meta({})))
                     return
+        creations = self._creations
+        if creations is not None and self.transit.sysv_queue_if_exists(qname) is None:
+            creations.take(qname)
         try:
             self.transit.send(qname, message, timeout=0)
             return

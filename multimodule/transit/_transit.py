@@ -66,6 +66,23 @@ class Transit:
                     self._sysv[qname] = queue
         return queue
 
+    def sysv_queue_if_exists(self, qname: str) -> SysvQueue | None:
+        """The System V queue for ``qname`` if it exists (opened and kept, as
+        :meth:`sysv_queue` does), else ``None``: never creates one."""
+        queue = self._sysv.get(qname)
+        if queue is not None:
+            return queue
+        validate_qname(qname)
+        existing = self._open_existing(qname)
+        if existing is None:
+            return None
+        with self._lock:
+            queue = self._sysv.get(qname)
+            if queue is None:
+                queue = SysvQueue(self.directory, qname, self.msgmax, existing=existing)
+                self._sysv[qname] = queue
+        return queue
+
     def declare_local(self, qname: str) -> LocalQueue:
         """Serve ``qname`` from an in-memory queue in this process from now on; return it.
 
