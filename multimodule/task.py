@@ -141,14 +141,18 @@ class Task:
 
     def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
         """Send ``message`` straight to queue ``qname`` (in memory when the receiver is in this
-        process, else System V). Never blocks the event loop; never drops the message.
+        process, else System V). Never blocks the event loop; never drops the message: if it
+        cannot be sent it raises (:class:`~multimodule.errors.InvalidQueueName`,
+        :class:`~multimodule.errors.UnserializableMessage`, or
+        :class:`~multimodule.errors.QueueCreationRefused` when ``qname`` has no queue yet and
+        the daemon's rate of new queues is spent), and the handler's failure is reported.
 
         ``owned=True``: the task gives ``message`` and everything in it away and never touches
         it again, so an in-memory receiver may get this very object instead of a copy. Only
         for messages made of JSON values (e.g. one the task received).
         """
-        self.counters.messages_out += 1
         self._host.send(qname, message, owned=owned)
+        self.counters.messages_out += 1
 
     def named_recur(self, name: str, interval: float, work: Work) -> None:
         """Run ``work`` (sync or async, no arguments) every ``interval`` seconds.

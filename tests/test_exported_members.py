@@ -48,6 +48,7 @@ TRANSIT_ERRORS = {
     "Empty",
     "BadMessage",
     "QueueRemoved",
+    "QueueCreationRefused",
     "TransitBroken",
 }
 
