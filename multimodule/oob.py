@@ -8,7 +8,8 @@ channel goes to one sink, chosen by the ``-o`` spec (``log:1,error:2,alert:journ
 - ``journal``: journald with structured fields ``MESSAGE``, ``PRIORITY``, ``MULTIMODULE_TASK``,
   ``MULTIMODULE_CHANNEL`` and the caller's fields upper-cased (``journalctl
   MULTIMODULE_TASK=Example1``);
-- a path (containing ``/``): appended to that file;
+- a path (containing ``/``): appended to that file, created 0600 whatever the umask; a symbolic
+  link or another user's file there is refused (reported on stderr, as a failing sink is);
 - any other word: a queue name; the record is sent there as a message (``router`` means the
   ``Router`` queue), which is how the original routed its channels.
 
@@ -30,11 +31,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import orjson
 
 from multimodule.errors import ConfigError
+from multimodule.state import open_for_append
 
 CHANNELS = ("log", "error", "alert", "debug")
 
@@ -93,7 +96,8 @@ class Sink:
         if self.kind == "stderr":
             return sys.stderr
         if self._file is None:
-            self._file = open(self.target, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            fd = open_for_append(Path(self.target))  # 0600, never through a symlink
+            self._file = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         return self._file
 
     def _journal(self, channel: str, task: str, text: str, fields: dict[str, Any]) -> None:

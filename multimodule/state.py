@@ -5,12 +5,22 @@ Writes are atomic and durable: a temporary file in the same directory, ``fsync``
 over the old file, ``fsync`` of the directory (the sequence described in the ext4 and LWN
 articles on ``rename``-based atomic updates). A file that cannot be read or parsed is moved
 aside to ``NAME.state.json.corrupt-<unix time>`` and the task starts empty.
+
+Another local user must not be able to steer what the process writes or reads here: an
+existing state directory must be this process's user's and not writable by others; no file is
+opened for writing through a symbolic link (``O_NOFOLLOW``); temporary files are created
+exclusively (``O_EXCL``) at unpredictable names; files get their mode with ``fchmod``, whatever
+the umask; and a file read back (a state file, a kept outbox) must be a regular file of this
+user's with no other hard link.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import secrets
+import stat
 import sys
 import time
 from pathlib import Path
@@ -21,12 +31,133 @@ import orjson
 from multimodule.errors import AlreadyRunning, ConfigError, StateError
 
 
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each 0700 (``mkdir -p`` would make the parents
+    with the umask's mode, 0777 under umask 000). Raises ``OSError``."""
+    missing = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass  # made meanwhile by someone else: the caller checks what it uses
+
+
+def check_directory(path: Path, what: str) -> None:
+    """Refuse (raise :class:`ConfigError` naming ``what`` and ``path``) a directory that is not
+    this process's user's or that others may write: another user could plant links or files in
+    it. A symbolic link to a directory is accepted only if it is this user's own, and then its
+    target is checked."""
+    euid = os.geteuid()
+    try:
+        link = os.lstat(path)
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {what} {path}: {exc}") from exc
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != euid:
+        raise ConfigError(f"{what} {path} is a symbolic link of uid {link.st_uid}, not of this "
+                          f"process's user (uid {euid}): refusing it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {path} is not a directory")
+    if st.st_uid != euid:
+        raise ConfigError(f"{what} {path} belongs to uid {st.st_uid}, not to this process's "
+                          f"user (uid {euid}): refusing it (its owner could plant files in it)")
+    if st.st_mode & 0o002:
+        raise ConfigError(f"{what} {path} is writable by others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): refusing it")
+
+
+def _check_own_file(fd: int) -> None:
+    """Raise ``OSError`` (its text says why) unless ``fd`` is a regular file of this process's
+    user with one link (a hard link could make it another file of the same owner)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError("not a regular file")
+    if st.st_uid != os.geteuid():
+        raise OSError(f"it belongs to uid {st.st_uid}, not to this process's user "
+                      f"(uid {os.geteuid()})")
+    if st.st_nlink != 1:
+        raise OSError(f"it has {st.st_nlink} hard links")
+
+
+def _nofollow(exc: OSError) -> OSError:
+    """``exc`` from an ``O_NOFOLLOW`` open, said plainly if the path was a symbolic link."""
+    return OSError("a symbolic link, not a regular file") if exc.errno == errno.ELOOP else exc
+
+
+def read_own_file(path: Path) -> bytes:
+    """The content of ``path``, which must be a regular file of this process's user with one
+    link; a symbolic link is not followed. Raises ``FileNotFoundError`` if there is none, and
+    ``OSError`` saying what is wrong otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _nofollow(exc) from None
+    try:
+        _check_own_file(fd)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def open_for_append(path: Path, mode: int = 0o600) -> int:
+    """Open ``path`` to append to it, never through a symbolic link; return the descriptor.
+
+    A file made here gets ``mode`` whatever the umask; an existing regular file must be this
+    process's user's (its mode is left as its owner set it). Another kind of file (a device
+    such as ``/dev/null``, a FIFO) is opened as it is. Raises ``OSError`` saying what is
+    wrong.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):  # the file may come or go between the tries
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _nofollow(exc) from None
+        else:
+            try:
+                os.fchmod(fd, mode)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _nofollow(exc) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                _check_own_file(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise OSError(f"{path} keeps appearing and disappearing")
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (see the module docstring)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    """Replace ``path`` with ``data`` atomically and durably (see the module docstring); the
+    file gets ``mode`` whatever the umask. The temporary file (``.NAME.tmp-RANDOM`` beside it)
+    is created exclusively, never through a symbolic link; a symbolic link at ``path`` is
+    replaced, not followed. Raises ``OSError``."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
     try:
         try:
+            os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -45,17 +176,20 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 class StateStore:
-    """Loads and saves task state in ``state_dir`` (created 0700 if missing).
+    """Loads and saves task state in ``state_dir`` (created 0700, with its missing parents, if
+    missing).
 
-    Raises :class:`ConfigError` if the directory cannot be created.
+    Raises :class:`ConfigError` if the directory cannot be created, or if it is not this
+    process's user's or is writable by others (see :func:`check_directory`).
     """
 
     def __init__(self, state_dir: str | os.PathLike[str]):
         self.path = Path(state_dir)
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(self.path)
         except OSError as exc:
             raise ConfigError(f"cannot create state directory {self.path}: {exc}") from exc
+        check_directory(self.path, "state directory")
         self._last_saved: dict[str, bytes] = {}
 
     def file_for(self, task: str) -> Path:
@@ -64,10 +198,11 @@ class StateStore:
 
     def load(self, task: str) -> tuple[dict[str, Any], str | None]:
         """``(state, problem)``: the saved state (``{}`` if none) and, if the file was unusable,
-        a description of what happened to it (it was moved aside, not deleted)."""
+        a description of what happened to it (moved aside, not deleted; left where it is if it
+        is not this user's, such as a file or link another user planted)."""
         path = self.file_for(task)
         try:
-            data = path.read_bytes()
+            data = read_own_file(path)
         except FileNotFoundError:
             return {}, None
         except OSError as exc:
@@ -83,15 +218,23 @@ class StateStore:
 
     def saved(self, task: str) -> dict[str, Any]:
         """The state last saved for ``task``, as its file holds it (for tasks that do not run
-        here). Raises :class:`StateError` if there is none or it cannot be read."""
+        here). Raises :class:`StateError` if there is none or it cannot be read (it is not a
+        regular file of this user's, as :meth:`load` requires)."""
         try:
-            return orjson.loads(self.file_for(task).read_bytes())
+            return orjson.loads(read_own_file(self.file_for(task)))
         except FileNotFoundError:
             raise StateError(f"task {task} has no saved state") from None
         except (OSError, orjson.JSONDecodeError) as exc:
             raise StateError(f"cannot read the saved state of {task}: {exc}") from exc
 
     def _move_aside(self, path: Path, why: str) -> str:
+        try:
+            owner = os.lstat(path).st_uid
+        except OSError:
+            owner = os.geteuid()  # gone meanwhile: the replace below says so
+        if owner != os.geteuid():
+            return (f"state file {path} is {why}; left where it is (it belongs to uid {owner}, "
+                    "not to this process's user), starting empty")
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         try:
             os.replace(path, aside)
@@ -127,7 +270,7 @@ def lock_holder(lock_path: Path) -> int | None:
     if ``/proc/locks`` cannot be read.
     """
     try:
-        st = os.stat(lock_path)
+        st = os.lstat(lock_path)  # a symbolic link is nobody's lock
     except FileNotFoundError:
         return None
     device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
@@ -148,7 +291,9 @@ class InstanceLock:
     status file ``NAME.status.json`` (pid, start time, command line) beside it unless
     ``status_file=False``.
 
-    :meth:`acquire` raises :class:`AlreadyRunning` naming the holder's pid.
+    :meth:`acquire` raises :class:`AlreadyRunning` naming the holder's pid, and
+    :class:`StateError` if the lock file cannot be opened or is not a regular file of this
+    process's user (a symbolic link is never followed).
     """
 
     def __init__(self, state_dir: Path, name: str, *, status_file: bool = True):
@@ -158,7 +303,19 @@ class InstanceLock:
 
     def acquire(self) -> None:
         """Take the lock and write the status file."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.lock_path,
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open lock file {self.lock_path}: {_nofollow(exc)}"
+                             ) from None
+        try:
+            _check_own_file(fd)
+            os.fchmod(fd, 0o600)
+        except OSError as exc:
+            os.close(fd)
+            raise StateError(f"refusing lock file {self.lock_path}: {exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

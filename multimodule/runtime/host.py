@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from multimodule.config import DaemonOptions
-from multimodule.errors import AlreadyRunning, ConfigError, MultiModuleError
+from multimodule.errors import AlreadyRunning, ConfigError, MultiModuleError, StateError
 from multimodule.oob import Channels, parse_spec
 from multimodule.runtime.configs import ConfigWatcher, TaskConfigs
 from multimodule.runtime.notify import Notifier
 from multimodule.runtime.registry import TaskRegistry
-from multimodule.state import InstanceLock, StateStore, write_atomic
+from multimodule.state import InstanceLock, StateStore, read_own_file, write_atomic
 from multimodule.transit import Transit
 from multimodule.transit.lowlevel import Overflow, ensure_handler
 
@@ -222,7 +222,7 @@ class HostProcess:
         self.started_at = time.time()
         try:
             self._setup()
-        except (AlreadyRunning, ConfigError, OSError) as exc:
+        except (StateError, ConfigError, OSError) as exc:  # AlreadyRunning included
             print(f"multimodule: {exc}", file=sys.stderr)
             if self._lock is not None:
                 self._lock.release()
@@ -325,7 +325,7 @@ class HostProcess:
         for path in sorted(self.store.path.glob("outbox.*.jsonl")):
             qname = path.name[len("outbox."):-len(".jsonl")]
             try:
-                bodies = [line for line in path.read_bytes().split(b"\n") if line]
+                bodies = [line for line in read_own_file(path).split(b"\n") if line]
             except OSError as exc:
                 self.channels.emit("error", SOURCE, f"cannot read {path}: {exc}")
                 continue

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from multimodule.errors import DetachedProcessError
-from multimodule.state import lock_holder
+from multimodule.state import lock_holder, make_private_dirs, open_for_append
 from multimodule.supervise.base import ActiveState, LaunchSpec, TaskProcess
 
 BACKOFF_MIN_S = 1.0
@@ -48,7 +48,7 @@ class DetachedBackend:
     ``spec``: how to launch ``multimodule -m NAME``. ``loop``: the event loop that watches
     exits and restarts crashed tasks (``None``: no watching, e.g. in ``mmctl``). ``on_event``:
     called as ``on_event(task, text)`` on the loop for starts, adoptions, exits and restarts.
-    Output of each task goes to ``STATE_DIR/task-NAME.log``.
+    Output of each task goes to ``STATE_DIR/task-NAME.log`` (created 0600).
     """
 
     name = "detached"
@@ -114,9 +114,10 @@ class DetachedBackend:
             self._watch(task, current.main_pid)
             self.on_event(task, f"adopted running process {current.main_pid}")
             return current
-        self.spec.state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            log = open(self._log_path(task), "ab")  # noqa: SIM115 - handed to the child
+            make_private_dirs(self.spec.state_dir)
+            # 0600, never through a symlink, and only a file of this user's
+            log = open(open_for_append(self._log_path(task)), "ab")  # noqa: SIM115 - to the child
         except OSError as exc:
             raise DetachedProcessError(f"cannot open the log of task {task}: {exc}") from exc
         with log:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from multimodule.config import TaskLimits
 from multimodule.errors import UnitError
+from multimodule.state import write_atomic
 from multimodule.supervise.base import ActiveState, TaskProcess
 from multimodule.supervise.units import (
     DROPIN_ROOT,
@@ -68,9 +69,7 @@ class SystemdBackend:
                 path.unlink()
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(text)
-                tmp.replace(path)
+                write_atomic(path, text.encode(), mode=0o644)  # never through a symlink
         except OSError as exc:
             raise UnitError(f"cannot write {path}: {exc}") from exc
         return True

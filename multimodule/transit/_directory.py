@@ -11,6 +11,10 @@ Layout::
     DIR/            0700 (0770 with a group)
     DIR/NAME        "<key>\\n", 0600 (0660)
     DIR/.spill/     0700 (0770), files 0600 (0660), removed once received
+
+An existing ``DIR`` or ``DIR/.spill`` that others may write, or that another user owns (unless
+it is shared with the group: that group's, with group access), is refused: its owner could
+plant links in it. Name files are never opened through a symbolic link.
 """
 
 from __future__ import annotations
@@ -115,6 +119,21 @@ def _group_id(group: str | int | None) -> int | None:
         raise TransitBroken(f"transit group {group!r} does not exist") from exc
 
 
+def _make_private_parents(path: Path) -> None:
+    """Create the missing parents of ``path``, each 0700 (``mkdir -p`` would make them with
+    the umask's mode, 0777 under umask 000)."""
+    missing = []
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+
+
 def _parse_key(data: bytes) -> int | None:
     """The key in a name file's content, or ``None`` if it is empty, half-written or corrupt
     (the locked path then makes a new queue and rewrites the file)."""
@@ -130,11 +149,13 @@ def _parse_key(data: bytes) -> int | None:
 class TransitDirectory:
     """Maps queue names to System V keys inside one directory.
 
-    ``path``: the directory (created if missing). ``group``: a group name or id; when given,
-    queues are 0660, files 0660 and directories 0770, owned by that group; otherwise 0600/0700.
+    ``path``: the directory (created if missing, with its missing parents 0700). ``group``: a
+    group name or id; when given, queues are 0660, files 0660 and directories 0770, owned by
+    that group; otherwise 0600/0700.
 
-    Raises :class:`TransitBroken` if the directory cannot be created or is unsafe (a symlink,
-    owned by another user, or writable by others).
+    Raises :class:`TransitBroken` if the directory or its ``.spill`` cannot be created or is
+    unsafe: a symlink, writable by others, or owned by another user (unless shared with
+    ``group``: owned by that group with group access, as its owner made it).
     """
 
     def __init__(self, path: str | os.PathLike[str], group: str | int | None = None):
@@ -143,34 +164,49 @@ class TransitDirectory:
         self.queue_mode = 0o660 if self.gid is not None else 0o600
         self.file_mode = self.queue_mode
         self.dir_mode = 0o770 if self.gid is not None else 0o700
-        self._ensure_dir(self.path, parents=True)
+        self._ensure_dir(self.path, "transit directory", parents=True)
         self.spill_path = self.path / ".spill"
-        self._ensure_dir(self.spill_path, parents=False)
+        self._ensure_dir(self.spill_path, "spill directory", parents=False)
 
-    def _ensure_dir(self, path: Path, *, parents: bool) -> None:
+    def _ensure_dir(self, path: Path, what: str, *, parents: bool) -> None:
+        euid = os.geteuid()
         try:
             if parents:
                 # Intermediate directories (e.g. $XDG_RUNTIME_DIR/multimodule) are private too.
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _make_private_parents(path)
             try:
                 os.mkdir(path, self.dir_mode)
             except FileExistsError:
                 pass
-            st = os.lstat(path)
-            if not stat_mod.S_ISDIR(st.st_mode):
-                raise TransitBroken(f"transit path {path} is not a directory (or is a symlink)")
-            if st.st_uid != os.geteuid() and os.geteuid() != 0:
-                if st.st_mode & 0o002 or self.gid is None or st.st_gid != self.gid:
-                    raise TransitBroken(
-                        f"transit directory {path} belongs to uid {st.st_uid}, not to us"
-                    )
-                return  # a shared directory made by its owner; we may not chmod it
-            if self.gid is not None and st.st_gid != self.gid:
-                os.chown(path, -1, self.gid)
-            if stat_mod.S_IMODE(st.st_mode) != self.dir_mode:
-                os.chmod(path, self.dir_mode)
         except OSError as exc:
-            raise TransitBroken(f"cannot prepare transit directory {path}: {exc}") from exc
+            raise TransitBroken(f"cannot prepare {what} {path}: {exc}") from exc
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise TransitBroken(
+                    f"transit path {path} is not a directory (or is a symlink)") from None
+            raise TransitBroken(f"cannot prepare {what} {path}: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+            mode = stat_mod.S_IMODE(st.st_mode)
+            if mode & 0o002:
+                raise TransitBroken(f"{what} {path} is writable by others (mode {mode:04o}): "
+                                    "refusing it")
+            if st.st_uid != euid:
+                if self.gid is not None and st.st_gid == self.gid and mode & 0o070 == 0o070:
+                    return  # a shared directory made by its owner; we may not chmod it
+                shared = "" if self.gid is None else f", nor shared with group {self.gid}"
+                raise TransitBroken(f"{what} {path} belongs to uid {st.st_uid}, not to this "
+                                    f"process's user (uid {euid}){shared}: refusing it")
+            if self.gid is not None and st.st_gid != self.gid:
+                os.fchown(fd, -1, self.gid)
+            if mode != self.dir_mode:
+                os.fchmod(fd, self.dir_mode)
+        except OSError as exc:
+            raise TransitBroken(f"cannot prepare {what} {path}: {exc}") from exc
+        finally:
+            os.close(fd)
 
     def names(self) -> list[str]:
         """The queue names registered in this directory, sorted."""
@@ -182,8 +218,12 @@ class TransitDirectory:
     def lookup_key(self, qname: str) -> int | None:
         """The key recorded for ``qname``, or ``None`` if the name is not registered yet."""
         try:
-            with open(self.path / qname, "rb") as f:
-                data = f.read(32)
+            fd = os.open(self.path / qname,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, 32)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
