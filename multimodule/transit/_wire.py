@@ -81,16 +81,25 @@ def _json_type(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def decode_body(body: bytes | memoryview, qname: str | None = None) -> dict[str, Any]:
-    """Parse a JSON body into a ``dict``; raise :class:`BadMessage` if it is not a JSON object."""
+def decode_body(body: bytes | memoryview, qname: str | None = None, *,
+                raw: bytes | None = None, what: str = "body") -> dict[str, Any]:
+    """Parse a JSON body into a ``dict``; raise :class:`BadMessage` if it is not a JSON object.
+
+    ``raw``: what the error holds instead of the body (a spill reference: the content of a
+    spill file never reaches an error, nor is the parser's exception, which holds its input,
+    chained to it). ``what``: how the error names the body.
+    """
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadMessage(f"body is not valid JSON ({exc})", qname=qname, raw=bytes(body)) from exc
+        if raw is not None:
+            raise BadMessage(f"{what} is not valid JSON ({exc})", qname=qname,
+                             raw=raw) from None
+        raise BadMessage(f"{what} is not valid JSON ({exc})", qname=qname,
+                         raw=bytes(body)) from exc
     if type(value) is not dict:
-        raise BadMessage(
-            f"body is JSON {_json_type(value)}, not an object", qname=qname, raw=bytes(body)
-        )
+        raise BadMessage(f"{what} is JSON {_json_type(value)}, not an object", qname=qname,
+                         raw=bytes(body) if raw is None else raw)
     return value
 
 

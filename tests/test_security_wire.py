@@ -1,0 +1,287 @@
+"""Security: what may come off a queue as a spill reference.
+
+Spill references are names in the transit directory's ``.spill/``, opened without following a
+symbolic link, and only regular files of a user allowed on that directory are read; their
+content never reaches an error.
+
+The tests play the attacker with real users made for the test (one in a group made for a
+shared transit directory, one outside it), acting in forked children that took their
+identities; they need root (skipped otherwise, but never under CI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+import traceback
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import orjson
+import pytest
+
+from multimodule.errors import BadMessage, Empty
+from multimodule.transit import Transit
+
+from helpers import strip_meta
+
+SECRET_JSON = b'{"secret": "root-only-json-7f3a"}'
+SECRET_TEXT = b"root-only text 9c1e: hunter2\n\x00\xff"
+
+
+# -- real users ---------------------------------------------------------------------------------
+
+
+def _need_root() -> None:
+    missing = [tool for tool in ("useradd", "userdel", "groupadd", "groupdel")
+               if shutil.which(tool) is None]
+    if os.geteuid() != 0 or missing:
+        why = "needs root" if os.geteuid() != 0 else f"needs {', '.join(missing)}"
+        if os.environ.get("CI"):
+            raise RuntimeError(f"the security tests must run under CI, but this one {why}")
+        pytest.skip(why)
+
+
+@dataclasses.dataclass
+class Users:
+    """A group made for a shared transit directory, a member of it and a user outside it."""
+
+    group: str
+    gid: int
+    member: str
+    member_uid: int
+    outsider: str
+    outsider_uid: int
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+
+
+def _drop_user(name: str) -> None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        pass
+    else:
+        subprocess.run(["userdel", name], capture_output=True, timeout=60)
+    try:  # the user's own group, where useradd made one and userdel left it
+        grp.getgrnam(name)
+    except KeyError:
+        return
+    subprocess.run(["groupdel", name], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def users():
+    """A group ``mmtestg-*`` with a member ``mmtestm-*`` (a supplementary group), and a user
+    ``mmtesto-*`` in no such group; all removed after."""
+    _need_root()
+    tag = secrets.token_hex(3)
+    group, member, outsider = f"mmtestg-{tag}", f"mmtestm-{tag}", f"mmtesto-{tag}"
+    common = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+    try:
+        _run("groupadd", "--system", group)
+        _run(*common, "--groups", group, member)
+        _run(*common, outsider)
+        yield Users(group, grp.getgrnam(group).gr_gid, member, pwd.getpwnam(member).pw_uid,
+                    outsider, pwd.getpwnam(outsider).pw_uid)
+    finally:
+        for name in (member, outsider):
+            _drop_user(name)
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            pass
+        else:
+            subprocess.run(["groupdel", group], capture_output=True, timeout=60)
+
+
+def as_user(name: str, work: Callable[[], None]) -> None:
+    """Run ``work()`` in a forked child that became user ``name`` (its groups, then its ids);
+    fail with the child's traceback if it raised."""
+    pw = pwd.getpwnam(name)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            os.setgroups(os.getgrouplist(name, pw.pw_gid))
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            work()
+            os._exit(0)
+        except BaseException:  # never return into pytest in the child
+            os.write(write_fd, traceback.format_exc().encode())
+            os._exit(1)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        report = f.read().decode(errors="replace")
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    assert status == 0, f"as {name}: exit {status}\n{report}"
+
+
+@dataclasses.dataclass
+class Shared:
+    """A transit directory shared with ``users.group`` (the receiving side is root's
+    ``transit``), and root-only files elsewhere."""
+
+    path: Path
+    top: Path
+    transit: Transit
+    secret_json: Path
+    secret_text: Path
+
+
+@pytest.fixture
+def shared(users: Users):
+    top = Path(tempfile.mkdtemp(prefix="mm-secwire-"))
+    private = Path(tempfile.mkdtemp(prefix="mm-secwire-root-"))
+    top.chmod(0o755)  # the members reach the transit directory; it is 0770 root:group
+    transit = None
+    try:
+        transit = Transit(top / "transit", group=users.gid)
+        secret_json, secret_text = private / "secret.json", private / "secret.bin"
+        for path, data in ((secret_json, SECRET_JSON), (secret_text, SECRET_TEXT)):
+            path.write_bytes(data)
+            path.chmod(0o600)
+        transit.sysv_queue("victim")  # registered by the owner, shared with the group
+        yield Shared(top / "transit", top, transit, secret_json, secret_text)
+    finally:
+        if transit is not None:
+            transit.remove_all()
+        shutil.rmtree(top, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def send_spill_reference(shared: Shared, gid: int, name: str) -> Callable[[], None]:
+    """What the member does after planting ``.spill/NAME``: send a reference to it, as a raw
+    sender (the queue is the group's)."""
+    def work() -> None:
+        Transit(shared.path, group=gid).sysv_queue("victim").send_raw(
+            b"MM\x01S" + name.encode())
+    return work
+
+
+def error_texts(exc: BaseException) -> str:
+    """Everything an error record could show of ``exc``: its text, its ``raw`` bytes, and the
+    same of every exception chained to it (``doc`` included, where JSON errors keep their
+    input)."""
+    out = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out += [str(exc), repr(exc), repr(getattr(exc, "raw", b"")),
+                repr(getattr(exc, "doc", "")), repr(exc.args)]
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(out)
+
+
+def assert_refused_then_next_arrives(transit: Transit, exc_info, reason: str,
+                                     reference: bytes) -> None:
+    err = exc_info.value
+    assert reason in err.reason, err.reason
+    assert err.raw == reference  # the reference only, never the file's bytes
+    assert err.qname == "victim"
+    transit.send("victim", {"good": 1})
+    assert strip_meta(transit.receive("victim", timeout=5)) == {"good": 1}
+    with pytest.raises(Empty):
+        transit.receive("victim", timeout=0)
+
+
+# -- 1. a spill reference is a name, opened without following a link ---------------------------
+
+
+def test_spill_symlink_to_a_root_only_json_file_is_refused(users, shared):
+    # Given a member of the group that shares the transit directory, who puts a symbolic
+    # link to a root-only JSON file in .spill/ and sends a spill reference naming it
+    name = uuid.uuid4().hex
+    link = shared.path / ".spill" / name
+
+    def plant() -> None:
+        os.symlink(shared.secret_json, link)
+        send_spill_reference(shared, users.gid, name)()
+
+    as_user(users.member, plant)
+    assert link.is_symlink()
+
+    # When root's side receives from that queue
+    with pytest.raises(BadMessage) as info:
+        got = shared.transit.receive("victim", timeout=5)
+        pytest.fail(f"the root-only file was delivered: {got!r}")
+
+    # Then it is refused as a link, without the file's content, and the next message arrives
+    assert "root-only-json-7f3a" not in error_texts(info.value)
+    assert_refused_then_next_arrives(shared.transit, info, "symbolic link",
+                                     b"MM\x01S" + name.encode())
+    # And the file it pointed at is untouched
+    assert shared.secret_json.read_bytes() == SECRET_JSON
+
+
+def test_spill_symlink_to_a_root_only_text_file_is_refused_without_its_bytes(users, shared):
+    # Given a member's symbolic link in .spill/ to a root-only file that is not JSON
+    name = uuid.uuid4().hex
+
+    def plant() -> None:
+        os.symlink(shared.secret_text, shared.path / ".spill" / name)
+        send_spill_reference(shared, users.gid, name)()
+
+    as_user(users.member, plant)
+
+    # When root's side receives, Then BadMessage
+    with pytest.raises(BadMessage) as info:
+        shared.transit.receive("victim", timeout=5)
+
+    # And no byte of the file reaches the error (text, raw, or any chained exception)
+    texts = error_texts(info.value)
+    assert "hunter2" not in texts and "9c1e" not in texts, texts
+    assert_refused_then_next_arrives(shared.transit, info, "symbolic link",
+                                     b"MM\x01S" + name.encode())
+
+
+def test_spill_file_owned_by_a_user_not_allowed_on_the_directory_is_refused(users, shared):
+    # Given a file written by a user outside the group, in a directory both users may write
+    drop = shared.top / "drop"
+    drop.mkdir()
+    drop.chmod(0o777)
+    planted = drop / "planted"
+    as_user(users.outsider, lambda: planted.write_bytes(b'{"planted": "by an outsider"}'))
+    assert planted.stat().st_uid == users.outsider_uid
+    # which the member moves into .spill/ (a rename: the owner stays the outsider) and names
+    # in a spill reference
+    name = uuid.uuid4().hex
+
+    def plant() -> None:
+        os.rename(planted, shared.path / ".spill" / name)
+        send_spill_reference(shared, users.gid, name)()
+
+    as_user(users.member, plant)
+
+    # When root's side receives, Then the file is refused for its owner, not delivered
+    with pytest.raises(BadMessage) as info:
+        got = shared.transit.receive("victim", timeout=5)
+        pytest.fail(f"the outsider's file was delivered: {got!r}")
+    assert f"uid {users.outsider_uid}" in info.value.reason, info.value.reason
+    assert "by an outsider" not in error_texts(info.value)
+    assert_refused_then_next_arrives(shared.transit, info, "may not use",
+                                     b"MM\x01S" + name.encode())
+
+
+def test_spill_file_of_a_member_is_delivered(users, shared):
+    # Given a member who sends a message too large for one System V message (it spills, as
+    # the member's own file in .spill/)
+    big = {"d": "x" * 50_000}
+    as_user(users.member, lambda: Transit(shared.path, group=users.gid).send("victim", big))
+    (spilled,) = (shared.path / ".spill").iterdir()
+    assert spilled.stat().st_uid == users.member_uid
+
+    # When root's side receives, Then the message arrives whole and the file is gone
+    assert strip_meta(shared.transit.receive("victim", timeout=5)) == big
+    assert list((shared.path / ".spill").iterdir()) == []
