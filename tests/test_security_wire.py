@@ -1,10 +1,12 @@
-"""Security: what may come off a queue as a spill reference.
+"""Security: what may come off a queue or out of a spill file, and what may be sent.
 
 Spill references are names in the transit directory's ``.spill/``, opened without following a
 symbolic link, and only regular files of a user allowed on that directory are read; their
-content never reaches an error.
+content never reaches an error. A message holds only what both ends carry exactly: no NaN or
+infinity, integers from -2**63 to 2**64-1; anything else is refused at ``send``
+(:class:`UnserializableMessage`) and at receive (:class:`BadMessage`), never rounded or nulled.
 
-The tests play the attacker with real users made for the test (one in a group made for a
+The spill tests play the attacker with real users made for the test (one in a group made for a
 shared transit directory, one outside it), acting in forked children that took their
 identities; they need root (skipped otherwise, but never under CI).
 """
@@ -27,7 +29,7 @@ from typing import Callable
 import orjson
 import pytest
 
-from multimodule.errors import BadMessage, Empty
+from multimodule.errors import BadMessage, Empty, UnserializableMessage
 from multimodule.transit import Transit
 
 from helpers import strip_meta
@@ -285,3 +287,112 @@ def test_spill_file_of_a_member_is_delivered(users, shared):
     # When root's side receives, Then the message arrives whole and the file is gone
     assert strip_meta(shared.transit.receive("victim", timeout=5)) == big
     assert list((shared.path / ".spill").iterdir()) == []
+
+
+# -- 2. what a message may hold, refused at send ---------------------------------------------
+
+
+@dataclasses.dataclass
+class Point:
+    x: float
+
+
+NOT_CARRIED = {
+    "nan": ({"outer": {"list": [0, float("nan")]}}, '["outer"]["list"][1]'),
+    "inf": ({"outer": {"list": [0, float("inf")]}}, '["outer"]["list"][1]'),
+    "minus_inf": ({"v": -float("inf")}, '["v"]'),
+    "nan_beside_null": ({"n": None, "s": "null", "v": [float("nan")]}, '["v"][0]'),
+    "nan_in_dataclass": ({"p": Point(float("nan"))}, '["p"].x'),
+    "int_2_64": ({"outer": {"i": 2**64}}, '["outer"]["i"]'),
+    "int_below_min": ({"i": [-2**63 - 1]}, '["i"][0]'),
+    "int_30_digits": ({"i": 10**29}, '["i"]'),
+}
+
+
+@pytest.mark.parametrize("path", ["sysv", "local"])
+@pytest.mark.parametrize("message, where", list(NOT_CARRIED.values()), ids=list(NOT_CARRIED))
+def test_nan_infinities_and_huge_integers_are_refused_at_send(transit, path, message, where):
+    # Given a System V or a local name
+    qname = f"carry-{path}"
+    if path == "local":
+        transit.declare_local(qname)
+
+    # When sending a value the other end could not get back exactly
+    with pytest.raises(UnserializableMessage) as info:
+        transit.send(qname, message)
+
+    # Then it is refused, naming where it is, and nothing was queued (no null, no float)
+    assert where in str(info.value), str(info.value)
+    with pytest.raises(Empty):
+        transit.receive(qname, timeout=0)
+
+
+@pytest.mark.parametrize("path", ["sysv", "local"])
+def test_the_edges_of_what_a_message_may_hold_arrive_exactly(transit, path):
+    # Given the extreme integers and floats a message may hold, and null beside them
+    qname = f"edges-{path}"
+    if path == "local":
+        transit.declare_local(qname)
+    message = {"max": 2**64 - 1, "min": -2**63, "big_float": 1.7976931348623157e308,
+               "tiny": 5e-324, "neg_zero": -0.0, "none": None, "text": "null NaN 1e400"}
+
+    # When sent and received, Then every value arrives exactly, with its type
+    transit.send(qname, message)
+    got = strip_meta(transit.receive(qname, timeout=5))
+    assert repr(got) == repr(message)
+
+
+# -- 3. ... and at receive -------------------------------------------------------------------
+
+NOT_CARRIED_ON_THE_WIRE = {
+    "int_30_digits": b'{"n": 123456789012345678901234567890}',
+    "int_2_64": b'{"a": [1, {"n": 18446744073709551616}]}',
+    "int_below_min": b'{"n": -9223372036854775809}',
+    "nan_literal": b'{"x": NaN}',
+    "infinity_literal": b'{"x": -Infinity}',
+    "overflowing_float": b'{"x": 1e400}',
+}
+
+
+@pytest.mark.parametrize("body", list(NOT_CARRIED_ON_THE_WIRE.values()),
+                         ids=list(NOT_CARRIED_ON_THE_WIRE))
+def test_a_raw_senders_huge_integer_or_nan_is_refused_at_receive(transit, body):
+    # Given a raw sender's message holding what JSON numbers cannot carry exactly here,
+    # followed by a good message
+    transit.sysv_queue("raw-q").send_raw(b"MM\x01J" + body)
+    transit.send("raw-q", {"good": 2})
+
+    # When receiving, Then BadMessage (not a float, not a null)
+    with pytest.raises(BadMessage) as info:
+        got = transit.receive("raw-q", timeout=5)
+        pytest.fail(f"delivered as {got!r}")
+    assert info.value.qname == "raw-q"
+    # And the next message is unaffected
+    assert strip_meta(transit.receive("raw-q", timeout=5)) == {"good": 2}
+
+
+def test_a_spilled_huge_integer_is_refused_without_the_files_content(transit, transit_dir):
+    # Given a spill file holding a 30-digit integer, and a reference to it
+    name = uuid.uuid4().hex
+    (transit_dir / ".spill" / name).write_bytes(b'{"n": 123456789012345678901234567890}')
+    transit.sysv_queue("raw-spill").send_raw(b"MM\x01S" + name.encode())
+    # When receiving, Then BadMessage that holds the reference only, and the file is removed
+    with pytest.raises(BadMessage, match="64-bit") as info:
+        transit.receive("raw-spill", timeout=5)
+    assert info.value.raw == b"MM\x01S" + name.encode()
+    assert "1234567890" not in error_texts(info.value)
+    assert list((transit_dir / ".spill").iterdir()) == []
+
+
+def test_the_edges_from_a_raw_sender_arrive_exactly(transit):
+    # Given a raw sender's integers at both ends of the range, floats written without a
+    # fraction, and long digit runs inside strings
+    body = (b'{"max": 18446744073709551615, "min": -9223372036854775808, "f": 1e19, '
+            b'"g": 12345678901234567890.5, "s": "123456789012345678901234567890", '
+            b'"ns": 1700000000000000000}')
+    transit.sysv_queue("raw-edges").send_raw(b"MM\x01J" + body)
+    # When receiving, Then each value arrives as written
+    got = transit.receive("raw-edges", timeout=5)
+    assert repr(got) == repr(orjson.loads(body))
+    assert got["max"] == 2**64 - 1 and type(got["max"]) is int
+    assert got["min"] == -2**63 and type(got["f"]) is float

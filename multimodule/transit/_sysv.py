@@ -38,6 +38,9 @@ from multimodule.transit import _wire
 from multimodule.transit._directory import TransitDirectory
 from multimodule.transit._interrupt import Interrupter, ensure_handler, is_eintr
 
+_DIGIT_TABLE = _wire._DIGIT_TABLE
+_LONG_RUN = _wire._LONG_RUN
+
 #: System V message type used for every multimodule message.
 MTYPE = 1
 
@@ -304,6 +307,8 @@ class SysvQueue:
             except orjson.JSONDecodeError:
                 message = None
             if type(message) is dict:
+                if _LONG_RUN in payload.translate(_DIGIT_TABLE):  # rare: look closer
+                    _wire.check_integers(payload[4:], self.qname)
                 return message
         kind, body = _wire.split_header(payload, self.qname)
         if kind == _wire.KIND_JSON:
