@@ -1,10 +1,11 @@
-"""Security: what may come off a queue or out of a spill file, and what may be sent.
+"""Security: what may come off a queue, a spill file or a parked outbox, and what may be sent.
 
 Spill references are names in the transit directory's ``.spill/``, opened without following a
 symbolic link, and only regular files of a user allowed on that directory are read; their
 content never reaches an error. A message holds only what both ends carry exactly: no NaN or
 infinity, integers from -2**63 to 2**64-1; anything else is refused at ``send``
 (:class:`UnserializableMessage`) and at receive (:class:`BadMessage`), never rounded or nulled.
+Lines of a parked ``outbox.QNAME.jsonl`` are checked like any received message.
 
 The spill tests play the attacker with real users made for the test (one in a group made for a
 shared transit directory, one outside it), acting in forked children that took their
@@ -13,6 +14,7 @@ identities; they need root (skipped otherwise, but never under CI).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import grp
 import os
@@ -21,16 +23,18 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import traceback
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import orjson
 import pytest
 
 from multimodule.errors import BadMessage, Empty, UnserializableMessage
-from multimodule.transit import Transit
+from multimodule.transit import META_KEY, Transit
+from multimodule.transit.lowlevel import encode_body, make_meta
 
 from helpers import strip_meta
 
@@ -396,3 +400,52 @@ def test_the_edges_from_a_raw_sender_arrive_exactly(transit):
     assert repr(got) == repr(orjson.loads(body))
     assert got["max"] == 2**64 - 1 and type(got["max"]) is int
     assert got["min"] == -2**63 and type(got["f"]) is float
+
+
+# -- 4. a parked outbox is checked like any received message ---------------------------------
+
+
+def drain_all(transit: Transit, qname: str) -> list[Any]:
+    """Every message (or BadMessage) waiting on ``qname`` now."""
+    out: list[Any] = []
+    while True:
+        try:
+            out.append(strip_meta(transit.receive(qname, timeout=0)))
+        except BadMessage as exc:
+            out.append(exc)
+        except Empty:
+            return out
+
+
+async def test_garbage_lines_in_a_parked_outbox_are_reported_and_not_sent(inproc, transit):
+    # Given an outbox kept at the last exit for queue "kept", where lines 2 to 6 are not
+    # messages (and line 5 is blank)
+    inproc.state_dir.mkdir(mode=0o700)
+    path = inproc.state_dir / "outbox.kept.jsonl"
+    lines = [
+        encode_body({"n": 1}, make_meta({})),
+        b"garbage",
+        b"[1, 2]",
+        b'{"n": 123456789012345678901234567890}',
+        b"",
+        b'{"x": NaN}',
+        encode_body({"n": 2}, make_meta({})),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    # When the daemon starts
+    await inproc.start()
+    for thread in [t for t in threading.enumerate() if t.name == "mm-overflow:kept"]:
+        await asyncio.to_thread(thread.join, 10)
+
+    # Then each bad line is reported on the error channel, naming the file and the line
+    errors = inproc.records_of("error", str(path))
+    for number, why in ((2, "not valid JSON"), (3, "not an object"), (4, "64-bit"),
+                        (6, "not valid JSON")):
+        assert any(f"{path} line {number}:" in r.text and why in r.text for r in errors), \
+            (number, [r.text for r in errors])
+    assert len(errors) == 4, [r.text for r in errors]
+    assert inproc.records_of("log", "sending 2 messages kept for queue 'kept'")
+    # And only the good lines were sent, in order
+    assert drain_all(transit, "kept") == [{"n": 1}, {"n": 2}]
+    assert not path.exists()

@@ -322,12 +322,31 @@ class HostProcess:
                                                 "daemon starts again")
 
     def _restore_kept(self) -> None:
+        """Send what :meth:`_keep` kept at the last exit. Each line is checked like a received
+        message; one that is not a message is reported (file and line number) and not sent."""
+        from multimodule.errors import BadMessage
+        from multimodule.transit.lowlevel import decode_body
+
         for path in sorted(self.store.path.glob("outbox.*.jsonl")):
             qname = path.name[len("outbox."):-len(".jsonl")]
             try:
-                bodies = [line for line in path.read_bytes().split(b"\n") if line]
+                lines = path.read_bytes().split(b"\n")
             except OSError as exc:
                 self.channels.emit("error", SOURCE, f"cannot read {path}: {exc}")
+                continue
+            bodies = []
+            for number, line in enumerate(lines, 1):
+                if not line:
+                    continue
+                try:
+                    decode_body(line, qname)
+                except BadMessage as exc:
+                    self.channels.emit("error", SOURCE, f"{path} line {number}: {exc.reason}; "
+                                                        "not sent")
+                    continue
+                bodies.append(line)
+            if not bodies:
+                path.unlink(missing_ok=True)
                 continue
             self.overflow.resend(qname, bodies, when_sent=lambda p=path: p.unlink(missing_ok=True))
             self.channels.emit("log", SOURCE, f"sending {len(bodies)} messages kept for queue "
