@@ -98,7 +98,7 @@ def encode_body(message: dict[str, Any], meta: dict[str, Any]) -> bytes:
         body = orjson.dumps(out)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise UnserializableMessage(_unserialisable(out, exc)) from exc
-    if b"null" in body:  # a NaN or an infinity is written as null: look for one
+    if body.find(b"null") != -1:  # NaN and infinities are written as null: look for one
         _refuse_not_finite(out)
     return body
 
@@ -201,7 +201,7 @@ def check_integers(body: bytes | memoryview, qname: str | None = None, *,
     the standard library parses it again, seeing each integer's text. ``raw``, ``what``: as
     for :func:`decode_body`."""
     data = bytes(body)
-    if _LONG_RUN not in data.translate(_DIGIT_TABLE):
+    if data.translate(_DIGIT_TABLE).find(_LONG_RUN) == -1:
         return
     try:
         json.loads(data, parse_int=_exact_int, parse_float=_zero)
@@ -287,7 +287,7 @@ def copy_message(message: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
     out = _loads(data)
     if out.__class__ is not dict:
         check_is_object(message)
-    if b"null" in data:  # a NaN or an infinity is written as null: look for one
+    if data.find(b"null") != -1:  # NaN and infinities are written as null: look for one
         _refuse_not_finite(message)
     out[META_KEY] = meta
     return out
