@@ -95,7 +95,9 @@ class InvalidQueueName(UsageError, TransitError):
 
 
 class UnserializableMessage(UsageError, TransitError):
-    """A message is not a JSON object (a ``dict`` with ``str`` keys and JSON-able values)."""
+    """A message is not a JSON object (a ``dict`` with ``str`` keys and JSON-able values), or
+    holds what JSON cannot carry exactly: NaN, an infinity, or an integer outside -2**63 ..
+    2**64-1 (the text names where in the message, when it can)."""
 
 
 class QueueFull(TransitError):
@@ -107,10 +109,12 @@ class Empty(TransitError):
 
 
 class BadMessage(TransitError):
-    """Bytes taken from a queue were not a valid message (header, JSON, object).
+    """Bytes taken from a queue were not a valid message (header, JSON, object, a number out
+    of range, a spill reference refused).
 
     The offending bytes were consumed from the queue (they could never be delivered); the next
-    message is unaffected. ``raw`` holds up to the first 256 bytes for diagnosis.
+    message is unaffected. ``raw`` holds up to the first 256 bytes taken from the queue for
+    diagnosis: for a spill reference, the reference only, never the spill file's content.
     """
 
     def __init__(self, reason: str, *, qname: str | None = None, raw: bytes = b""):

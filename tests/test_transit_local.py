@@ -78,8 +78,8 @@ EDGE_VALUES = {
     "float": 0.1,
     "negative_zero": -0.0,
     "big_int": 2**63 - 1,
-    "nan": float("nan"),
-    "inf": float("inf"),
+    "max_int": 2**64 - 1,
+    "min_int": -2**63,
 }
 
 
@@ -160,6 +160,9 @@ BAD_MESSAGES = {
     "bytes_value": {"a": b"bytes"},
     "nested_object": {"a": [1, {"b": Opaque()}]},
     "int_too_big": {"a": 2**64},
+    "int_too_small": {"a": -2**63 - 1},
+    "nan": {"a": float("nan")},
+    "inf": {"a": [float("inf")]},
     "lone_surrogate": {"a": "\ud800"},
     "lone_surrogate_key": {"\udc80": 1},
 }

@@ -20,14 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from multimodule.config import DaemonOptions
-from multimodule.errors import AlreadyRunning, ConfigError, MultiModuleError, StateError
+from multimodule.errors import (
+    AlreadyRunning,
+    BadMessage,
+    ConfigError,
+    MultiModuleError,
+    StateError,
+)
 from multimodule.oob import Channels, parse_spec
 from multimodule.runtime.configs import ConfigWatcher, TaskConfigs
 from multimodule.runtime.notify import Notifier
 from multimodule.runtime.registry import TaskRegistry
 from multimodule.state import InstanceLock, StateStore, read_own_file, write_atomic
 from multimodule.transit import Transit
-from multimodule.transit.lowlevel import Overflow, ensure_handler
+from multimodule.transit.lowlevel import Overflow, decode_body, ensure_handler
 
 #: Name used for the process's own records and messages.
 SOURCE = "MultiModule"
@@ -322,12 +328,28 @@ class HostProcess:
                                                 "daemon starts again")
 
     def _restore_kept(self) -> None:
+        """Send what :meth:`_keep` kept at the last exit. Each line is checked like a received
+        message; one that is not a message is reported (file and line number) and not sent."""
         for path in sorted(self.store.path.glob("outbox.*.jsonl")):
             qname = path.name[len("outbox."):-len(".jsonl")]
             try:
-                bodies = [line for line in read_own_file(path).split(b"\n") if line]
+                lines = read_own_file(path).split(b"\n")
             except OSError as exc:
                 self.channels.emit("error", SOURCE, f"cannot read {path}: {exc}")
+                continue
+            bodies = []
+            for number, line in enumerate(lines, 1):
+                if not line:
+                    continue
+                try:
+                    decode_body(line, qname)
+                except BadMessage as exc:
+                    self.channels.emit("error", SOURCE, f"{path} line {number}: {exc.reason}; "
+                                                        "not sent")
+                    continue
+                bodies.append(line)
+            if not bodies:
+                path.unlink(missing_ok=True)
                 continue
             self.overflow.resend(qname, bodies, when_sent=lambda p=path: p.unlink(missing_ok=True))
             self.channels.emit("log", SOURCE, f"sending {len(bodies)} messages kept for queue "

@@ -4,12 +4,20 @@ A message whose encoded size exceeds the queue's limit (the kernel's ``msgmax``,
 default, or the queue's byte capacity if smaller) is written to a spill file in the transit
 directory's private ``.spill/`` and the queue carries only the file's name; the receiver reads
 and removes the file. So no size of message is refused or cut.
+
+A spill reference is trusted no more than the bytes of a message: it must be a bare name
+(letters and digits), it is opened relative to ``.spill/`` without following a symbolic link,
+and only a regular file with one link, owned by a user allowed on the transit directory, is
+read (see :meth:`SysvQueue.decode`). A refused or broken spill file never reaches an error
+record: :class:`BadMessage` then holds the reference only.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pwd
+import stat as stat_mod
 import threading
 import time
 import uuid
@@ -29,6 +37,9 @@ from multimodule.errors import (
 from multimodule.transit import _wire
 from multimodule.transit._directory import TransitDirectory
 from multimodule.transit._interrupt import Interrupter, ensure_handler, is_eintr
+
+_DIGIT_TABLE = _wire._DIGIT_TABLE
+_LONG_RUN = _wire._LONG_RUN
 
 #: System V message type used for every multimodule message.
 MTYPE = 1
@@ -117,6 +128,48 @@ def _proc_cbytes(queue_id: int) -> int | None:
     except (OSError, ValueError, IndexError, StopIteration):
         return None
     return None
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)  # removes a link itself, never its target
+    except OSError:
+        pass
+
+
+#: Seconds a user's right to a shared transit directory is remembered (the group database is
+#: read again after that, so a user removed from the group is refused soon after).
+OWNER_CACHE_S = 10.0
+_owner_cache: dict[tuple[int, int], tuple[float, bool]] = {}
+
+
+def owner_allowed(uid: int, directory: TransitDirectory) -> bool:
+    """Whether a spill file owned by ``uid`` may be read from ``directory``'s ``.spill/``:
+    a file of root, of this process's user or of the directory's owner; for a directory shared
+    with a group, also of a user whose primary or supplementary groups include that group."""
+    if uid == 0 or uid == os.geteuid():
+        return True
+    try:
+        if uid == os.stat(directory.path).st_uid:
+            return True
+    except OSError:
+        return False
+    gid = directory.gid
+    if gid is None:
+        return False
+    now = time.monotonic()
+    cached = _owner_cache.get((uid, gid))
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    try:
+        pw = pwd.getpwuid(uid)
+        member = pw.pw_gid == gid or gid in os.getgrouplist(pw.pw_name, pw.pw_gid)
+    except (KeyError, OSError):  # no such user (any more)
+        member = False
+    if len(_owner_cache) > 1024:
+        _owner_cache.clear()
+    _owner_cache[(uid, gid)] = (now + OWNER_CACHE_S, member)
+    return member
 
 
 class SysvQueue:
@@ -243,7 +296,10 @@ class SysvQueue:
     def decode(self, payload: bytes) -> dict:
         """Turn a raw message into the message dict; reads and removes a spill file.
 
-        Raises :class:`BadMessage` for anything that is not a valid message.
+        Raises :class:`BadMessage` for anything that is not a valid message, including a
+        spill reference that is not a bare name of a regular file in ``.spill/`` owned by a
+        user allowed on the transit directory (see :func:`owner_allowed`); the file's content
+        never reaches the error (``raw`` is the reference).
         """
         if payload[:4] == _wire.HEADER_JSON:  # the common case, without memoryviews
             try:
@@ -251,22 +307,71 @@ class SysvQueue:
             except orjson.JSONDecodeError:
                 message = None
             if type(message) is dict:
+                if payload.translate(_DIGIT_TABLE).find(_LONG_RUN) != -1:  # rare: look closer
+                    _wire.check_integers(payload[4:], self.qname)
                 return message
         kind, body = _wire.split_header(payload, self.qname)
         if kind == _wire.KIND_JSON:
             return _wire.decode_body(body, self.qname)
-        name = bytes(body).decode("ascii", "replace")
-        if not name.isalnum():
+        return self._decode_spill(payload, bytes(body))
+
+    def _decode_spill(self, payload: bytes, reference: bytes) -> dict:
+        name = reference.decode("ascii", "replace")
+        if not (name.isascii() and name.isalnum()):
             raise BadMessage(f"bad spill file name {name!r}", qname=self.qname, raw=payload)
-        path = self.directory.spill_path / name
+        data = self._read_spill(name, payload)
+        return _wire.decode_body(data, self.qname, raw=payload,
+                                 what=f"spill file {name} (content not shown)")
+
+    def _read_spill(self, name: str, payload: bytes) -> bytes:
+        """The bytes of spill file ``name``, which is then removed; raises :class:`BadMessage`
+        (whose ``raw`` is ``payload``, the reference) if it is not one to read."""
+        spill = self.directory.spill_path
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            dir_fd = os.open(spill, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise BadMessage(f"spill file {path} unreadable: {exc}", qname=self.qname,
-                             raw=payload) from exc
-        self._remove_spill(name)
-        return _wire.decode_body(data, self.qname)
+            raise BadMessage(f"spill directory {spill} unusable: {exc.strerror}",
+                             qname=self.qname, raw=payload) from None
+        try:
+            try:
+                # O_NONBLOCK: a FIFO put there must not block the open; fstat refuses it.
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                             | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    self._refuse_spill(dir_fd, name, payload, "is a symbolic link")
+                raise BadMessage(f"spill file {spill / name} unreadable: {exc.strerror}",
+                                 qname=self.qname, raw=payload) from None
+            try:
+                st = os.fstat(fd)
+                if not stat_mod.S_ISREG(st.st_mode):
+                    self._refuse_spill(dir_fd, name, payload, "is not a regular file")
+                if st.st_nlink != 1:
+                    self._refuse_spill(dir_fd, name, payload,
+                                       f"has {st.st_nlink} links (a hard link to a file "
+                                       "elsewhere?)")
+                if not owner_allowed(st.st_uid, self.directory):
+                    self._refuse_spill(dir_fd, name, payload,
+                                       f"is owned by uid {st.st_uid}, which may not use the "
+                                       f"transit directory {self.directory.path}")
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    data = f.read()
+            except OSError as exc:
+                raise BadMessage(f"spill file {spill / name} unreadable: {exc.strerror}",
+                                 qname=self.qname, raw=payload) from None
+            finally:
+                os.close(fd)
+            _unlink_at(dir_fd, name)
+            return data
+        finally:
+            os.close(dir_fd)
+
+    def _refuse_spill(self, dir_fd: int, name: str, payload: bytes, why: str):
+        """Remove the entry ``name`` of ``.spill/`` (never what it points at) and raise
+        :class:`BadMessage` saying ``why`` it was refused."""
+        _unlink_at(dir_fd, name)
+        raise BadMessage(f"spill file {self.directory.spill_path / name} refused: it {why}",
+                         qname=self.qname, raw=payload)
 
     # -- waiting ---------------------------------------------------------------------------
 

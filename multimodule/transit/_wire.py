@@ -10,10 +10,23 @@ the message was too large for one System V message and ``body`` is the name of a
 
 Every sent message carries ``.ipc_transit_meta``: ``send_ts`` (float seconds since the epoch),
 ``source_hostname`` and the caller's extra meta keys (the key name comes from IPC::Transit).
+
+A message holds only what both ends carry exactly, and nothing is rounded or nulled on the way:
+no NaN or infinity (orjson would write ``null``), and integers from :data:`INT_MIN` (-2**63) to
+:data:`INT_MAX` (2**64-1), the range orjson both writes and reads back as an ``int`` (it
+parses a larger one as a float). Sending anything else raises
+:class:`UnserializableMessage`; receiving it raises :class:`BadMessage`. Both checks cost next
+to nothing on the common path: a NaN or infinity is looked for (a walk of the message) only when
+orjson's output holds ``null``, and an integer out of range (which only a foreign sender can
+put on a queue) only when the body holds a run of 20 digits or of ``-`` and 19 digits; it is
+then told exactly by parsing again with the standard library, which sees each integer's text.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import json
 import socket
 import time
 from typing import Any
@@ -31,6 +44,16 @@ HEADER_SPILL = MAGIC + bytes([VERSION]) + KIND_SPILL
 HEADER_LEN = len(HEADER_JSON)
 
 META_KEY = ".ipc_transit_meta"
+
+#: The integers a message may hold: what orjson writes and reads back exactly (signed or
+#: unsigned 64-bit).
+INT_MIN = -2**63
+INT_MAX = 2**64 - 1
+
+#: Receive-side trigger of the exact integer check: digits and ``-`` become ``0``, anything
+#: else a space; an integer out of range then shows as :data:`_LONG_RUN`.
+_DIGIT_TABLE = bytes(0x30 if 0x30 <= b <= 0x39 or b == 0x2D else 0x20 for b in range(256))
+_LONG_RUN = b"0" * 20
 
 _hostname: str | None = None
 
@@ -64,16 +87,137 @@ def check_is_object(message: object) -> None:
 def encode_body(message: dict[str, Any], meta: dict[str, Any]) -> bytes:
     """The JSON body of ``message`` with ``meta`` set as its ``.ipc_transit_meta``.
 
-    Raises :class:`UnserializableMessage` for non-``str`` keys or values JSON cannot carry.
-    The caller's dict is not modified.
+    Raises :class:`UnserializableMessage` for non-``str`` keys or values JSON cannot carry
+    exactly (NaN, infinities, integers outside :data:`INT_MIN` .. :data:`INT_MAX`; the error
+    names where in the message). The caller's dict is not modified.
     """
     check_is_object(message)
     out = dict(message)
     out[META_KEY] = meta
     try:
-        return orjson.dumps(out)
+        body = orjson.dumps(out)
     except (TypeError, orjson.JSONEncodeError) as exc:
-        raise UnserializableMessage(f"message is not JSON-serialisable: {exc}") from exc
+        raise UnserializableMessage(_unserialisable(out, exc)) from exc
+    if body.find(b"null") != -1:  # NaN and infinities are written as null: look for one
+        _refuse_not_finite(out)
+    return body
+
+
+def _key(key: Any) -> str:
+    try:
+        return json.dumps(key, ensure_ascii=False) if type(key) is str else repr(key)
+    except (TypeError, ValueError):
+        return repr(key)
+
+
+def not_carried(message: Any) -> str | None:
+    """What in ``message`` a message cannot carry exactly, naming its key path
+    (``["a"]["b"][0]``): the first NaN, infinity or integer outside :data:`INT_MIN` ..
+    :data:`INT_MAX`; ``None`` if there is none. Looks into what orjson serialises natively
+    (dicts, lists, tuples, dataclasses, enums), at most 255 levels deep."""
+    stack: list[tuple[Any, str, int]] = [(message, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, float):
+            if value != value or value in (_INF, -_INF):
+                return (f"{value!r} at {where or 'the top'}: JSON has no NaN or infinity "
+                        "(it would arrive as null)")
+        elif isinstance(value, int):
+            if not INT_MIN <= value <= INT_MAX:
+                shown = str(value) if value.bit_length() <= 128 else \
+                    f"a {value.bit_length()}-bit integer"
+                return (f"{shown} at {where or 'the top'} is outside the 64-bit range "
+                        f"{INT_MIN} .. {INT_MAX}")
+        elif depth >= 255 or isinstance(value, str):
+            continue
+        elif isinstance(value, dict):
+            stack.extend((v, f"{where}[{_key(k)}]", depth + 1)
+                         for k, v in reversed(list(value.items())))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]", depth + 1)
+                         for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, enum.Enum):
+            stack.append((value.value, where, depth + 1))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            stack.extend((getattr(value, f.name, None), f"{where}.{f.name}", depth + 1)
+                         for f in reversed(dataclasses.fields(value)))
+    return None
+
+
+_INF = float("inf")
+
+
+def _unserialisable(message: Any, exc: Exception) -> str:
+    return f"message is not JSON-serialisable: {not_carried(message) or exc}"
+
+
+_PLAIN = frozenset((str, int, bool, type(None)))
+
+
+def _refuse_not_finite(message: Any) -> None:
+    """Raise :class:`UnserializableMessage` if ``message`` holds a NaN or an infinity.
+
+    A walk that looks only at the class of each value and at floats (``v - v`` is 0.0 for a
+    finite float only); the key path is worked out by :func:`not_carried` once one is found.
+    Anything but plain JSON types (subclasses, dataclasses, enums) goes to the full walk.
+    """
+    stack = [message]
+    pop, extend, plain = stack.pop, stack.extend, _PLAIN
+    while stack:
+        value = pop()
+        cls = value.__class__
+        if cls is float:
+            if value - value == 0.0:
+                continue
+        elif cls in plain:
+            continue
+        elif cls is dict:
+            extend(value.values())
+            continue
+        elif cls is list or cls is tuple:
+            extend(value)
+            continue
+        found = not_carried(value if cls is not float else message)
+        if found is None:
+            continue
+        raise UnserializableMessage(f"message is not JSON-serialisable: "
+                                    f"{not_carried(message) or found}")
+
+
+def _exact_int(text: str) -> int:
+    """``parse_int`` of the standard library's parser: raises ``OverflowError`` (which no
+    parse error is) for an integer outside the range."""
+    digits = len(text) - (text[0] == "-")
+    if digits > 20 or not INT_MIN <= int(text) <= INT_MAX:
+        raise OverflowError
+    return 0
+
+
+def check_integers(body: bytes | memoryview, qname: str | None = None, *,
+                   raw: bytes | None = None, what: str = "body") -> None:
+    """Raise :class:`BadMessage` if the JSON ``body`` (that orjson parsed) holds an integer
+    outside :data:`INT_MIN` .. :data:`INT_MAX`, which orjson turned into a float. Costs a
+    table lookup per byte unless the body holds 20 digits (or ``-`` and 19) in a row; then
+    the standard library parses it again, seeing each integer's text. ``raw``, ``what``: as
+    for :func:`decode_body`."""
+    data = bytes(body)
+    if data.translate(_DIGIT_TABLE).find(_LONG_RUN) == -1:
+        return
+    try:
+        json.loads(data, parse_int=_exact_int, parse_float=_zero)
+        return
+    except OverflowError:
+        pass
+    except ValueError:  # orjson took it; nothing the standard library refuses is a number
+        return
+    # Raised here, with no exception (nor the integer's text) in its context.
+    raise BadMessage(f"{what} holds an integer outside the 64-bit range {INT_MIN} .. "
+                     f"{INT_MAX} (it would arrive as a float)", qname=qname,
+                     raw=data if raw is None else raw)
+
+
+def _zero(text: str) -> float:
+    return 0.0
 
 
 def _json_type(value: Any) -> str:
@@ -81,16 +225,31 @@ def _json_type(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def decode_body(body: bytes | memoryview, qname: str | None = None) -> dict[str, Any]:
-    """Parse a JSON body into a ``dict``; raise :class:`BadMessage` if it is not a JSON object."""
+def decode_body(body: bytes | memoryview, qname: str | None = None, *,
+                raw: bytes | None = None, what: str = "body") -> dict[str, Any]:
+    """Parse a JSON body into a ``dict``; raise :class:`BadMessage` if it is not a JSON object
+    or holds an integer outside :data:`INT_MIN` .. :data:`INT_MAX` (orjson itself refuses NaN,
+    infinities and numbers that overflow to one).
+
+    ``raw``: what the error holds instead of the body (a spill reference: the content of a
+    spill file never reaches an error, nor is the parser's exception, which holds its input,
+    chained to it). ``what``: how the error names the body.
+    """
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadMessage(f"body is not valid JSON ({exc})", qname=qname, raw=bytes(body)) from exc
+        if raw is None:
+            raise BadMessage(f"{what} is not valid JSON ({exc})", qname=qname,
+                             raw=bytes(body)) from exc
+        invalid = f"{what} is not valid JSON ({exc})"
+    else:
+        invalid = None
+    if invalid is not None:  # raised here, with no exception in its context
+        raise BadMessage(invalid, qname=qname, raw=raw)
     if type(value) is not dict:
-        raise BadMessage(
-            f"body is JSON {_json_type(value)}, not an object", qname=qname, raw=bytes(body)
-        )
+        raise BadMessage(f"{what} is JSON {_json_type(value)}, not an object", qname=qname,
+                         raw=bytes(body) if raw is None else raw)
+    check_integers(body, qname, raw=raw, what=what)
     return value
 
 
@@ -115,18 +274,21 @@ def copy_message(message: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
 
     The copy is made by orjson in C (``loads(dumps(message))``): no system call and no wire
     header, about 2.5 times faster than a Python walk of the message, and equal by
-    construction to what the System V path delivers (tuples become lists, NaN becomes null,
-    datetimes become strings). Raises :class:`UnserializableMessage` for what JSON cannot
-    carry (non-``str`` keys, integers beyond 64 bits, lone surrogates, nesting deeper than
-    orjson's limit of 254).
+    construction to what the System V path delivers (tuples become lists, datetimes become
+    strings). Raises :class:`UnserializableMessage` for what JSON cannot carry exactly
+    (non-``str`` keys, NaN and infinities, integers outside :data:`INT_MIN` ..
+    :data:`INT_MAX`, lone surrogates, nesting deeper than orjson's limit of 254).
     """
     try:
-        out = _loads(_dumps(message))
+        data = _dumps(message)
     except (TypeError, orjson.JSONEncodeError) as exc:
         check_is_object(message)
-        raise UnserializableMessage(f"message is not JSON-serialisable: {exc}") from exc
+        raise UnserializableMessage(_unserialisable(message, exc)) from exc
+    out = _loads(data)
     if out.__class__ is not dict:
         check_is_object(message)
+    if data.find(b"null") != -1:  # NaN and infinities are written as null: look for one
+        _refuse_not_finite(message)
     out[META_KEY] = meta
     return out
 
