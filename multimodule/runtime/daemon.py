@@ -86,7 +86,6 @@ class Daemon(HostProcess):
 
     async def start_tasks(self) -> None:
         opts = self.options
-        self.overflow.limit_creations(opts.queue_creation_rate, opts.queue_creation_burst)
         backend = self._backend or make_backend(
             opts.task_backend, state_dir=self.store.path, transit_dir=self.transit.path,
             config_file=opts.config_file, task_path=opts.task_path, prefixes=opts.prefixes,

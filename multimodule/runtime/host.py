@@ -247,6 +247,10 @@ class HostProcess:
                 transit_lock = None
                 raise MultiModuleError(str(exc)) from None
             self.overflow = Overflow(self.transit, self._report)
+            # Both the daemon and an external task's process: what one message may make a
+            # task create is bounded in either.
+            self.overflow.limit_creations(self.options.queue_creation_rate,
+                                          self.options.queue_creation_burst)
             self.channels.send = self.send_out
             self.registry = TaskRegistry(
                 transit=self.transit, channels=self.channels, store=self.store,
