@@ -77,7 +77,10 @@ def test_send_json_from_stdin(transit, child_env):
     (["cli-bad", '"text"'], None, "must be a JSON object"),
     (["cli-bad", "42"], None, "must be a JSON object"),
     (["cli-bad"], "null", "must be a JSON object"),
-], ids=["truncated", "garbage", "stdin-garbage", "array", "string", "number", "stdin-null"])
+    (["cli-bad", '{"n": 123456789012345678901234567890}'], None, "outside the 64-bit range"),
+    (["cli-bad", '{"n": NaN}'], None, "not valid JSON"),
+], ids=["truncated", "garbage", "stdin-garbage", "array", "string", "number", "stdin-null",
+        "huge-integer", "nan"])
 def test_send_bad_input_exits_2_and_sends_nothing(transit, child_env, argv, stdin, words):
     # Given an existing, empty queue
     transit.sysv_queue("cli-bad")

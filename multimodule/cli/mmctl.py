@@ -28,7 +28,7 @@ from multimodule.errors import (
     UsageError,
 )
 from multimodule.transit import Transit, default_transit_dir
-from multimodule.transit.lowlevel import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
+from multimodule.transit.lowlevel import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR, decode_body
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -71,16 +71,14 @@ def _open_transit(args: argparse.Namespace) -> Transit:
 
 
 def _parse_object(text: str, origin: str) -> dict[str, Any]:
+    # Read as a receiver reads a message: a JSON object, integers within 64 bits (a larger one
+    # would silently become a float), no NaN.
     try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise CommandError(f"{origin} is not valid JSON: {exc}", EXIT_USAGE) from exc
-    if not isinstance(value, dict):
-        raise CommandError(
-            f"{origin} must be a JSON object ({{...}}), not a JSON {type(value).__name__}",
-            EXIT_USAGE,
-        )
-    return value
+        return decode_body(text.encode("utf-8", "surrogatepass"), what=origin)
+    except BadMessage as exc:
+        raise CommandError(exc.reason.replace(" is JSON ", " must be a JSON object ({...}), "
+                                              "not a JSON ").replace(", not an object", ""),
+                           EXIT_USAGE) from None
 
 
 def _print_json(value: Any) -> None:
