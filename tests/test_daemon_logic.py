@@ -336,3 +336,24 @@ async def test_a_request_that_comes_while_the_daemon_stops_is_answered(inproc, m
     # Then that request is answered too, before the daemon exits
     assert "stopping" in inproc.transit.receive("late-reply", timeout=0)["error"]
     inproc.transit.remove("late-reply")
+
+
+async def test_a_long_command_without_a_reply_queue_runs_without_warnings(inproc, recwarn):
+    # Given a task (the original's control messages carry no reply_to)
+    inproc.task("Keeper", KEEPER)
+    inproc.config("[Keeper]\n")
+    daemon = await inproc.start()
+    # When a migration is asked for with no reply queue
+    inproc.transit.local_queue(daemon.options.control_queue).put(
+        {".multimodule": {"migrate": {"task": "Keeper", "to": "external"}}})
+    await inproc.quiet()
+    # Then it is carried out, and nothing was left un-awaited
+    assert "Keeper" in daemon.externals
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+async def test_a_malformed_control_message_is_reported(inproc, transit):
+    daemon = await inproc.start()
+    transit.sysv_queue(daemon.options.control_queue).send_raw(b"MM\x01Jnot json")
+    await inproc.quiet()
+    assert inproc.records_of("error", "control queue: bad message")

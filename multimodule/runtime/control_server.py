@@ -72,10 +72,16 @@ class ControlServer:
     def start(self) -> None:
         """Take the control queue and serve it (on the loop)."""
         self.queue = self.transit.declare_local(self.qname)
-        self.receiver = self.transit.receiver(self.qname, self.queue.put)
+        self.receiver = self.transit.receiver(self.qname, self.queue.put,
+                                              on_error=self._on_transit_error)
         self.receiver.start()
         self._serving = asyncio.get_running_loop().create_task(self._serve(),
                                                                name="control")
+
+    def _on_transit_error(self, exc: TransitError) -> None:
+        # A malformed message on the control queue (bad bytes, a refused spill file): said,
+        # never silently dropped; the next request is unaffected.
+        self.channels.emit("error", SOURCE, f"control queue: {exc}")
 
     @property
     def idle(self) -> bool:
@@ -146,7 +152,7 @@ class ControlServer:
             return await self.target.query(body.query, body.task)
         if errors:
             return {"error": "; ".join(errors)}
-        if waits:
+        if waits and body.reply_to is not None:  # nobody to answer: the commands run on
             return _first_problem(waits)
         return {"ok": True}
 
