@@ -32,7 +32,7 @@ from typing import Any, Callable
 import orjson
 import pytest
 
-from multimodule.errors import BadMessage, Empty, UnserializableMessage
+from multimodule.errors import BadMessage, Empty, TransitBroken, UnserializableMessage
 from multimodule.transit import META_KEY, Transit
 from multimodule.transit.lowlevel import encode_body, make_meta
 
@@ -449,3 +449,38 @@ async def test_garbage_lines_in_a_parked_outbox_are_reported_and_not_sent(inproc
     # And only the good lines were sent, in order
     assert drain_all(transit, "kept") == [{"n": 1}, {"n": 2}]
     assert not path.exists()
+
+
+def test_a_spill_dir_swapped_for_a_link_after_start_is_not_written_through(transit, tmp_path):
+    # Given a transit in use, and its .spill replaced by a link to another directory (as a
+    # member of a shared group could do: the transit dir is group-writable)
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    spill = transit.path / ".spill"
+    spill.rename(transit.path / ".spill-old")
+    spill.symlink_to(target)
+    # When a message too large for one System V message is sent
+    big = {"blob": "x" * (transit.msgmax * 2)}
+    try:
+        with pytest.raises(TransitBroken, match="spill directory"):
+            transit.send("big", big)
+        # Then nothing was written through the link
+        assert list(target.iterdir()) == []
+    finally:
+        spill.unlink()
+        (transit.path / ".spill-old").rename(spill)
+
+
+def test_a_spill_file_larger_than_a_message_may_be_is_refused_unread(transit, monkeypatch):
+    # Given a small limit, and a spill file (sparse: it costs no disk) over it
+    monkeypatch.setattr("multimodule.transit._sysv.MAX_MESSAGE_BYTES", 1 << 20)
+    name = "f" * 32
+    with open(transit.path / ".spill" / name, "wb") as f:
+        f.truncate(2 << 20)
+    # When a reference to it arrives / Then it is refused without being read
+    transit.sysv_queue("huge").send_raw(b"MM\x01S" + name.encode())
+    with pytest.raises(BadMessage, match="more than a message may"):
+        transit.receive("huge", timeout=5)
+    # and a message over the limit is refused at send, nothing sent
+    with pytest.raises(UnserializableMessage, match="larger than a message may be"):
+        transit.send("huge", {"blob": "y" * (2 << 20)})

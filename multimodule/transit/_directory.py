@@ -188,17 +188,9 @@ class TransitDirectory:
                     f"transit path {path} is not a directory (or is a symlink)") from None
             raise TransitBroken(f"cannot prepare {what} {path}: {exc}") from exc
         try:
-            st = os.fstat(fd)
-            mode = stat_mod.S_IMODE(st.st_mode)
-            if mode & 0o002:
-                raise TransitBroken(f"{what} {path} is writable by others (mode {mode:04o}): "
-                                    "refusing it")
+            st, mode = self._check_dir_fd(fd, path, what)
             if st.st_uid != euid:
-                if self.gid is not None and st.st_gid == self.gid and mode & 0o070 == 0o070:
-                    return  # a shared directory made by its owner; we may not chmod it
-                shared = "" if self.gid is None else f", nor shared with group {self.gid}"
-                raise TransitBroken(f"{what} {path} belongs to uid {st.st_uid}, not to this "
-                                    f"process's user (uid {euid}){shared}: refusing it")
+                return  # a shared directory made by its owner; we may not chmod it
             if self.gid is not None and st.st_gid != self.gid:
                 os.fchown(fd, -1, self.gid)
             if mode != self.dir_mode:
@@ -207,6 +199,43 @@ class TransitDirectory:
             raise TransitBroken(f"cannot prepare {what} {path}: {exc}") from exc
         finally:
             os.close(fd)
+
+    def _check_dir_fd(self, fd: int, path: Path, what: str) -> tuple[os.stat_result, int]:
+        """``(stat, mode)`` of the open directory ``fd`` if it is one this process may use:
+        not writable by others, and ours, or shared with our group (that group's, with group
+        access). Raises :class:`TransitBroken` naming ``what`` and ``path`` otherwise."""
+        st = os.fstat(fd)
+        mode = stat_mod.S_IMODE(st.st_mode)
+        if not stat_mod.S_ISDIR(st.st_mode):
+            raise TransitBroken(f"{what} {path} is not a directory: refusing it")
+        if mode & 0o002:
+            raise TransitBroken(f"{what} {path} is writable by others (mode {mode:04o}): "
+                                "refusing it")
+        euid = os.geteuid()
+        if st.st_uid != euid and not (self.gid is not None and st.st_gid == self.gid
+                                      and mode & 0o070 == 0o070):
+            shared = "" if self.gid is None else f", nor shared with group {self.gid}"
+            raise TransitBroken(f"{what} {path} belongs to uid {st.st_uid}, not to this "
+                                f"process's user (uid {euid}){shared}: refusing it")
+        return st, mode
+
+    def open_spill_dir(self) -> int:
+        """A descriptor of the spill directory, opened without following a link and checked
+        as at start (its parent, the transit directory, may be writable by the group: a
+        member could have swapped it since). The caller closes it. Raises
+        :class:`TransitBroken`."""
+        try:
+            fd = os.open(self.spill_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TransitBroken(f"spill directory {self.spill_path} unusable: "
+                                f"{exc.strerror}") from None
+        try:
+            self._check_dir_fd(fd, self.spill_path, "spill directory")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def names(self) -> list[str]:
         """The queue names registered in this directory, sorted."""

@@ -33,8 +33,13 @@ from multimodule.errors import (
     QueueFull,
     QueueRemoved,
     TransitBroken,
+    UnserializableMessage,
 )
 from multimodule.transit import _wire
+
+#: Bytes of JSON a message may hold at most (a spill file's size is checked before it is
+#: read: a receiver never reads more than this into memory for one message).
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 from multimodule.transit._directory import TransitDirectory
 from multimodule.transit._interrupt import Interrupter, ensure_handler, is_eintr
 
@@ -209,6 +214,9 @@ class SysvQueue:
         if len(payload) <= self.limit:
             self._send_payload(payload, timeout)
             return
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise UnserializableMessage(f"a message of {len(body)} bytes is larger than a "
+                                        f"message may be ({MAX_MESSAGE_BYTES} bytes)")
         spill_name = self._write_spill(body)
         try:
             self._send_payload(_wire.HEADER_SPILL + spill_name.encode("ascii"), timeout)
@@ -241,9 +249,10 @@ class SysvQueue:
     def _write_spill(self, body: bytes) -> str:
         name = uuid.uuid4().hex
         path = self.directory.spill_path / name
+        dir_fd = self.directory.open_spill_dir()  # never through a swapped-in link
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         self.directory.file_mode)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, self.directory.file_mode, dir_fd=dir_fd)
             try:
                 os.fchmod(fd, self.directory.file_mode)  # the umask must not narrow it
                 if self.directory.gid is not None:
@@ -255,6 +264,8 @@ class SysvQueue:
                 os.close(fd)
         except OSError as exc:
             raise TransitBroken(f"cannot write spill file {path}: {exc}") from exc
+        finally:
+            os.close(dir_fd)
         return name
 
     def _remove_spill(self, name: str) -> None:
@@ -326,12 +337,10 @@ class SysvQueue:
     def _read_spill(self, name: str, payload: bytes) -> bytes:
         """The bytes of spill file ``name``, which is then removed; raises :class:`BadMessage`
         (whose ``raw`` is ``payload``, the reference) if it is not one to read."""
-        spill = self.directory.spill_path
         try:
-            dir_fd = os.open(spill, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise BadMessage(f"spill directory {spill} unusable: {exc.strerror}",
-                             qname=self.qname, raw=payload) from None
+            dir_fd = self.directory.open_spill_dir()
+        except TransitBroken as exc:
+            raise BadMessage(str(exc), qname=self.qname, raw=payload) from None
         try:
             try:
                 # O_NONBLOCK: a FIFO put there must not block the open; fstat refuses it.
@@ -354,6 +363,10 @@ class SysvQueue:
                     self._refuse_spill(dir_fd, name, payload,
                                        f"is owned by uid {st.st_uid}, which may not use the "
                                        f"transit directory {self.directory.path}")
+                if st.st_size > MAX_MESSAGE_BYTES:
+                    self._refuse_spill(dir_fd, name, payload,
+                                       f"holds {st.st_size} bytes, more than a message may "
+                                       f"({MAX_MESSAGE_BYTES})")
                 with os.fdopen(fd, "rb", closefd=False) as f:
                     data = f.read()
             except OSError as exc:
