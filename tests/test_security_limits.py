@@ -305,3 +305,19 @@ def test_the_limits_are_options_with_defaults_and_flags():
     from multimodule.tasks.Router import Router
     assert Router.Config().max_static_forward_queues == 16
     assert Router.Config(max_static_forward_queues=2).max_static_forward_queues == 2
+
+
+def test_built_in_and_frozen_modules_are_never_tasks_even_from_inside_the_task_path(
+        tmp_path, monkeypatch):
+    # Given the working directory inside a --task-path directory (built-in and frozen modules
+    # have no file: their pseudo-paths "built-in" and "frozen" resolve against it)
+    from multimodule.errors import TaskNotFound
+    from multimodule.runtime.loader import find_task_class
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("__hello__", "xxsubtype"):  # frozen, built-in
+        sys.modules.pop(name, None)
+        # When a task of that name is looked for / Then it is not imported
+        with pytest.raises(TaskNotFound):
+            find_task_class(name, [""], [tmp_path])
+        assert name not in sys.modules, name

@@ -37,7 +37,10 @@ def _found_under(module_name: str, paths: Sequence[Path]) -> bool:
         spec = importlib.util.find_spec(module_name)
     except (ImportError, ValueError):
         return False
-    if spec is None or not spec.origin:
+    # Built-in and frozen modules have no file: their origin ("built-in", "frozen") is no
+    # path, and would resolve against the working directory.
+    if spec is None or not spec.has_location or not spec.origin \
+            or not Path(spec.origin).is_absolute():
         return False
     origin = Path(spec.origin).resolve()
     return any(origin.is_relative_to(Path(p).resolve()) for p in paths)
