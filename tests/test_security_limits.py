@@ -321,3 +321,21 @@ def test_built_in_and_frozen_modules_are_never_tasks_even_from_inside_the_task_p
         with pytest.raises(TaskNotFound):
             find_task_class(name, [""], [tmp_path])
         assert name not in sys.modules, name
+
+
+async def test_static_forwards_cannot_multiply_a_message_without_bound(inproc):
+    # Given a running daemon (default: at most 64 copies per message's static_forwards)
+    inproc.capture("copies")
+    await inproc.start()
+    # When a message's hops name the Router 150 times each (150**3 copies if followed)
+    router_hop = [{"forward": {"qname": "Router"}}] * 150
+    inproc.send("Router", {"static_forwards": [router_hop, router_hop,
+                                               [{"forward": {"qname": "copies"}}]]})
+    # and another makes 2 x 3 = 6 copies, within the limit
+    inproc.send("Router", {"static_forwards": [[{"forward": {"qname": "Router"}}] * 2,
+                                               [{"forward": {"qname": "copies"}}] * 3]})
+    await inproc.quiet()
+    # Then the first is refused whole and reported, the second makes its 6 copies
+    assert inproc.records_of("error", "more than max_static_forward_copies (64)")
+    assert len(inproc.taken("copies")) == 6
+    assert (await status(inproc))["tasks"]["Router"]["static_forwards_refused"] == 1

@@ -24,10 +24,13 @@ reported on ``error`` and not forwarded, which breaks routing loops.
 A message carrying ``static_forwards`` (a list of hops, each a list of
 ``{forward = {qname = ...}, transform = {...}}``) ignores the routes: it goes to the first hop
 and carries the remaining hops with it. One that names more distinct queues, over all its hops,
-than ``max_static_forward_queues`` (default 16) is refused whole: reported on ``error``,
-counted (``static_forwards_refused``), sent nowhere. A forward the daemon refuses because it
-would create a queue over its rate (:class:`~multimodule.errors.QueueCreationRefused`) is
-reported naming the queue and counted (``forwards_refused``); the other forwards go out.
+than ``max_static_forward_queues`` (default 16), or whose hops would make more copies than
+``max_static_forward_copies`` (default 64: the sum over its hops of the product of their
+sizes, so a hop naming the Router 150 times cannot multiply a message without bound), is
+refused whole: reported on ``error``, counted (``static_forwards_refused``), sent nowhere. A
+forward the daemon refuses because it would create a queue over its rate
+(:class:`~multimodule.errors.QueueCreationRefused`) is reported naming the queue and counted
+(``forwards_refused``); the other forwards go out.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ MAX_HOPS = 64
 
 #: Default of ``max_static_forward_queues``: the distinct queues one message may name.
 MAX_STATIC_FORWARD_QUEUES = 16
+#: Default of ``max_static_forward_copies``: the copies one message's static_forwards may make.
+MAX_STATIC_FORWARD_COPIES = 64
 
 
 def _is_regex(pattern: Any) -> bool:
@@ -159,6 +164,11 @@ class Router(Task):
             MAX_STATIC_FORWARD_QUEUES, ge=1,
             description="most distinct queues one message's static_forwards may name, over "
                         "all its hops; a message naming more is refused whole")
+        max_static_forward_copies: int = Field(
+            MAX_STATIC_FORWARD_COPIES, ge=1,
+            description="most copies one message's static_forwards may make, over all its "
+                        "hops (each hop multiplies the copies of the one before); a message "
+                        "that would make more is refused whole")
 
     def set_config(self, config: dict[str, Any]) -> None:
         routes = self.settings.routes if self.settings else []
@@ -240,6 +250,14 @@ class Router(Task):
                        f"max_static_forward_queues ({limit}): message refused, not forwarded",
                        source=message.get("source"), first_queues=sorted(named)[:5])
             return
+        copies, most = _copies(plan), self.settings.max_static_forward_copies \
+            if self.settings else MAX_STATIC_FORWARD_COPIES
+        if copies > most:
+            self.static_forwards_refused += 1
+            self.error(f"static_forwards would make {copies} copies of the message, more than "
+                       f"max_static_forward_copies ({most}): message refused, not forwarded",
+                       source=message.get("source"))
+            return
         try:
             hop = [StaticForward.model_validate(entry) for entry in plan[0]]
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -260,6 +278,16 @@ class Router(Task):
                 self.send(entry.forward.qname, out)  # a copy each: the hops list is shared
             except QueueCreationRefused as exc:
                 self._refused(entry.forward.qname, exc, out)
+
+
+def _copies(plan: list[Any]) -> int:
+    """How many messages a ``static_forwards`` plan makes over all its hops: each hop sends
+    one copy per entry of every copy the hop before made."""
+    total, made = 0, 1
+    for hop in plan:
+        made *= len(hop) if isinstance(hop, list) else 0
+        total += made
+    return total
 
 
 def _named_queues(plan: list[Any]) -> set[str]:
