@@ -110,10 +110,10 @@ def read_own_file(path: Path) -> bytes:
 def open_for_append(path: Path, mode: int = 0o600) -> int:
     """Open ``path`` to append to it, never through a symbolic link; return the descriptor.
 
-    A file made here gets ``mode`` whatever the umask; an existing regular file must be this
-    process's user's (its mode is left as its owner set it). Another kind of file (a device
-    such as ``/dev/null``, a FIFO) is opened as it is. Raises ``OSError`` saying what is
-    wrong.
+    A file made here gets ``mode`` whatever the umask; an existing regular file or FIFO must
+    be this process's user's (its mode is left as its owner set it; a FIFO is opened without
+    waiting for a reader: none there is an error, not a hang). A device (``/dev/null``) is
+    opened as it is. Raises ``OSError`` saying what is wrong.
     """
     flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(3):  # the file may come or go between the tries
@@ -131,7 +131,7 @@ def open_for_append(path: Path, mode: int = 0o600) -> int:
                 raise
             return fd
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, flags | os.O_NONBLOCK)
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -140,6 +140,10 @@ def open_for_append(path: Path, mode: int = 0o600) -> int:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 _check_own_file(fd)
+            elif stat.S_ISFIFO(st.st_mode) and st.st_uid != os.geteuid():
+                raise OSError(f"a FIFO of uid {st.st_uid}, not of this process's user "
+                              f"(uid {os.geteuid()})")
+            os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise

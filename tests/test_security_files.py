@@ -380,3 +380,32 @@ def test_detached_task_log_is_created_0600_under_umask_000(mm, umask, transit):
     daemon.stop_ok()
     # Then the log is its owner's only
     assert mode(log) == 0o600
+
+
+def test_an_append_target_that_is_another_users_fifo_is_refused_without_waiting(
+        tmp_path, other_user_for_fifo):
+    # Given a FIFO of another user where a -o file sink or a task log would be
+    from multimodule.state import open_for_append
+
+    fifo = tmp_path / "fifo.out"
+    os.mkfifo(fifo, 0o666)
+    os.chown(fifo, other_user_for_fifo, -1)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # its owner reading what we write
+    try:
+        # When it is opened to append / Then it is refused: it is not ours
+        with pytest.raises(OSError, match="FIFO of uid"):
+            open_for_append(fifo)
+    finally:
+        os.close(reader)
+    # and one of our own with no reader is an error too, not a hang
+    own = tmp_path / "own.fifo"
+    os.mkfifo(own, 0o600)
+    with pytest.raises(OSError):
+        open_for_append(own)
+
+
+@pytest.fixture
+def other_user_for_fifo() -> int:
+    """A uid that is not this process's (nobody's)."""
+    import pwd
+    return pwd.getpwnam("nobody").pw_uid
