@@ -484,3 +484,22 @@ def test_a_spill_file_larger_than_a_message_may_be_is_refused_unread(transit, mo
     # and a message over the limit is refused at send, nothing sent
     with pytest.raises(UnserializableMessage, match="larger than a message may be"):
         transit.send("huge", {"blob": "y" * (2 << 20)})
+
+
+def test_a_name_file_pointing_at_a_queue_not_of_this_directory_is_refused(transit_dir,
+                                                                        other_transit_dir):
+    # Given a private queue in another transit directory (another daemon's, say)
+    private = Transit(other_transit_dir)
+    private.send("secret", {"s": 42})
+    key = private.directory.lookup_key("secret")
+    # and, in a directory shared with a group, a name file rewritten to that queue's key (any
+    # member may write name files there; every queue's key is public)
+    group = os.getgid() if os.getgid() != 0 else grp.getgrnam("nogroup").gr_gid
+    shared = Transit(transit_dir, group=group)
+    shared.send("innocent", {"i": 1})
+    (transit_dir / "innocent").write_text(f"{key}\n")
+    # When a process opens that name afresh and receives from it / Then it is refused, and
+    # the private queue is untouched
+    with pytest.raises(TransitBroken, match="not this transit directory's"):
+        Transit(transit_dir, group=group).receive("innocent", timeout=0)
+    assert private.stat("secret").messages == 1

@@ -271,12 +271,33 @@ class TransitDirectory:
         key = self.lookup_key(qname)
         if key is not None:
             try:
-                return sysv_ipc.MessageQueue(key, 0, max_message_size=max_message_size)
+                return self.open_key(qname, key, max_message_size)
             except sysv_ipc.ExistentialError:
                 pass  # removed under us: recreate below, under the lock
             except sysv_ipc.PermissionsError as exc:
                 raise TransitBroken(f"no permission to open queue {qname!r}: {exc}") from exc
         return self._create_locked(qname, max_message_size)
+
+    def open_key(self, qname: str, key: int, max_message_size: int = 0
+                 ) -> sysv_ipc.MessageQueue:
+        """The live queue of ``key`` (read from ``qname``'s name file) if it is one of this
+        directory's: ours (a private directory), or of its group with group access (a shared
+        one). A name file may be written by any member of a shared directory's group, and
+        keys of every queue are public (``/proc/sysvipc/msg``): without this check a member
+        could point a name at any queue this process may open (root: all of them). Raises
+        ``sysv_ipc.ExistentialError`` if there is none, :class:`TransitBroken` if it is not
+        one of ours."""
+        queue = sysv_ipc.MessageQueue(key, 0, max_message_size=max_message_size)
+        if self.gid is not None:
+            ours = queue.gid == self.gid and queue.mode & 0o060 == 0o060
+        else:
+            ours = queue.uid == os.geteuid()
+        if not ours:
+            raise TransitBroken(
+                f"queue {qname!r}: its name file leads to a queue that is not this transit "
+                f"directory's (uid {queue.uid}, gid {queue.gid}, mode "
+                f"{queue.mode & 0o777:04o}): refusing it")
+        return queue
 
     def _create_locked(self, qname: str, max_message_size: int) -> sysv_ipc.MessageQueue:
         path = self.path / qname
@@ -289,7 +310,7 @@ class TransitDirectory:
             key = _parse_key(os.pread(fd, 32, 0))
             if key is not None:
                 try:
-                    return sysv_ipc.MessageQueue(key, 0, max_message_size=max_message_size)
+                    return self.open_key(qname, key, max_message_size)
                 except sysv_ipc.ExistentialError:
                     pass  # stale key: make a new queue
             queue = self._create_queue(max_message_size)
@@ -331,7 +352,7 @@ class TransitDirectory:
         key = self.lookup_key(qname)
         if key is not None:
             try:
-                sysv_ipc.MessageQueue(key, 0).remove()
+                self.open_key(qname, key).remove()
             except sysv_ipc.ExistentialError:
                 pass
             except sysv_ipc.PermissionsError as exc:

@@ -349,8 +349,8 @@ class SysvQueue:
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     self._refuse_spill(dir_fd, name, payload, "is a symbolic link")
-                raise BadMessage(f"spill file {spill / name} unreadable: {exc.strerror}",
-                                 qname=self.qname, raw=payload) from None
+                raise BadMessage(f"spill file {self.directory.spill_path / name} unreadable: "
+                                 f"{exc.strerror}", qname=self.qname, raw=payload) from None
             try:
                 st = os.fstat(fd)
                 if not stat_mod.S_ISREG(st.st_mode):
@@ -370,8 +370,8 @@ class SysvQueue:
                 with os.fdopen(fd, "rb", closefd=False) as f:
                     data = f.read()
             except OSError as exc:
-                raise BadMessage(f"spill file {spill / name} unreadable: {exc.strerror}",
-                                 qname=self.qname, raw=payload) from None
+                raise BadMessage(f"spill file {self.directory.spill_path / name} unreadable: "
+                                 f"{exc.strerror}", qname=self.qname, raw=payload) from None
             finally:
                 os.close(fd)
             _unlink_at(dir_fd, name)

@@ -10,7 +10,7 @@ from typing import Any
 
 import sysv_ipc
 
-from multimodule.errors import QueueRemoved, TransitError
+from multimodule.errors import QueueRemoved, TransitBroken, TransitError
 from multimodule.transit import _wire
 from multimodule.transit._async import AsyncReceiver, Deliver, OnError
 from multimodule.transit._directory import (
@@ -252,8 +252,8 @@ class Transit:
         if key is None:
             return None
         try:
-            return sysv_ipc.MessageQueue(key, 0, max_message_size=self.msgmax)
-        except (sysv_ipc.Error, OSError):  # gone, or not ours to open
+            return self.directory.open_key(qname, key, self.msgmax)
+        except (sysv_ipc.Error, OSError, TransitBroken):  # gone, or not ours to open
             return None
 
     def send_if_exists(self, qname: str, message: dict[str, Any]) -> bool:
