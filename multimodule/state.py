@@ -47,8 +47,8 @@ def make_private_dirs(path: Path) -> None:
 
 def check_directory(path: Path, what: str) -> None:
     """Refuse (raise :class:`ConfigError` naming ``what`` and ``path``) a directory that is not
-    this process's user's or that others may write: another user could plant links or files in
-    it. A symbolic link to a directory is accepted only if it is this user's own, and then its
+    this process's user's or that its group or others may write: they could plant links or
+    files in it. A symbolic link to a directory is accepted only if it is this user's own, and then its
     target is checked."""
     euid = os.geteuid()
     try:
@@ -64,9 +64,10 @@ def check_directory(path: Path, what: str) -> None:
     if st.st_uid != euid:
         raise ConfigError(f"{what} {path} belongs to uid {st.st_uid}, not to this process's "
                           f"user (uid {euid}): refusing it (its owner could plant files in it)")
-    if st.st_mode & 0o002:
-        raise ConfigError(f"{what} {path} is writable by others (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}): refusing it")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{what} {path} is writable by its group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): refusing it (they could plant "
+                          "files in it)")
 
 
 def _check_own_file(fd: int) -> None:
