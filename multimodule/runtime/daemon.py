@@ -129,8 +129,7 @@ class Daemon(HostProcess):
         """Write the options external tasks inherit (see :func:`inherit_options`)."""
         try:
             write_atomic(options_path(self.store.path),
-                         published_options(self.options, absolute_spec(self.options.oob)),
-                         mode=0o640)
+                         published_options(self.options, absolute_spec(self.options.oob)))
         except OSError as exc:
             self.channels.emit("error", SOURCE, f"cannot write the options for external "
                                                 f"tasks: {exc}")

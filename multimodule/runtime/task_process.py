@@ -53,7 +53,7 @@ class FiguresReporter:
         report = {"pid": os.getpid(), "started_at": self.runner.started_at,
                   "time": time.time(), "counters": self.runner.figures()}
         try:
-            write_atomic(self.path, orjson.dumps(report, default=str), mode=0o660)
+            write_atomic(self.path, orjson.dumps(report, default=str))
         except OSError as exc:
             self.channels.emit("error", SOURCE, f"cannot write {self.path}: {exc}")
 
