@@ -29,27 +29,14 @@ from typing import Any
 import orjson
 
 from multimodule.errors import AlreadyRunning, ConfigError, StateError
-
-
-def make_private_dirs(path: Path) -> None:
-    """Create ``path`` and its missing parents, each 0700 (``mkdir -p`` would make the parents
-    with the umask's mode, 0777 under umask 000). Raises ``OSError``."""
-    missing = []
-    while not os.path.lexists(path) and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass  # made meanwhile by someone else: the caller checks what it uses
+from multimodule.files import make_private_dirs
 
 
 def check_directory(path: Path, what: str) -> None:
     """Refuse (raise :class:`ConfigError` naming ``what`` and ``path``) a directory that is not
     this process's user's or that its group or others may write: they could plant links or
-    files in it. A symbolic link to a directory is accepted only if it is this user's own, and then its
-    target is checked."""
+    files in it. A symbolic link to a directory is accepted only if it is this user's own, and
+    then its target is checked."""
     euid = os.geteuid()
     try:
         link = os.lstat(path)

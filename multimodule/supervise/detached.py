@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from multimodule.errors import DetachedProcessError
-from multimodule.state import lock_holder, make_private_dirs, open_for_append
+from multimodule.files import make_private_dirs
+from multimodule.state import lock_holder, open_for_append
 from multimodule.supervise.base import ActiveState, LaunchSpec, TaskProcess
 
 BACKOFF_MIN_S = 1.0

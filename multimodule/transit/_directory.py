@@ -31,6 +31,7 @@ from pathlib import Path
 import sysv_ipc
 
 from multimodule.errors import InvalidQueueName, TransitBroken
+from multimodule.files import make_private_dirs
 
 #: Longest queue name accepted, in characters (and at most 255 bytes once UTF-8 encoded).
 MAX_NAME_CHARS = 200
@@ -119,21 +120,6 @@ def _group_id(group: str | int | None) -> int | None:
         raise TransitBroken(f"transit group {group!r} does not exist") from exc
 
 
-def _make_private_parents(path: Path) -> None:
-    """Create the missing parents of ``path``, each 0700 (``mkdir -p`` would make them with
-    the umask's mode, 0777 under umask 000)."""
-    missing = []
-    parent = path.parent
-    while not os.path.lexists(parent) and parent != parent.parent:
-        missing.append(parent)
-        parent = parent.parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-
-
 def _parse_key(data: bytes) -> int | None:
     """The key in a name file's content, or ``None`` if it is empty, half-written or corrupt
     (the locked path then makes a new queue and rewrites the file)."""
@@ -173,7 +159,7 @@ class TransitDirectory:
         try:
             if parents:
                 # Intermediate directories (e.g. $XDG_RUNTIME_DIR/multimodule) are private too.
-                _make_private_parents(path)
+                make_private_dirs(path.parent)
             try:
                 os.mkdir(path, self.dir_mode)
             except FileExistsError:
