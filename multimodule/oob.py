@@ -47,7 +47,9 @@ _PRIORITY = {"log": 6, "error": 3, "alert": 1, "debug": 7}
 Sender = Callable[[str, dict[str, Any]], None]
 
 
-def _format_fields(fields: dict[str, Any]) -> str:
+def format_fields(fields: dict[str, Any]) -> str:
+    """A record's fields as they follow its text on a stream or in a file
+    (`` key=value ...``; ``""`` for none)."""
     if not fields:
         return ""
     parts = []
@@ -81,7 +83,7 @@ class Sink:
                 send(self.target, record)
             else:
                 prefix = f"{task}: " if channel == "log" else f"{channel}: {task}: "
-                line = prefix + text + _format_fields(fields) + "\n"
+                line = prefix + text + format_fields(fields) + "\n"
                 stream = self._stream()
                 with self._lock:
                     stream.write(line)

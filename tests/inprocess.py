@@ -51,6 +51,7 @@ import contextlib
 import importlib
 import io
 import itertools
+import platform
 import sys
 import textwrap
 import threading
@@ -64,7 +65,7 @@ from multimodule.cli import mmctl as mmctl_cli
 from multimodule.config import DaemonOptions
 from multimodule.errors import BackendError, Empty
 from multimodule.monitor.monitor import Monitor
-from multimodule.oob import Channels, _format_fields, parse_spec
+from multimodule.oob import Channels, format_fields, parse_spec
 from multimodule.runtime.daemon import Daemon
 from multimodule.supervise.base import ActiveState, TaskProcess
 from multimodule.transit import META_KEY, Transit
@@ -86,7 +87,7 @@ class Record:
     def line(self) -> str:
         """The record as the daemon prints it on standard output (``log``) or error."""
         prefix = f"{self.task}: " if self.channel == "log" else f"{self.channel}: {self.task}: "
-        return prefix + self.text + _format_fields(self.fields)
+        return prefix + self.text + format_fields(self.fields)
 
 
 class RecordingChannels(Channels):
@@ -398,7 +399,9 @@ class InProcessDaemon:
         for n, receiver in receivers:
             if receiver.pending:
                 out.append(f"receiver {n}")
-            elif receiver.running and receiver.queue.stat().messages:
+            elif receiver.running and (receiver.queue.stat().messages
+                                       or not _blocked_in_msgrcv(receiver)):
+                # Messages in the kernel queue, or the worker between msgrcv and the hand-over
                 out.append(f"System V queue {n}")
         if d.control is not None and not d.control.idle:
             out.append("control")
@@ -433,6 +436,24 @@ class InProcessDaemon:
             if loop.time() > deadline:
                 raise AssertionError(f"not quiet after {timeout} s: {busy}")
             await asyncio.sleep(0.001)  # work in a worker thread: give it the CPU
+
+
+#: msgrcv's system call number by machine (as /proc/PID/task/TID/syscall shows it).
+_MSGRCV = {"x86_64": "70", "aarch64": "188"}
+
+
+def _blocked_in_msgrcv(receiver) -> bool:
+    """Whether a receiver's worker thread sleeps in ``msgrcv`` now: only then has it handed
+    over everything it took (between ``msgrcv`` returning and the hand-over, the kernel queue
+    is already empty). Unknown machine or no /proc: assume so (the old, racy check)."""
+    number = _MSGRCV.get(platform.machine())
+    if number is None or receiver.native_id is None:
+        return True
+    try:
+        with open(f"/proc/self/task/{receiver.native_id}/syscall") as f:
+            return f.read().split(" ", 1)[0] == number
+    except OSError:
+        return True
 
 
 def strip(messages: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:

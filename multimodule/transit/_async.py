@@ -86,6 +86,11 @@ class AsyncReceiver:
         return len(self._pending)
 
     @property
+    def native_id(self) -> int | None:
+        """The worker thread's kernel thread id (``/proc/self/task/ID``), or ``None``."""
+        return self._thread.native_id if self._thread is not None else None
+
+    @property
     def running(self) -> bool:
         """Whether the worker thread is alive."""
         return self._thread is not None and self._thread.is_alive()
