@@ -57,14 +57,7 @@ class Transit:
     def sysv_queue(self, qname: str) -> SysvQueue:
         """The System V queue for ``qname`` (opened, or created, on first use)."""
         queue = self._sysv.get(qname)
-        if queue is None:
-            validate_qname(qname)
-            with self._lock:
-                queue = self._sysv.get(qname)
-                if queue is None:
-                    queue = SysvQueue(self.directory, qname, self.msgmax)
-                    self._sysv[qname] = queue
-        return queue
+        return queue if queue is not None else self._keep(qname, None)
 
     def sysv_queue_if_exists(self, qname: str) -> SysvQueue | None:
         """The System V queue for ``qname`` if it exists (opened and kept, as
@@ -74,13 +67,17 @@ class Transit:
             return queue
         validate_qname(qname)
         existing = self._open_existing(qname)
-        if existing is None:
-            return None
+        return None if existing is None else self._keep(qname, existing)
+
+    def _keep(self, qname: str, existing: sysv_ipc.MessageQueue | None) -> SysvQueue:
+        """``qname``'s :class:`SysvQueue`, made once (from ``existing``, else opened or
+        created) and kept for later calls."""
+        validate_qname(qname)
         with self._lock:
             queue = self._sysv.get(qname)
             if queue is None:
-                queue = SysvQueue(self.directory, qname, self.msgmax, existing=existing)
-                self._sysv[qname] = queue
+                queue = self._sysv[qname] = SysvQueue(self.directory, qname, self.msgmax,
+                                                      existing=existing)
         return queue
 
     def declare_local(self, qname: str) -> LocalQueue:
@@ -316,14 +313,9 @@ def set_default(transit_dir: str | os.PathLike[str] | None = None,
 
 def get_default() -> Transit:
     """The default :class:`Transit`, made from the environment on first use."""
+    global _default
     if _default is None:
         with _default_lock:
             if _default is None:
-                return _make_default_locked()
-    return _default
-
-
-def _make_default_locked() -> Transit:
-    global _default
-    _default = Transit()
+                _default = Transit()
     return _default
