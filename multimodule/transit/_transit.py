@@ -120,7 +120,8 @@ class Transit:
 
         ``timeout``: seconds to wait for room in a full System V queue (``None``: for ever;
         ``0``: not at all). ``meta``: extra keys for ``.ipc_transit_meta`` (which always gets
-        ``send_ts`` and ``source_hostname``). The caller's dict is not modified.
+        ``id``, ``send_ts`` and ``source_hostname``, kept from the message's own meta if it
+        has one with an ``id``: see ``_wire.meta_for``). The caller's dict is not modified.
 
         Raises :class:`InvalidQueueName`, :class:`UnserializableMessage`, :class:`QueueFull`
         (nothing was sent), :class:`TransitBroken`.
@@ -131,14 +132,14 @@ class Transit:
             validate_qname(qname)
             raise
         if local is not None:
-            local.put(_wire.copy_message(message, _wire.make_meta(meta)))
+            local.put(_wire.copy_message(message, _wire.meta_for(message, meta)))
             return
         self._send_sysv(qname, message, timeout, meta)
 
     def _send_sysv(self, qname: str, message: dict[str, Any], timeout: float | None,
                    meta: dict[str, Any]) -> None:
         queue = self._sysv.get(qname) or self.sysv_queue(qname)
-        body = _wire.encode_body(message, _wire.make_meta(meta))
+        body = _wire.encode_body(message, _wire.meta_for(message, meta))
         try:
             queue.send_body(body, timeout)
         except QueueRemoved:
@@ -154,7 +155,7 @@ class Transit:
         """
         local = self._local.get(qname)
         if local is not None:
-            message[_wire.META_KEY] = _wire.make_meta(meta)
+            message[_wire.META_KEY] = _wire.meta_for(message, meta)
             local.put(message)
             return
         self.send(qname, message, **meta)
@@ -233,15 +234,18 @@ class Transit:
         return out
 
     def receiver(self, qname: str, deliver: Deliver, *, on_error: OnError | None = None,
-                 max_pending: int = 64, backlog=None, high_water: int = 256) -> AsyncReceiver:
+                 max_pending: int = 64, backlog=None, high_water: int = 256,
+                 commit=None) -> AsyncReceiver:
         """An :class:`AsyncReceiver` (not yet started) for the System V queue ``qname``.
 
         For a name declared local, pass ``self.local_queue(qname).put`` as ``deliver`` (and
         its ``__len__`` as ``backlog``) so messages from other processes join the same
-        in-order queue and stay in the kernel while the consumer is behind.
+        in-order queue and stay in the kernel while the consumer is behind. ``commit``: see
+        :class:`AsyncReceiver` (messages are taken off only after it returned).
         """
         return AsyncReceiver(self.sysv_queue(qname), deliver, on_error=on_error,
-                             max_pending=max_pending, backlog=backlog, high_water=high_water)
+                             max_pending=max_pending, backlog=backlog, high_water=high_water,
+                             commit=commit)
 
     def _open_existing(self, qname: str) -> sysv_ipc.MessageQueue | None:
         """The live System V queue of ``qname``, opened without creating it, or ``None``."""
@@ -265,7 +269,7 @@ class Transit:
         queue = self._open_existing(qname)
         if queue is None:
             return False
-        body = _wire.encode_body(message, _wire.make_meta({}))
+        body = _wire.encode_body(message, _wire.meta_for(message, {}))
         try:
             SysvQueue(self.directory, qname, self.msgmax, existing=queue).send_body(body, 0)
         except TransitError:

@@ -8,8 +8,13 @@ A message on a System V queue is::
 the message was too large for one System V message and ``body`` is the name of a spill file
 (ASCII) holding the JSON. Anything else on a queue is reported as :class:`BadMessage`.
 
-Every sent message carries ``.ipc_transit_meta``: ``send_ts`` (float seconds since the epoch),
-``source_hostname`` and the caller's extra meta keys (the key name comes from IPC::Transit).
+Every sent message carries ``.ipc_transit_meta`` (the key name comes from IPC::Transit): ``id``
+(a string unique to this message, given at its first send), ``send_ts`` (float seconds since the
+epoch, of the first send), ``source_hostname`` (where it was first sent) and the caller's extra
+meta keys. A message that already carries a meta with an ``id`` (one received and sent on) keeps
+its ``id``, ``send_ts`` and ``source_hostname`` across hops (see :func:`meta_for`), so a message
+re-created after a crash can be recognised downstream (the crash-safety design's message
+identity).
 
 A message holds only what both ends carry exactly, and nothing is rounded or nulled on the way:
 no NaN or infinity (orjson would write ``null``), and integers from :data:`INT_MIN` (-2**63) to
@@ -26,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -66,11 +73,64 @@ def hostname() -> str:
     return _hostname
 
 
+#: Longest ``id`` kept from a received meta; a longer one (or one not a string) is replaced.
+MAX_ID_CHARS = 200
+
+
+class _Ids:
+    """Message ids of this process: a random prefix (64 bits, new in every process and after
+    every fork) and a counter: ``"3f9c2a71d04be815-42"``."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex() + "-"
+        self.counter = itertools.count(1)
+
+    def new(self) -> str:
+        return self.prefix + str(next(self.counter))
+
+
+_ids = _Ids()
+os.register_at_fork(after_in_child=_ids.reset)
+
+
+def new_id() -> str:
+    """A message id unique to this process's run (and, by its random prefix, elsewhere)."""
+    return _ids.prefix + str(next(_ids.counter))
+
+
 def make_meta(extra: dict[str, Any]) -> dict[str, Any]:
-    """The ``.ipc_transit_meta`` object for a message sent now, with ``extra`` keys merged in."""
+    """The ``.ipc_transit_meta`` object for a new message sent now (a fresh ``id`` unless
+    ``extra`` gives one), with ``extra`` keys merged in."""
+    meta = {"id": _ids.prefix + str(next(_ids.counter)), "send_ts": _time(),
+            "source_hostname": _hostname or hostname()}
     if extra:
-        return {"send_ts": _time(), "source_hostname": _hostname or hostname(), **extra}
-    return {"send_ts": _time(), "source_hostname": _hostname or hostname()}
+        meta.update(extra)
+    return meta
+
+
+def meta_for(message: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``.ipc_transit_meta`` for sending ``message`` on: if it carries a meta with a
+    string ``id`` (a message received and sent on), that ``id``, ``send_ts`` and
+    ``source_hostname`` are kept; otherwise as :func:`make_meta`. ``extra`` keys (an ``id``
+    among them: the caller's choice wins) are merged in. Only those keys are carried: a
+    received meta's other keys stay behind."""
+    old = message.get(META_KEY) if message.__class__ is dict else None
+    if old.__class__ is dict:
+        old_id = old.get("id")
+        if old_id.__class__ is str and len(old_id) <= MAX_ID_CHARS:
+            sent = old.get("send_ts")
+            origin = old.get("source_hostname")
+            meta = {"id": old_id,
+                    "send_ts": sent if sent.__class__ in (float, int) else _time(),
+                    "source_hostname": origin if origin.__class__ is str
+                    else (_hostname or hostname())}
+            if extra:
+                meta.update(extra)
+            return meta
+    return make_meta(extra)
 
 
 _time = time.time
