@@ -9,7 +9,10 @@ name. A task's table is free-form for the task, except for the reserved keys val
 - ``limits`` (table): resource limits of an external task (:class:`TaskLimits`: ``memory_max``,
   ``cpu_quota``, ``tasks_max``, ``nice``, ``environment``), checked with the rest of the file;
 - ``monitor`` (table of metric to ``{warn, severe, failsafe}``): this task's own thresholds
-  for the resource monitor, over the defaults (``[Example1.monitor.open_fds] warn = 50``).
+  for the resource monitor, over the defaults (``[Example1.monitor.open_fds] warn = 50``);
+- ``dedupe`` (bool or a number of ids): drop a message whose id the task handled already
+  (one delivered again after a crash); ``true`` remembers the last 10,000 ids, a number that
+  many. The window is saved in the task's checkpoint.
 
 A task class may declare a nested pydantic model ``Config`` for the rest of its table; a bad
 value is then refused with the field's name. Every error is a :class:`ConfigError` whose text
@@ -39,7 +42,7 @@ from multimodule.errors import ConfigError, InvalidQueueName
 from multimodule.monitor.levels import DEFAULT_THRESHOLDS, METRICS, Thresholds
 from multimodule.transit import validate_qname
 
-RESERVED_KEYS = ("is_external", "intervals", "limits", "monitor")
+RESERVED_KEYS = ("is_external", "intervals", "limits", "monitor", "dedupe")
 
 #: Default seconds between two saves of a stateful task's state.
 DEFAULT_SAVE_STATE_S = 1.0
@@ -189,6 +192,9 @@ class TaskSection(BaseModel):
                                description="resource limits of an external task")
     monitor: dict[MetricName, LevelOverride] = Field(
         default_factory=dict, description="this task's monitor thresholds per metric")
+    dedupe: StrictBool | Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        False, description="drop messages whose id was handled already: true (the last "
+                           "10,000 ids) or the number of ids to remember")
 
     @field_validator("monitor")
     @classmethod
@@ -349,6 +355,15 @@ class DaemonOptions(BaseModel):
     queue_creation_burst: int = Field(100, ge=1, description="new System V queues the "
                                                              "daemon's sends may create at "
                                                              "once, before the rate applies")
+    journal: bool = Field(True, description="journal each task's input before it is handled "
+                                            "and checkpoint it with the task's state, so a "
+                                            "kill loses no message (--no-journal: off)")
+    journal_fsync: bool = Field(False, description="also fsync the journal at every write "
+                                                   "(survives power loss; costs throughput)")
+    outbox_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=4096,
+        description="bytes of messages held for full System V queues before the tasks that "
+                    "sent them are paused (backpressure)")
     task_backend: Literal["auto", "systemd", "detached"] = Field(
         "auto", description="how external tasks run: systemd units "
                             "(multimodule-task@NAME.service), detached processes, or auto "
@@ -391,7 +406,7 @@ def split_address(value: str) -> tuple[str, int]:
 #: Options the process of an external task takes from its daemon unless its own command line
 #: sets them: its unit's ``ExecStart=`` does not carry them.
 INHERITED_OPTIONS = ("oob", "debug", "monitor_interval_s", "monitor_window_s",
-                     "slow_handler_s")
+                     "slow_handler_s", "journal", "journal_fsync", "outbox_max_bytes")
 
 
 def options_path(state_dir: Path) -> Path:

@@ -1,7 +1,8 @@
 """Persistent state of stateful tasks, status files, and the one-daemon-per-state-dir guard.
 
-State files live in the state directory, one per task: ``NAME.state.json`` (a JSON object).
-Writes are atomic and durable: a temporary file in the same directory, ``fsync``, ``rename``
+Checkpoints live in the state directory, one per task: ``NAME.state.json`` for a stateful task
+(its state, with the position in its input journal it was taken at: :class:`Checkpoint`),
+``NAME.checkpoint.json`` for a stateless one (the position alone). Writes are atomic and durable: a temporary file in the same directory, ``fsync``, ``rename``
 over the old file, ``fsync`` of the directory (the sequence described in the ext4 and LWN
 articles on ``rename``-based atomic updates). A file that cannot be read or parsed is moved
 aside to ``NAME.state.json.corrupt-<unix time>`` and the task starts empty.
@@ -23,6 +24,7 @@ import secrets
 import stat
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +169,68 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
+#: The key that marks a saved file as a checkpoint (a state file from before checkpoints is
+#: the bare state object, and loads as a checkpoint at position 0).
+CHECKPOINT_KEY = "multimodule.checkpoint"
+
+
+@dataclass
+class Checkpoint:
+    """What a task's process saves for it, in one file, atomically (see
+    :mod:`multimodule.journal`).
+
+    ``state``: the task's state (``None`` for a stateless task); ``position``: the sequence
+    number of the last journal record the task had handled when it was taken;
+    ``incarnation``: a random id made when the task first ran with this state directory
+    (message ids derived from timer ticks start with it); ``ticks``: schedule name -> ticks
+    run; ``recent_ids``: the ids of the last messages handled, oldest first, for a task that
+    drops duplicates (its ``dedupe`` window).
+    """
+
+    state: dict[str, Any] | None = None
+    position: int = 0
+    incarnation: str = field(default_factory=lambda: os.urandom(6).hex())
+    ticks: dict[str, int] = field(default_factory=dict)
+    recent_ids: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        """The file's content (raises ``TypeError`` if the state is not JSON-serialisable)."""
+        out: dict[str, Any] = {CHECKPOINT_KEY: 1, "position": self.position,
+                               "incarnation": self.incarnation, "ticks": self.ticks,
+                               "recent_ids": self.recent_ids}
+        if self.state is not None:
+            out["state"] = self.state
+        return orjson.dumps(out)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], stateful: bool) -> Checkpoint:
+        """Read a checkpoint (or a bare state from before checkpoints). Raises ``ValueError``
+        naming the field that is wrong."""
+        if CHECKPOINT_KEY not in data:
+            return cls(state=data if stateful else None)
+        state = data.get("state", {}) if stateful else None
+        if stateful and not isinstance(state, dict):
+            raise ValueError("'state' is not an object")
+        position = data.get("position")
+        if type(position) is not int or position < 0:
+            raise ValueError("'position' is not a non-negative integer")
+        incarnation = data.get("incarnation")
+        if not isinstance(incarnation, str) or not incarnation:
+            raise ValueError("'incarnation' is not a string")
+        ticks = data.get("ticks")
+        if not isinstance(ticks, dict) or not all(type(v) is int for v in ticks.values()):
+            raise ValueError("'ticks' is not an object of integers")
+        recent = data.get("recent_ids")
+        if not isinstance(recent, list) or not all(isinstance(v, str) for v in recent):
+            raise ValueError("'recent_ids' is not a list of strings")
+        return cls(state=state, position=position, incarnation=incarnation, ticks=ticks,
+                   recent_ids=recent)
+
+
 class StateStore:
-    """Loads and saves task state in ``state_dir`` (created 0700, with its missing parents, if
-    missing).
+    """Loads and saves tasks' checkpoints in ``state_dir`` (created 0700, with its missing
+    parents, if missing): ``NAME.state.json`` for a stateful task (its state with its
+    checkpoint), ``NAME.checkpoint.json`` for a stateless one (its journal position alone).
 
     Raises :class:`ConfigError` if the directory cannot be created, or if it is not this
     process's user's or is writable by others (see :func:`check_directory`).
@@ -184,39 +245,50 @@ class StateStore:
         check_directory(self.path, "state directory")
         self._last_saved: dict[str, bytes] = {}
 
-    def file_for(self, task: str) -> Path:
-        """The state file of ``task``."""
-        return self.path / f"{task}.state.json"
+    def file_for(self, task: str, stateful: bool = True) -> Path:
+        """The checkpoint file of ``task``."""
+        return self.path / (f"{task}.state.json" if stateful else f"{task}.checkpoint.json")
 
-    def load(self, task: str) -> tuple[dict[str, Any], str | None]:
-        """``(state, problem)``: the saved state (``{}`` if none) and, if the file was unusable,
-        a description of what happened to it (moved aside, not deleted; left where it is if it
-        is not this user's, such as a file or link another user planted)."""
-        path = self.file_for(task)
+    def journal_dir(self, task: str) -> Path:
+        """The directory of ``task``'s input journal."""
+        return self.path / "journal" / task
+
+    def load(self, task: str, stateful: bool = True) -> tuple[Checkpoint, str | None]:
+        """``(checkpoint, problem)``: the saved checkpoint (a new one if none) and, if the file
+        was unusable, a description of what happened to it (moved aside, not deleted; left
+        where it is if it is not this user's, such as a file or link another user planted)."""
+        path = self.file_for(task, stateful)
+        empty = Checkpoint(state={} if stateful else None)
         try:
             data = read_own_file(path)
         except FileNotFoundError:
-            return {}, None
+            return empty, None
         except OSError as exc:
-            return {}, self._move_aside(path, f"unreadable ({exc})")
+            return empty, self._move_aside(path, f"unreadable ({exc})")
         try:
-            state = orjson.loads(data)
+            parsed = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            return {}, self._move_aside(path, f"not valid JSON ({exc})")
-        if not isinstance(state, dict):
-            return {}, self._move_aside(path, f"a JSON {type(state).__name__}, not an object")
+            return empty, self._move_aside(path, f"not valid JSON ({exc})")
+        if not isinstance(parsed, dict):
+            return empty, self._move_aside(path, f"a JSON {type(parsed).__name__}, not an "
+                                                 "object")
+        try:
+            checkpoint = Checkpoint.from_json(parsed, stateful)
+        except ValueError as exc:
+            return empty, self._move_aside(path, f"not a checkpoint ({exc})")
         self._last_saved[task] = data
-        return state, None
+        return checkpoint, None
 
     def saved(self, task: str) -> dict[str, Any]:
         """The state last saved for ``task``, as its file holds it (for tasks that do not run
         here). Raises :class:`StateError` if there is none or it cannot be read (it is not a
         regular file of this user's, as :meth:`load` requires)."""
         try:
-            return orjson.loads(read_own_file(self.file_for(task)))
+            parsed = orjson.loads(read_own_file(self.file_for(task)))
+            return Checkpoint.from_json(parsed, True).state
         except FileNotFoundError:
             raise StateError(f"task {task} has no saved state") from None
-        except (OSError, orjson.JSONDecodeError) as exc:
+        except (OSError, orjson.JSONDecodeError, ValueError, TypeError) as exc:
             raise StateError(f"cannot read the saved state of {task}: {exc}") from exc
 
     def _move_aside(self, path: Path, why: str) -> str:
@@ -234,19 +306,19 @@ class StateStore:
             return f"state file {path} is {why}; could not move it aside: {exc}"
         return f"state file {path} is {why}; moved aside to {aside.name}, starting empty"
 
-    def save(self, task: str, state: dict[str, Any]) -> bool:
-        """Save ``state`` if it changed since the last save; return whether it wrote.
+    def save(self, task: str, checkpoint: Checkpoint) -> bool:
+        """Save ``checkpoint`` if it changed since the last save; return whether it wrote.
 
         Raises :class:`StateError` (with the cause) if it cannot be serialised or written.
         """
         try:
-            data = orjson.dumps(state)
+            data = checkpoint.to_json()
         except TypeError as exc:
             raise StateError(f"state of {task} is not JSON-serialisable: {exc}") from exc
         if self._last_saved.get(task) == data:
             return False
         try:
-            write_atomic(self.file_for(task), data)
+            write_atomic(self.file_for(task, checkpoint.state is not None), data)
         except OSError as exc:
             raise StateError(f"cannot save state of {task}: {exc}") from exc
         self._last_saved[task] = data

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -364,3 +365,9 @@ def wait_for_file(path: Path, predicate: Callable[[Path], bool] = Path.exists, *
         if time.monotonic() > deadline:
             raise AssertionError(f"{path}: condition not met within {timeout} s")
         time.sleep(0.01)
+
+
+def saved_state(path: Path) -> dict:
+    """The task state a checkpoint file (``NAME.state.json``) holds."""
+    from multimodule.state import Checkpoint
+    return Checkpoint.from_json(json.loads(Path(path).read_text()), True).state

@@ -243,6 +243,15 @@ class InProcessDaemon:
     def records(self) -> list[Record]:
         return self.channels.records
 
+    def journaled(self, name: str, stateful: bool = False) -> list[dict[str, Any]]:
+        """The messages task ``name``'s journal holds past its checkpoint: what it will be
+        given first when it starts again (read as a new process would)."""
+        from multimodule.journal import Journal
+        from multimodule.state import StateStore
+        store = StateStore(self.state_dir)
+        checkpoint, _ = store.load(name, stateful)
+        return Journal(store.journal_dir(name)).recover(checkpoint.position)
+
     def records_of(self, channel: str, contains: str = "") -> list[Record]:
         """Records of ``channel`` whose text contains ``contains``."""
         return [r for r in self.records if r.channel == channel and contains in r.text]

@@ -322,15 +322,17 @@ def test_an_external_tasks_process_inherits_the_daemons_published_options(tmp_pa
     from multimodule.config import INHERITED_OPTIONS, inherit_options, options_path
 
     published = {"oob": "error:errs", "debug": 2, "monitor_interval_s": 0.5,
-                 "monitor_window_s": 3.0, "slow_handler_s": 0.25}
+                 "monitor_window_s": 3.0, "slow_handler_s": 0.25, "journal": False,
+                 "journal_fsync": True, "outbox_max_bytes": 65536}
     assert set(published) == set(INHERITED_OPTIONS)
     options_path(tmp_path).write_text(json.dumps(published))
     # Given the process of task T, its own command line setting only -d
     own = DaemonOptions.model_validate({"module": "T", "state_dir": tmp_path, "debug": 1})
     # Then it takes the rest from the daemon, and keeps what it was given
     got = inherit_options(own)
-    assert (got.oob, got.debug, got.monitor_interval_s, got.slow_handler_s) == \
-        ("error:errs", 1, 0.5, 0.25)
+    assert (got.oob, got.debug, got.monitor_interval_s, got.slow_handler_s, got.journal,
+            got.journal_fsync, got.outbox_max_bytes) == \
+        ("error:errs", 1, 0.5, 0.25, False, True, 65536)
     # The daemon itself (no -m) inherits nothing; a bad file is a ConfigError naming it
     daemon = DaemonOptions.model_validate({"state_dir": tmp_path})
     assert inherit_options(daemon) is daemon

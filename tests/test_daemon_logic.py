@@ -253,9 +253,25 @@ async def test_stop_with_hung_handlers_is_bounded_and_keeps_their_messages(inpro
     assert await inproc.stop() == 0
     # Then the grace periods ran side by side, not one after another
     assert time.monotonic() - started < 3.0
-    # and what the hung tasks still held went back to their queues
+    # and what the hung tasks had not handled (the message in hand, the one waiting) is in
+    # their journals past their checkpoints, to be given to them first at the next start
     for n in range(4):
-        assert inproc.transit.receive(f"Hung{n}", timeout=0)["second"] == n
+        assert [(m.get("first"), m.get("second")) for m in inproc.journaled(f"Hung{n}")] == \
+            [(n, None), (None, n)]
+
+
+async def test_without_journals_what_hung_tasks_held_goes_back_to_their_queues(
+        inproc, monkeypatch):
+    monkeypatch.setattr(registry_module, "STOP_GRACE_S", 0.5)
+    inproc.task("Hung0", HUNG.format(n=0))
+    inproc.config("[Hung0]\n")
+    await inproc.start(journal=False)
+    inproc.send("Hung0", {"first": 0})
+    inproc.send("Hung0", {"second": 0})
+    await asyncio.sleep(0)
+    assert await inproc.stop() == 0
+    assert inproc.transit.receive("Hung0", timeout=0)["second"] == 0
+    assert not (inproc.state_dir / "journal").exists()
 
 
 async def test_requests_still_waiting_when_the_daemon_stops_get_an_answer(inproc, transit):

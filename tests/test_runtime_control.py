@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from helpers import router_section, route
+from helpers import router_section, route, saved_state
 
 CONFIG_ECHO = """
     from multimodule import Task
@@ -142,7 +142,7 @@ async def test_state_transform_sets_state_without_reaching_message(inproc, trans
     assert json.loads(out) == {"ct": 501, "x": "y"}
     # and after a clean stop the state file holds it
     assert await inproc.stop() == 0
-    assert json.loads((inproc.state_dir / "Keeper.state.json").read_text()) == \
+    assert saved_state(inproc.state_dir / "Keeper.state.json") == \
         {"ct": 501, "x": "y"}
 
 
@@ -207,7 +207,7 @@ def test_mmctl_stop_exits_cleanly_with_state_saved(mm, transit):
     # Then the daemon exits 0 on its own, having saved the state
     assert daemon.wait_exit(15) == 0, daemon.output()
     daemon.expect("stdout", "cleanly_exit requested")
-    assert json.loads(mm.state_file("Keeper").read_text()) == {"ct": 7}
+    assert saved_state(mm.state_file("Keeper")) == {"ct": 7}
     assert not (mm.state_dir / "multimodule.status.json").exists()
 
 

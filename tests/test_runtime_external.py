@@ -12,7 +12,7 @@ import threading
 import psutil
 import pytest
 
-from helpers import receive_until, router_section, route
+from helpers import receive_until, router_section, route, saved_state
 
 COUNTER = """
     from multimodule import Task
@@ -93,7 +93,7 @@ def test_external_task_outlives_the_daemon_and_is_adopted_by_the_next(mm, transi
     # Then the task process is gone and its state saved
     second.expect("stdout", "external task Counter stopped")
     assert not alive(pid), f"task process {pid} still runs"
-    assert json.loads(mm.state_file("Counter").read_text())["ct"] > 0
+    assert saved_state(mm.state_file("Counter"))["ct"] > 0
 
 
 def test_crashed_external_task_restarts_and_resumes_from_saved_state(mm, transit):

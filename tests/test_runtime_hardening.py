@@ -46,24 +46,64 @@ def drain(transit, qname: str) -> list[dict[str, Any]]:
 # -- outboxes ---------------------------------------------------------------------------------
 
 
-async def test_messages_for_a_full_queue_kept_across_exit_and_sent_at_next_start(
+def fill(transit, qname: str) -> int:
+    """Fill System V queue ``qname`` with small messages as another process would; return
+    how many it took."""
+    prefilled = 0
+    while True:
+        try:
+            transit.send(qname, {"p": prefilled}, timeout=0)
+        except QueueFull:
+            return prefilled
+        prefilled += 1
+
+
+async def test_messages_for_a_full_queue_made_again_from_the_journal_at_next_start(
+        inproc, transit, monkeypatch):
+    # Given a stop that waits 0.2 s (not 5) for room in full queues, a System V queue
+    # "full" filled by another process, and a Router forwarding {"kind": "x"} there
+    monkeypatch.setattr(host_module, "OVERFLOW_EXIT_WAIT_S", 0.2)
+    prefilled = fill(transit, "full")
+    inproc.config('[Router]\nroutes = [ { match = { kind = "x" }, '
+                  'forwards = [ { qname = "full" } ] } ]\n')
+    await inproc.start()
+    # When 3 messages wait in the daemon's outbox for that queue, and the daemon stops
+    for n in range(3):
+        inproc.send("Router", {"kind": "x", "n": n})
+    await inproc.quiet()
+    assert (await inproc.control(query="status"))["status"]["outboxes"] == {"full": 3}
+    assert await inproc.stop() == 0, inproc.lines("error")
+    # Then no outbox file is kept: the Router's checkpoint is from before it handled them,
+    # so its journal holds the 3 messages it will forward again
+    assert not (inproc.state_dir / "outbox.full.jsonl").exists()
+    assert [m["n"] for m in inproc.journaled("Router") if m.get("kind") == "x"] == [0, 1, 2]
+    # When the queue is drained and the daemon started again
+    assert [m["p"] for m in drain(transit, "full")] == list(range(prefilled))
+    daemon = await inproc.start()
+    await inproc.quiet()
+    for thread in [t for t in threading.enumerate() if t.name == "mm-overflow:full"]:
+        await asyncio.to_thread(thread.join, 10)
+    # Then they arrive, in order, once, with the ids they had the first time
+    got = drain(transit, "full")
+    assert [strip_meta(m) for m in got] == [{"kind": "x", "n": n} for n in range(3)]
+    assert daemon.overflow.held == 0
+    # and once they are sent, the next stop's checkpoint covers them: nothing left to redo
+    assert await inproc.stop() == 0
+    assert inproc.journaled("Router") == []
+
+
+async def test_without_journals_messages_for_a_full_queue_kept_across_exit_and_sent_at_next_start(
         inproc, transit, monkeypatch):
     # Given a stop that waits 0.2 s (not 5) for room in full queues
     monkeypatch.setattr(host_module, "OVERFLOW_EXIT_WAIT_S", 0.2)
     # and a System V queue "full" filled up by another process (with messages smaller than
     # any the daemon will forward there, so none of those fits in what room is left)
-    prefilled = 0
-    while True:
-        try:
-            transit.send("full", {"p": prefilled}, timeout=0)
-        except QueueFull:
-            break
-        prefilled += 1
+    prefilled = fill(transit, "full")
     assert prefilled > 0
-    # and a daemon whose Router forwards {"kind": "x"} messages to it
+    # and a daemon without journals whose Router forwards {"kind": "x"} messages to it
     inproc.config('[Router]\nroutes = [ { match = { kind = "x" }, '
                   'forwards = [ { qname = "full" } ] } ]\n')
-    daemon = await inproc.start()
+    daemon = await inproc.start(journal=False)
     # When 3 messages are to be forwarded there, and wait in the daemon's outbox
     for n in range(3):
         inproc.send("Router", {"kind": "x", "n": n})
@@ -84,7 +124,7 @@ async def test_messages_for_a_full_queue_kept_across_exit_and_sent_at_next_start
     assert [m["p"] for m in drain(transit, "full")] == list(range(prefilled))
     # and the daemon is started again (as a new process would be)
     mark = len(inproc.records)
-    daemon = await inproc.start()
+    daemon = await inproc.start(journal=False)
     # Then it says, before it is running, that it sends the kept messages
     said = [r.text for r in inproc.records[mark:] if r.channel == "log"]
     sending = said.index("sending 3 messages kept for queue 'full' at the last exit")

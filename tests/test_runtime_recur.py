@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from helpers import router_section, route
+from helpers import router_section, route, saved_state
 
 RECUR = """
     from multimodule import Task
@@ -182,7 +182,7 @@ async def test_schedules_cancelled_at_stop_before_the_final_save(inproc):
     # Then no tick ran after the final save: the saved count is the last tick emitted
     numbers += [m["n"] for m in inproc.taken("out")]
     assert numbers == list(range(1, len(numbers) + 1))
-    saved = json.loads((inproc.state_dir / "Count.state.json").read_text())
+    saved = saved_state(inproc.state_dir / "Count.state.json")
     assert saved == {"ticks": numbers[-1]}
 
 

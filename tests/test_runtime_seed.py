@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-from helpers import REPO
+from helpers import REPO, saved_state
 
 SEED = REPO / "examples" / "seed.toml"
 #: The seed config as shipped, with Example1's schedule ticking every 0.1 s.
@@ -36,7 +36,7 @@ def test_seed_example_counts_persists_and_obeys_new_ct(mm):
     # Then the saved counter is the next number to print (nothing lost or repeated)
     printed = printed_numbers(first)
     assert printed == list(range(len(printed)))
-    saved = json.loads(mm.state_file("Example1").read_text())["ct"]
+    saved = saved_state(mm.state_file("Example1"))["ct"]
     assert saved == printed[-1] + 1
 
     # Given a second run on the same state dir
@@ -58,5 +58,5 @@ def test_seed_example_counts_persists_and_obeys_new_ct(mm):
     jump = numbers.index(999)
     assert numbers[:jump] == list(range(saved, saved + jump))
     second.stop_ok()
-    assert json.loads(mm.state_file("Example1").read_text())["ct"] == \
+    assert saved_state(mm.state_file("Example1"))["ct"] == \
         printed_numbers(second)[-1] + 1

@@ -12,20 +12,61 @@ import orjson
 import pytest
 
 from multimodule.errors import AlreadyRunning, ConfigError, StateError
-from multimodule.state import InstanceLock, StateStore
+from multimodule.state import Checkpoint, InstanceLock, StateStore
+
+
+def cp(state: dict) -> Checkpoint:
+    """A checkpoint of ``state`` at position 0."""
+    return Checkpoint(state=state, incarnation="i0")
+
+
+def saved(path: Path) -> dict:
+    """The state a checkpoint file holds."""
+    return Checkpoint.from_json(json.loads(path.read_text()), True).state
 
 
 def test_save_then_load_round_trip(tmp_path: Path):
     # Given a store / When a state is saved / Then a new store loads the same state
     store = StateStore(tmp_path / "state")
     state = {"ct": 3, "nested": {"l": [1, "two", None]}, "f": 1.5}
-    assert store.save("T", state) is True
-    assert StateStore(tmp_path / "state").load("T") == (state, None)
-    assert json.loads(store.file_for("T").read_text()) == state
+    assert store.save("T", cp(state)) is True
+    assert StateStore(tmp_path / "state").load("T") == (cp(state), None)
+    assert saved(store.file_for("T")) == state
+
+
+def test_checkpoint_keeps_position_ticks_and_recent_ids_with_the_state(tmp_path: Path):
+    store = StateStore(tmp_path)
+    checkpoint = Checkpoint(state={"ct": 1}, position=41, incarnation="abc",
+                            ticks={"tick": 7}, recent_ids=["x-1", "x-2"])
+    store.save("T", checkpoint)
+    assert StateStore(tmp_path).load("T") == (checkpoint, None)
+    # A stateless task's checkpoint is its position alone, in a file of its own
+    position = Checkpoint(state=None, position=9, incarnation="def")
+    store.save("S", position)
+    assert store.file_for("S", stateful=False).name == "S.checkpoint.json"
+    assert not store.file_for("S").exists()
+    assert StateStore(tmp_path).load("S", stateful=False) == (position, None)
+
+
+def test_state_file_from_before_checkpoints_loads_at_position_zero(tmp_path: Path):
+    store = StateStore(tmp_path)
+    store.file_for("T").write_text('{"ct": 5}')
+    checkpoint, problem = store.load("T")
+    assert problem is None and checkpoint.state == {"ct": 5} and checkpoint.position == 0
+
+
+def test_checkpoint_with_a_bad_field_is_moved_aside_naming_it(tmp_path: Path):
+    store = StateStore(tmp_path)
+    store.file_for("T").write_text('{"multimodule.checkpoint": 1, "position": -3, '
+                                   '"incarnation": "a", "ticks": {}, "recent_ids": [], '
+                                   '"state": {}}')
+    checkpoint, problem = store.load("T")
+    assert checkpoint.position == 0 and "'position'" in problem and "moved aside" in problem
 
 
 def test_missing_state_is_empty_without_a_problem(tmp_path: Path):
-    assert StateStore(tmp_path).load("Nothing") == ({}, None)
+    checkpoint, problem = StateStore(tmp_path).load("Nothing")
+    assert (checkpoint.state, checkpoint.position, problem) == ({}, 0, None)
 
 
 def test_state_dir_created_private(tmp_path: Path):
@@ -43,35 +84,35 @@ def test_state_dir_that_cannot_be_created_is_a_config_error(tmp_path: Path):
 
 def test_unchanged_state_not_rewritten(tmp_path: Path):
     store = StateStore(tmp_path)
-    assert store.save("T", {"ct": 1}) is True
+    assert store.save("T", cp({"ct": 1})) is True
     inode = store.file_for("T").stat().st_ino
-    assert store.save("T", {"ct": 1}) is False
+    assert store.save("T", cp({"ct": 1})) is False
     assert store.file_for("T").stat().st_ino == inode
-    assert store.save("T", {"ct": 2}) is True
-    assert json.loads(store.file_for("T").read_text()) == {"ct": 2}
+    assert store.save("T", cp({"ct": 2})) is True
+    assert saved(store.file_for("T")) == {"ct": 2}
 
 
 def test_loaded_state_counts_as_saved(tmp_path: Path):
-    StateStore(tmp_path).save("T", {"ct": 1})
+    StateStore(tmp_path).save("T", cp({"ct": 1}))
     store = StateStore(tmp_path)
-    state, _ = store.load("T")
-    assert store.save("T", state) is False
+    checkpoint, _ = store.load("T")
+    assert store.save("T", checkpoint) is False
 
 
 def test_save_is_atomic_private_and_leaves_no_temporary(tmp_path: Path):
     store = StateStore(tmp_path)
-    store.save("T", {"ct": 1})
-    store.save("T", {"ct": 2})
+    store.save("T", cp({"ct": 1}))
+    store.save("T", cp({"ct": 2}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["T.state.json"]
     assert stat.S_IMODE(store.file_for("T").stat().st_mode) == 0o600
 
 
 def test_unserialisable_state_refused_and_old_file_kept(tmp_path: Path):
     store = StateStore(tmp_path)
-    store.save("T", {"ct": 1})
+    store.save("T", cp({"ct": 1}))
     with pytest.raises(StateError, match="state of T is not JSON-serialisable"):
-        store.save("T", {"ct": object()})
-    assert json.loads(store.file_for("T").read_text()) == {"ct": 1}
+        store.save("T", cp({"ct": object()}))
+    assert saved(store.file_for("T")) == {"ct": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["T.state.json"]
 
 
@@ -82,7 +123,7 @@ def test_write_failure_is_a_state_error(tmp_path: Path):
     (store.file_for("T") / "x").write_text("x")
     # When the state is saved / Then a StateError names the task and the cause
     with pytest.raises(StateError, match="cannot save state of T: .*Is a directory"):
-        store.save("T", {"ct": 1})
+        store.save("T", cp({"ct": 1}))
 
 
 def test_failed_save_leaves_no_temporary_file(tmp_path: Path):
@@ -91,7 +132,7 @@ def test_failed_save_leaves_no_temporary_file(tmp_path: Path):
     store.file_for("T").mkdir()
     (store.file_for("T") / "x").write_text("x")
     with pytest.raises(StateError):
-        store.save("T", {"ct": 1})
+        store.save("T", cp({"ct": 1}))
     # Then the temporary file written before the rename is removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["T.state.json"]
 
@@ -107,16 +148,16 @@ def test_corrupt_state_moved_aside_with_content_kept(tmp_path: Path, content: by
     store = StateStore(tmp_path)
     store.file_for("T").write_bytes(content)
     # When it is loaded
-    state, problem = store.load("T")
+    checkpoint, problem = store.load("T")
     # Then the task starts empty, the file is moved aside intact, the problem says so
-    assert state == {}
+    assert checkpoint.state == {}
     aside = list(tmp_path.glob("T.state.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == content
     assert not store.file_for("T").exists()
     assert why in problem and aside[0].name in problem and "starting empty" in problem
     # and saving afterwards writes a fresh file beside the corrupt one
-    store.save("T", {"ct": 0})
-    assert json.loads(store.file_for("T").read_text()) == {"ct": 0}
+    store.save("T", cp({"ct": 0}))
+    assert saved(store.file_for("T")) == {"ct": 0}
     assert aside[0].exists()
 
 

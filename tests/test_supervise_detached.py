@@ -19,6 +19,7 @@ from multimodule.supervise.base import (
     choose_backend_name,
 )
 from multimodule.supervise.detached import DetachedBackend
+from helpers import saved_state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,7 +96,7 @@ def test_stop_saves_state_and_leaves_nothing_running(spec, transit, cleanup):
     backend.stop("Ticker", timeout=10)
     # Then no process holds its lock, and its state is at least what it had emitted
     assert backend.status("Ticker").state is ActiveState.INACTIVE
-    saved = json.loads((spec.state_dir / "Ticker.state.json").read_text())
+    saved = saved_state(spec.state_dir / "Ticker.state.json")
     assert saved["ct"] > last
 
 

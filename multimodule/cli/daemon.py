@@ -32,6 +32,9 @@ FLAGS = {
     "metrics_listen": ("--metrics-listen",),
     "queue_creation_rate": ("--queue-creation-rate",),
     "queue_creation_burst": ("--queue-creation-burst",),
+    "journal": ("--journal",),
+    "journal_fsync": ("--journal-fsync",),
+    "outbox_max_bytes": ("--outbox-max-bytes",),
 }
 
 _METAVARS = {"prefixes": "P1,P2", "config_file": "FILE", "state_dir": "DIR", "debug": "N",
@@ -39,7 +42,8 @@ _METAVARS = {"prefixes": "P1,P2", "config_file": "FILE", "state_dir": "DIR", "de
              "slow_handler_s": "S", "control_queue": "QNAME",
              "task_backend": "{auto,systemd,detached}", "monitor_interval_s": "S",
              "monitor_window_s": "S", "metrics_listen": "ADDR:PORT",
-             "queue_creation_rate": "N", "queue_creation_burst": "N"}
+             "queue_creation_rate": "N", "queue_creation_burst": "N",
+             "outbox_max_bytes": "BYTES"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = info.description
         if default not in (None, [], ""):
             help_text += f" (default: {shown!r})"
-        kwargs = {"dest": field, "metavar": _METAVARS[field], "help": help_text,
-                  "default": argparse.SUPPRESS}
+        kwargs = {"dest": field, "help": help_text, "default": argparse.SUPPRESS}
+        if info.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = _METAVARS[field]
         if field == "task_path":
             kwargs["action"] = "append"
         parser.add_argument(*flags, **kwargs)

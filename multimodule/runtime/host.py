@@ -29,6 +29,7 @@ from multimodule.errors import (
 )
 from multimodule.oob import Channels, parse_spec
 from multimodule.runtime.configs import ConfigWatcher, TaskConfigs
+from multimodule.runtime.delivery import Delivery
 from multimodule.runtime.notify import Notifier
 from multimodule.runtime.registry import TaskRegistry
 from multimodule.state import InstanceLock, StateStore, read_own_file, write_atomic
@@ -69,6 +70,7 @@ class HostProcess:
         self.notifier = Notifier()
         self.store: StateStore | None = None
         self.overflow: Overflow | None = None
+        self.delivery: Delivery | None = None
         self.registry: TaskRegistry | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         #: Set once the configured tasks are loaded.
@@ -82,18 +84,21 @@ class HostProcess:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False,
+             origin: str | None = None, **meta: Any) -> None:
         """Send for a task: in memory to a task here (:meth:`load_on_demand` may load one),
         else to the System V queue without blocking the loop. ``owned``: see
-        :meth:`Task.send`. Raises the transit's usage errors."""
+        :meth:`Task.send`; ``origin``: the sending task (its checkpoint waits while the
+        overflow holds what it sent); ``meta``: extra ``.ipc_transit_meta`` keys (a derived
+        ``id``). Raises the transit's usage errors."""
         transit = self.transit
         if transit.is_local(qname) or self.load_on_demand(qname):
             if owned:
-                transit.send_owned(qname, message)
+                transit.send_owned(qname, message, **meta)
             else:
-                transit.send(qname, message)
+                transit.send(qname, message, **meta)
             return
-        self.overflow.send(qname, message)
+        self.overflow.send(qname, message, origin=origin, **meta)
 
     def send_out(self, qname: str, message: dict[str, Any]) -> None:
         """To the System V queue ``qname``, never blocking (held in order while it is full)."""
@@ -246,7 +251,14 @@ class HostProcess:
             except AlreadyRunning as exc:
                 transit_lock = None
                 raise MultiModuleError(str(exc)) from None
-            self.overflow = Overflow(self.transit, self._report)
+            self.delivery = Delivery(
+                self.loop, self.store, enabled=self.options.journal,
+                fsync=self.options.journal_fsync,
+                report=lambda text: self.channels.emit("error", SOURCE, text))
+            self.overflow = Overflow(self.transit, self._report,
+                                     max_bytes=self.options.outbox_max_bytes,
+                                     on_room=self.delivery.on_room)
+            self.delivery.overflow = self.overflow
             # Both the daemon and an external task's process: what one message may make a
             # task create is bounded in either.
             self.overflow.limit_creations(self.options.queue_creation_rate,
@@ -255,7 +267,8 @@ class HostProcess:
             self.registry = TaskRegistry(
                 transit=self.transit, channels=self.channels, store=self.store,
                 send=self.send, send_out=self.send_out, prefixes=self.options.prefixes,
-                task_path=self.options.task_path, slow_handler_s=self.options.slow_handler_s)
+                task_path=self.options.task_path, slow_handler_s=self.options.slow_handler_s,
+                delivery=self.delivery)
             self._restore_kept()
             if not ensure_handler():
                 raise MultiModuleError("the daemon must run on the main thread")
@@ -307,10 +320,19 @@ class HostProcess:
         self.channels.emit("log", SOURCE, "stopping: delivering messages in memory, saving "
                                           "state")
         await self.stop_services(deadline)
-        await self.registry.stop_all(deadline)
+        stopped = await self.registry.stop_all(deadline)
         wait = min(OVERFLOW_EXIT_WAIT_S, max(0.0, deadline - time.monotonic()))
-        if not await self.overflow.drain(wait):
-            self._keep(self.overflow.stop_and_take())
+        drained = await self.overflow.drain(wait)
+        for runner in stopped:
+            if runner.checkpoint_behind:
+                runner.checkpoint()  # those whose sends were held: now sent, or not at all
+        if not drained:
+            # With journals, what tasks sent is made again from their journals (their
+            # checkpoints are from before it): only what the process itself sent is kept.
+            journaled = self.delivery.enabled
+            held = {qname: [body for body, origin in items if origin is None or not journaled]
+                    for qname, items in self.overflow.stop_and_take().items()}
+            self._keep({qname: bodies for qname, bodies in held.items() if bodies})
         await self.after_tasks(deadline)
 
     def _kept_file(self, qname: str) -> Path:

@@ -2,8 +2,9 @@
 names known not to be tasks.
 
 :class:`TaskRegistry` finds a task's class (:mod:`multimodule.runtime.loader`), starts a
-:class:`~multimodule.runtime.runner.TaskRunner` for it, and unloads it again, handing what was
-still in its memory back to its System V queue. Deciding *whether* a task runs here (its
+:class:`~multimodule.runtime.runner.TaskRunner` for it (with its journal, when journals are on),
+and unloads it again: what was still in its memory is in its journal, delivered first wherever
+the task runs next (without journals, it goes back to its System V queue). Deciding *whether* a task runs here (its
 config, failsafe, external tasks) is the host's job, not the registry's.
 """
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 
 from multimodule.errors import TaskImportFailed, TaskNotFound
 from multimodule.oob import Channels
+from multimodule.runtime.delivery import Delivery
 from multimodule.runtime.loader import find_task_class
 from multimodule.runtime.runner import STOP_GRACE_S, Send, TaskRunner
 from multimodule.state import StateStore
@@ -37,12 +39,14 @@ class TaskRegistry:
 
     ``send``: the tasks' send; ``send_out``: to a System V queue without blocking (what a
     stopped task held goes back there). ``prefixes``, ``task_path``: where task classes are
-    found (see :func:`~multimodule.runtime.loader.find_task_class`).
+    found (see :func:`~multimodule.runtime.loader.find_task_class`). ``delivery``: the
+    journals and backpressure the runners share.
     """
 
     def __init__(self, *, transit: Any, channels: Channels, store: StateStore, send: Send,
                  send_out: SendOut, prefixes: Sequence[str], task_path: Sequence[Path],
-                 slow_handler_s: float):
+                 slow_handler_s: float, delivery: Delivery):
+        self.delivery = delivery
         self.transit = transit
         self.channels = channels
         self.store = store
@@ -111,7 +115,8 @@ class TaskRegistry:
         try:
             runner = TaskRunner(name, cls, transit=self.transit, send=self.send,
                                 channels=self.channels, store=self.store,
-                                slow_handler_s=self.slow_handler_s)
+                                slow_handler_s=self.slow_handler_s,
+                                journal=self.delivery.journal_for(name), guard=self.delivery)
             self.runners[name] = runner
             runner.start(config, settings)
         except Exception as exc:
@@ -126,24 +131,32 @@ class TaskRegistry:
 
     async def unload(self, name: str) -> None:
         """Stop task ``name`` (the message in hand finishes, what is in memory is delivered,
-        its state saved) and send what reached its memory meanwhile back to its System V
-        queue, behind which later sends queue up. Nothing is lost."""
+        its checkpoint saved); what reached its memory meanwhile is in its journal (or, with
+        journals off, goes back to its System V queue, behind which later sends queue up).
+        Nothing is lost."""
         runner = self.runners[name]
         await runner.stop()
         self.release(name)
 
     def release(self, name: str) -> None:
-        """Forget ``name``'s runner; its in-memory leftovers go to its System V queue."""
-        self.runners.pop(name, None)
-        for message in self.transit.undeclare_local(name):
+        """Forget ``name``'s runner. Its in-memory leftovers are in its journal, past its
+        checkpoint (delivered first wherever it starts next); without a journal they go to
+        its System V queue."""
+        runner = self.runners.pop(name, None)
+        leftovers = self.transit.undeclare_local(name)
+        if runner is not None and runner.journal is not None:
+            runner.close_journal()
+            self.delivery.forget(runner.journal)
+            return
+        for message in leftovers:
             self.send_out(name, message)
 
-    async def stop_all(self, deadline: float) -> None:
+    async def stop_all(self, deadline: float) -> list[TaskRunner]:
         """Stop every runner at once, bounded by ``deadline`` (``time.monotonic()``): timers
         stop, receivers stop, handlers in progress finish (or are cancelled at the deadline),
         what is in memory is delivered (a delivery may send to another task here, so rounds
         go on until nothing is left), state is saved, and what a stuck task still holds goes
-        back to its System V queue."""
+        back to its System V queue (or is in its journal). Returns the runners stopped."""
         runners = list(self.runners.values())
         for runner in runners:
             runner.stop_intake()
@@ -162,3 +175,4 @@ class TaskRegistry:
         for runner in runners:
             runner.finish()
             self.release(runner.name)
+        return runners

@@ -10,23 +10,73 @@ starve the others.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import time
 import traceback
-from typing import Any, Callable
+from collections import deque
+from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel
 
 from multimodule.config import DEFAULT_SAVE_STATE_S
 from multimodule.errors import BadMessage, StateError, TransitError
+from multimodule.journal import Journal
 from multimodule.oob import Channels
 from multimodule.runtime.control import CONTROL_KEY
 from multimodule.runtime.schedule import Schedule
-from multimodule.state import StateStore
+from multimodule.state import Checkpoint, StateStore
 from multimodule.task import Task, Work
+from multimodule.transit import META_KEY
+from multimodule.transit.lowlevel import make_meta
 
-#: ``send(qname, message, owned=False)``: how a task's sends leave it (see :meth:`Task.send`).
+#: ``send(qname, message, owned=False, origin=NAME, **meta)``: how a task's sends leave it
+#: (see :meth:`Task.send`; ``origin`` names the sending task, ``meta`` extra meta keys).
 Send = Callable[..., None]
+
+#: Longest derived message id; a longer one is cut to a hash of itself (a loop of tasks
+#: sending to each other would otherwise grow it without end).
+MAX_DERIVED_ID_CHARS = 120
+
+#: Window of recent message ids a task with ``dedupe = true`` remembers.
+DEFAULT_DEDUPE_WINDOW = 10_000
+
+#: ``[id, emitted]`` of the message (or timer tick) being handled, in the handler's context:
+#: what it sends gets the id ``ID.N`` (N counting its sends), so a message made again after
+#: a crash, by handling the same input again, has the same id as the first time.
+_cause: contextvars.ContextVar[list | None] = contextvars.ContextVar("multimodule_cause",
+                                                                    default=None)
+
+
+def derived_id(cause: str, index: int) -> str:
+    """The id of the ``index``-th message sent while handling message (or tick) ``cause``."""
+    out = f"{cause}.{index}"
+    if len(out) > MAX_DERIVED_ID_CHARS:
+        import hashlib
+        out = "h" + hashlib.blake2b(out.encode(), digest_size=12).hexdigest()
+    return out
+
+
+class DeliveryGuard(Protocol):
+    """What the host tells a runner about the rest of the process (see
+    :class:`~multimodule.runtime.host.HostProcess`)."""
+
+    def blocked(self, task: str) -> bool:
+        """Whether ``task`` must take no input now (the overflow is full and holds messages
+        it sent: backpressure)."""
+
+    async def wait_unblocked(self, task: str) -> None:
+        """Return once :meth:`blocked` is false for ``task``."""
+
+    def holds_from(self, task: str) -> bool:
+        """Whether messages ``task`` sent wait in the overflow (its checkpoint must wait)."""
+
+    def flush_journals(self) -> None:
+        """Write every journal of the process (before a checkpoint)."""
+
+    def journal_written(self, journal: Journal) -> None:
+        """``journal`` has buffered records: have them written at the end of this turn of
+        the loop."""
 
 #: Seconds of handling in a row before the consumer yields to the event loop (checked every
 #: ``BATCH_CHECK`` messages): long enough to keep up with a bursty producer, short enough that
@@ -59,22 +109,34 @@ class TaskRunner:
 
     def __init__(self, name: str, cls: type[Task], *, transit: Any, send: Send,
                  channels: Channels, store: StateStore | None, slow_handler_s: float,
-                 receive_sysv: bool = True):
+                 receive_sysv: bool = True, journal: Journal | None = None,
+                 guard: DeliveryGuard | None = None):
         self.name = name
         self.cls = cls
-        self.store = store if cls.is_stateful else None
+        self.store = store
         self.channels = channels
-        self.send = send
+        self._send = send
         self.slow_handler_s = slow_handler_s
+        self.journal = journal
+        self.guard = guard
         self.task = cls()
         self.task.attach(name, self)
         self.queue = transit.declare_local(name)
         self.receiver = (transit.receiver(name, self.queue.put,
                                           on_error=self._on_transit_error,
-                                          backlog=self.queue.__len__)
+                                          backlog=self.queue.__len__,
+                                          commit=self._commit_received if journal else None)
                          if receive_sysv else None)
         self.intervals: dict[str, float] = {}
         self.schedules: dict[str, Schedule] = {}
+        self.checkpoint_data = Checkpoint(state={} if cls.is_stateful else None)
+        #: Sequence number (in the journal) of the last message handled.
+        self.position = 0
+        self._checkpointed_position = 0
+        self.dedupe_window = 0
+        self._recent: deque[str] = deque()
+        self._recent_set: set[str] = set()
+        self.duplicates_dropped = 0
         self._consumer: asyncio.Task | None = None
         self._saver: asyncio.Task | None = None
         self._cancellable = False
@@ -93,23 +155,66 @@ class TaskRunner:
     # -- life cycle ------------------------------------------------------------------------
 
     def start(self, config: dict[str, Any], settings: BaseModel | None) -> None:
-        """Restore state, apply ``config``, start delivery (call with the loop running)."""
-        if self.store is not None:
-            state, problem = self.store.load(self.name)
+        """Restore the checkpoint (state, position, dedupe window), put what the journal holds
+        past it back on the queue ahead of anything new, apply ``config``, start delivery
+        (call with the loop running)."""
+        if self.store is not None and (self.cls.is_stateful or self.journal is not None):
+            checkpoint, problem = self.store.load(self.name, self.cls.is_stateful)
             if problem:
                 self.report_error(problem)
-            self.task.state = state
+            self.checkpoint_data = checkpoint
+            if checkpoint.state is not None:
+                self.task.state = checkpoint.state
+            self.position = self._checkpointed_position = checkpoint.position
+            self._recent.extend(checkpoint.recent_ids)
+            self._recent_set.update(checkpoint.recent_ids)
+        if self.journal is not None:
+            try:
+                again = self.journal.recover(self.position)
+            except StateError as exc:
+                self.report_error(f"journal not read, its messages are not delivered again: "
+                                  f"{exc}")
+                again = []
+            for why in self.journal.bad_records:
+                self.report_error(f"journal record skipped: {why}")
+            if self.receiver is not None:
+                self.receiver.skip_ids = self.journal.last_ids
+            self.queue.put_many(again)  # ahead of anything new, and not journaled twice
+            self.queue.recorder = self._journal_put
+            if again:
+                self.channels.emit("log", self.name, f"delivering {len(again)} messages again "
+                                                     "from the journal (not handled before "
+                                                     "the last stop)")
         self.apply_config(config, settings)
         loop = asyncio.get_running_loop()
         self._consumer = loop.create_task(self._consume(), name=f"consume:{self.name}")
         if self.receiver is not None:
             self.receiver.start()
-        if self.store is not None:
+        if self.store is not None and (self.cls.is_stateful or self.journal is not None):
             self._saver = loop.create_task(self._save_periodically(), name=f"save:{self.name}")
 
+    def _journal_put(self, message: dict[str, Any]) -> None:
+        # The queue's recorder: every message put on the queue, before the task sees it.
+        meta = message.get(META_KEY)
+        if meta.__class__ is not dict or meta.get("id").__class__ is not str:
+            message[META_KEY] = make_meta({})  # from a raw sender: it gets its id here
+        self.journal.append(message)
+        self.guard.journal_written(self.journal)
+
+    def _commit_received(self) -> None:
+        # A batch from the System V queue is on the queue (journaled): write it before the
+        # receiver takes it off the kernel queue.
+        self.journal.flush()
+
     def apply_config(self, config: dict[str, Any], settings: BaseModel | None) -> None:
-        """Give the task its (validated) config; schedules pick up new ``intervals``."""
+        """Give the task its (validated) config; schedules pick up new ``intervals``, the
+        dedupe window its new size."""
         self.intervals = dict(config.get("intervals") or {})
+        dedupe = config.get("dedupe", False)
+        self.dedupe_window = (DEFAULT_DEDUPE_WINDOW if dedupe is True
+                              else int(dedupe) if dedupe else 0)
+        while len(self._recent) > self.dedupe_window:
+            self._recent_set.discard(self._recent.popleft())
         self.task.config = config
         self.task.settings = settings
         try:
@@ -122,6 +227,20 @@ class TaskRunner:
                 schedule.reschedule()  # only a changed interval changes a schedule
 
     # -- TaskHost --------------------------------------------------------------------------
+
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
+        """The task's sends (see :meth:`Task.send`): a message without an id of its own gets
+        one derived from what is being handled (see :func:`derived_id`)."""
+        meta = message.get(META_KEY)
+        cause = _cause.get()
+        if cause is not None and (meta.__class__ is not dict
+                                  or meta.get("id").__class__ is not str):
+            index = cause[1]
+            cause[1] = index + 1
+            self._send(qname, message, owned=owned, origin=self.name,
+                       id=derived_id(cause[0], index))
+        else:
+            self._send(qname, message, owned=owned, origin=self.name)
 
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """Create or change the schedule ``name`` (see :meth:`Task.named_recur`): the same
@@ -180,10 +299,11 @@ class TaskRunner:
         self.finish()
 
     def finish(self) -> None:
-        """Stop saving periodically and save the state one last time."""
+        """Stop saving periodically and take the checkpoint one last time (if messages it
+        sent still wait in the overflow, the host takes it once they are sent)."""
         if self._saver is not None:
             self._saver.cancel()
-        self.save_state()
+        self.checkpoint()
 
     async def stop_consumer(self, grace_s: float = STOP_GRACE_S) -> None:
         """Let the message in progress finish (up to ``grace_s`` seconds, then it is
@@ -201,8 +321,10 @@ class TaskRunner:
                 # A handler that hung this long would hang on the next message too: the
                 # messages still in memory are left for the host to send back to the queue.
                 self.stuck = True
+                where = ("stay in its journal" if self.journal is not None
+                         else "go back to its queue")
                 self.report_error(f"handler still busy after {grace_s:g} s; cancelled; "
-                                  f"{len(self.queue)} messages in memory go back to its queue")
+                                  f"{len(self.queue)} more messages in memory {where}")
                 consumer.cancel()
             except asyncio.CancelledError:
                 pass
@@ -213,9 +335,13 @@ class TaskRunner:
         queue = self.queue
         process = self.process
         receiver = self.receiver
+        guard = self.guard
+        name = self.name
         try:
             while True:
                 self._cancellable = True
+                if guard is not None and guard.blocked(name):
+                    await guard.wait_unblocked(name)  # backpressure: no input taken meanwhile
                 message = await queue.get_async()
                 self._cancellable = False
                 cpu_before = time.thread_time()
@@ -255,22 +381,34 @@ class TaskRunner:
                 await asyncio.wait_for(self.process(message), grace_s)
             except asyncio.TimeoutError:
                 self.stuck = True
+                where = ("stay in its journal" if self.journal is not None
+                         else "go back to its queue")
                 self.report_error(f"handler still busy after {grace_s:g} s while "
                                   f"delivering what was in memory; cancelled; "
-                                  f"{len(self.queue)} messages go back to its queue")
+                                  f"{len(self.queue)} more messages {where}")
                 return handled + 1
         return count
 
     async def process(self, message: dict[str, Any]) -> None:
-        """Deliver one message: a state transform, or the task's handler."""
+        """Deliver one message: a state transform, or the task's handler. A message whose id
+        is in the dedupe window was handled before (it came again after a crash) and is
+        dropped."""
         counters = self.task.counters
         counters.messages_in += 1
+        meta = message.get(META_KEY)
+        message_id = meta.get("id") if meta.__class__ is dict else None
+        if self.dedupe_window and message_id in self._recent_set:
+            self.position += 1
+            self.duplicates_dropped += 1
+            return
         control = message.get(CONTROL_KEY)
         if control is not None and type(control) is dict and "transform" in control:
             self._transform(control["transform"])
+            self._handled(message_id)
             return
         started = time.perf_counter()
         awaited = False
+        token = _cause.set([message_id, 0] if message_id.__class__ is str else None)
         try:
             result = self.task.message(message)
             if result is not None and inspect.isawaitable(result):
@@ -282,6 +420,9 @@ class TaskRunner:
                 f"message handler raised {type(exc).__name__}: {exc}; message: {_short(message)}",
                 traceback=traceback.format_exc(), failure="task_message_failure",
             )
+        finally:
+            _cause.reset(token)
+        self._handled(message_id)
         elapsed = time.perf_counter() - started
         counters.handler_seconds += elapsed
         if not awaited and elapsed > self.slow_handler_s:
@@ -292,6 +433,15 @@ class TaskRunner:
                 f"(threshold {self.slow_handler_s} s)",
                 severity="warning", duration_s=round(elapsed, 6),
             )
+
+    def _handled(self, message_id: Any) -> None:
+        self.position += 1
+        if self.dedupe_window and message_id.__class__ is str:
+            recent = self._recent
+            recent.append(message_id)
+            self._recent_set.add(message_id)
+            if len(recent) > self.dedupe_window:
+                self._recent_set.discard(recent.popleft())
 
     def _transform(self, transform: Any) -> None:
         if not isinstance(transform, dict):
@@ -305,7 +455,15 @@ class TaskRunner:
         self.channels.emit("debug", self.name, "state transformed", keys=sorted(transform))
 
     async def run_work(self, name: str, work: Work) -> None:
-        """Run one tick of a schedule, reporting (not raising) its errors."""
+        """Run one tick of a schedule, reporting (not raising) its errors. Held while the
+        task is blocked (backpressure). What it sends gets ids derived from the task's
+        incarnation, the schedule and the tick's number (kept in the checkpoint)."""
+        guard = self.guard
+        if guard is not None and guard.blocked(self.name):
+            await guard.wait_unblocked(self.name)
+        ticks = self.checkpoint_data.ticks
+        tick = ticks[name] = ticks.get(name, 0) + 1
+        token = _cause.set([f"{self.checkpoint_data.incarnation}/{self.name}/{name}/{tick}", 0])
         cpu_before = time.thread_time()
         try:
             result = work()
@@ -316,6 +474,7 @@ class TaskRunner:
             self.report_error(f"scheduled work {name!r} raised {type(exc).__name__}: {exc}",
                               traceback=traceback.format_exc())
         finally:
+            _cause.reset(token)
             self.task.counters.handler_cpu_seconds += time.thread_time() - cpu_before
 
     # -- state -----------------------------------------------------------------------------
@@ -327,16 +486,66 @@ class TaskRunner:
     async def _save_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.save_interval)
-            self.save_state()
+            self.checkpoint()
 
-    def save_state(self) -> None:
-        """Save the task's state now if it changed (stateful tasks only)."""
-        if self.store is None:
-            return
+    @property
+    def in_progress(self) -> bool:
+        """Whether a handler or a scheduled work has begun and not finished (a checkpoint now
+        would hold part of its effect)."""
+        consumer = self._consumer
+        return ((consumer is not None and not consumer.done() and not self._cancellable)
+                or any(s.busy for s in self.schedules.values()))
+
+    def checkpoint(self) -> bool:
+        """Save the task's checkpoint now (state, journal position, dedupe window, ticks) if
+        it changed; return whether it was saved. Not while a handler or scheduled work is
+        in progress, nor while messages it sent wait in the overflow (they exist only in
+        memory: a crash must make them again from the input before this position); the
+        journals of the process are written first, so every message the task sent in
+        memory is journaled by its receiver. Errors are reported, not raised."""
+        if self.store is None or (not self.cls.is_stateful and self.journal is None):
+            return False
+        if self.in_progress:
+            return False
+        guard = self.guard
+        if guard is not None:
+            if guard.holds_from(self.name):
+                return False
+            try:
+                guard.flush_journals()
+            except StateError as exc:
+                self.report_error(f"checkpoint not taken: {exc}")
+                return False
+        if not self.cls.is_stateful and self.position == self._checkpointed_position:
+            return False
+        checkpoint = self.checkpoint_data
+        checkpoint.position = self.position
+        if self.cls.is_stateful:
+            checkpoint.state = self.task.state
+        checkpoint.recent_ids = list(self._recent) if self.dedupe_window else []
         try:
-            self.store.save(self.name, self.task.state)
+            self.store.save(self.name, checkpoint)
         except StateError as exc:
             self.report_error(str(exc))
+            return False
+        self._checkpointed_position = self.position
+        if self.journal is not None:
+            self.journal.checkpointed(self.position)
+        return True
+
+    @property
+    def checkpoint_behind(self) -> bool:
+        """Whether messages were handled since the last checkpoint."""
+        return self.position != self._checkpointed_position
+
+    def close_journal(self) -> None:
+        """Write and close the journal (when the task leaves this process)."""
+        if self.journal is not None:
+            self.queue.recorder = None
+            try:
+                self.journal.close()
+            except StateError as exc:
+                self.report_error(str(exc))
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -366,6 +575,7 @@ class TaskRunner:
             "handler_seconds": round(c.handler_seconds, 6),
             "handler_cpu_seconds": round(c.handler_cpu_seconds, 6),
             "slow_handlers": c.slow_handlers,
+            "duplicates_dropped": self.duplicates_dropped,
             "queue_depth": self.queue.depth,
             "started_at": self.started_at,
             "last_error": self.last_error,

@@ -8,6 +8,17 @@ messages wait between the thread and the loop; beyond that the thread stops taki
 queue, so a slow consumer pushes back on senders through the full System V queue instead of
 growing memory.
 
+With ``commit`` (a receiver whose consumer journals what it is given), nothing is taken off
+the kernel queue before it is safe elsewhere: the worker waits until the queue holds a message
+without taking it, copies up to ``max_pending`` messages (``MSG_COPY``), hands them to the loop,
+which delivers them and calls ``commit()`` (the journal's write), and only then takes them off
+the queue. A kill of the process at any point loses nothing: before the commit the messages
+are still in the kernel queue, after it in the journal. Between the commit and the take the
+same messages are in both: after a restart, those whose ids are in ``skip_ids`` (the
+journal's last ids) are taken off without being delivered again. A spill file is removed only
+after its reference is taken. On a kernel without ``MSG_COPY`` the receiver takes as it
+would without ``commit`` (and says so once in :attr:`copy_unsupported`).
+
 ``EINTR`` (``"Signaled while waiting"``) is retried; stopping sends the thread the interrupt
 signal (see ``_interrupt``) until it has left ``msgrcv``, so no message is taken after
 :meth:`AsyncReceiver.stop` returns and none taken before it is lost.
@@ -23,8 +34,12 @@ from typing import Any, Callable
 from multimodule.errors import BadMessage, Cancelled, QueueRemoved, TransitError
 from multimodule.transit._interrupt import Interrupter, ensure_handler
 from multimodule.transit._sysv import SysvQueue
+from multimodule.transit._wire import META_KEY
 
 Deliver = Callable[[dict[str, Any]], None]
+
+#: The worker's request, queued behind a batch, that the loop commit it.
+_COMMIT = object()
 OnError = Callable[[TransitError], None]
 
 
@@ -50,6 +65,7 @@ class AsyncReceiver:
         max_pending: int = 64,
         backlog: Callable[[], int] | None = None,
         high_water: int = 256,
+        commit: Callable[[], None] | None = None,
     ):
         self.queue = queue
         self.deliver = deliver
@@ -73,6 +89,14 @@ class AsyncReceiver:
         self._exit_lock = threading.Lock()
         self._exited = False
         self._interrupter: Interrupter | None = None
+        self.commit = commit
+        #: Ids of messages already journaled (the journal's last): taken off, not delivered,
+        #: when the first messages found on the queue after a start are among them.
+        self.skip_ids: set[str] = set()
+        #: Set when this kernel cannot copy a message (``MSG_COPY``): taking as without commit.
+        self.copy_unsupported = False
+        self._batch_done = threading.Event()
+        self._commit_ok = False
 
     @property
     def throttled(self) -> bool:
@@ -118,6 +142,8 @@ class AsyncReceiver:
 
     def _run(self) -> None:
         try:
+            if self.commit is not None and self._run_committed():
+                return
             while not self._stopping:
                 self._wait_for_backlog()
                 self._room.acquire()
@@ -138,6 +164,80 @@ class AsyncReceiver:
                 if self._interrupter is not None:
                     self._interrupter.disarm()
             self._done.set()
+
+    def _run_committed(self) -> bool:
+        """The worker's loop with ``commit``; returns ``False`` to fall back to taking (no
+        ``MSG_COPY``), ``True`` when done."""
+        queue = self.queue
+        while not self._stopping:
+            self._wait_for_backlog()
+            if self._stopping:
+                break
+            try:
+                queue.wait_for_message(self._is_stopping)
+                payloads = queue.copy_payloads(self.max_pending)
+            except Cancelled:
+                break
+            except BadMessage as exc:
+                self._hand_over(exc)
+                continue
+            except QueueRemoved as exc:
+                self._hand_over(exc)
+                try:
+                    queue.reopen()
+                except TransitError as exc2:
+                    self._hand_over(exc2, fatal=True)
+                    break
+                continue
+            except TransitError as exc:
+                if not self._stopping:
+                    self._hand_over(exc, fatal=True)
+                break
+            if payloads is None:
+                self.copy_unsupported = True
+                return False
+            if not payloads:
+                continue
+            batch: list[dict[str, Any] | TransitError] = []
+            for payload in payloads:
+                try:
+                    message = queue.decode(payload, keep_spill=True)
+                except BadMessage as exc:
+                    batch.append(exc)
+                    continue
+                if self.skip_ids:
+                    meta = message.get(META_KEY)
+                    if meta.__class__ is dict and meta.get("id") in self.skip_ids:
+                        continue  # journaled before the last stop; only the take was left
+                    self.skip_ids = set()
+                batch.append(message)
+            self.skip_ids = set()
+            self._batch_done.clear()
+            for item in batch:
+                self._hand_over(item)
+            if not self._hand_over_commit():
+                break  # the commit failed: what was copied stays on the queue
+            try:
+                queue.discard(len(payloads))
+            except TransitError as exc:
+                self._hand_over(exc, fatal=True)
+                break
+            for payload in payloads:
+                queue.remove_spill_of(payload)
+        return True
+
+    def _hand_over_commit(self) -> bool:
+        # Wait until the loop delivered the batch and committed it; False if it failed.
+        self._pending.append(_COMMIT)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:
+                self._drain_scheduled = False
+                return False
+        self._batch_done.wait()
+        return self._commit_ok
 
     def _take_one(self) -> bool | None:
         """Receive and hand over one message: ``True`` if a message was handed over,
@@ -201,12 +301,25 @@ class AsyncReceiver:
         # Reset the flag before popping: an item appended after the last pop schedules anew.
         self._drain_scheduled = False
         pending = self._pending
+        committed = self.commit is not None
         while pending:
             item = pending.popleft()
-            if isinstance(item, dict):
-                self._room.release()
+            if item.__class__ is dict:
+                if not committed:
+                    self._room.release()
                 self.received += 1
                 self.deliver(item)
+            elif item is _COMMIT:
+                try:
+                    self.commit()
+                    self._commit_ok = True
+                except Exception as exc:  # the journal cannot be written: stop taking
+                    self._commit_ok = False
+                    self.error = TransitError(f"receiving from {self.queue.qname!r} stopped: "
+                                              f"what it took could not be made safe: {exc}")
+                    if self.on_error is not None:
+                        self.on_error(self.error)
+                self._batch_done.set()
             elif self.on_error is not None:
                 self.on_error(item)
 
@@ -215,6 +328,7 @@ class AsyncReceiver:
         if self._thread is None:
             return
         self._stopping = True
+        self._drain()  # in case the worker waits for a commit
         self._room.release()  # in case the thread waits for room
         self._resume.set()  # in case it waits for the backlog
         with self._exit_lock:

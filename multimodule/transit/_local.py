@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from multimodule.errors import Empty, TransitError
 from multimodule.transit._sysv import QueueStat
@@ -28,6 +28,8 @@ class LocalQueue:
     """An unbounded FIFO of message dicts inside this process.
 
     ``messages_in``/``messages_out`` count puts and gets; ``depth`` is ``len(queue)``.
+    ``recorder``: if set, called with each message :meth:`put` appends, before it is
+    appended (the host journals a task's input there); :meth:`put_many` bypasses it.
     """
 
     def __init__(self, qname: str):
@@ -41,6 +43,7 @@ class LocalQueue:
         self.messages_in = 0
         self.messages_out = 0
         self.last_get_time: float | None = None
+        self.recorder: Callable[[dict[str, Any]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -57,7 +60,10 @@ class LocalQueue:
         return len(self._items)
 
     def put(self, message: dict[str, Any]) -> None:
-        """Append ``message`` (already the receiver's own copy) and wake a waiting receiver."""
+        """Append ``message`` (already the receiver's own copy; given to :attr:`recorder`
+        first) and wake a waiting receiver."""
+        if self.recorder is not None:
+            self.recorder(message)
         self._items.append(message)
         self.messages_in += 1
         waiter = self._waiter
@@ -71,6 +77,18 @@ class LocalQueue:
         if self._sync_waiters:
             with self._cond:
                 self._cond.notify()
+
+    def put_many(self, messages: list[dict[str, Any]]) -> None:
+        """Append ``messages`` in order without giving them to :attr:`recorder` (messages
+        delivered again from a journal); wakes a waiting receiver."""
+        if not messages:
+            return
+        recorder, self.recorder = self.recorder, None
+        try:
+            for message in messages:
+                self.put(message)
+        finally:
+            self.recorder = recorder
 
     def get_nowait(self) -> dict[str, Any]:
         """The next message; raises :class:`Empty` if there is none."""

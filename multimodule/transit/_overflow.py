@@ -16,6 +16,14 @@ consulted only for a name this process has not opened yet and that has no live q
 that would create one over the rate raises :class:`QueueCreationRefused` to its caller, who
 hears of it (a task's handler fails and is reported), rather than being held, which would keep
 a flood in memory and still create every queue.
+
+What is held is bounded in bytes (``max_bytes``): past it, :attr:`Overflow.full` is true, and
+the host pauses every task that has messages held (:meth:`Overflow.holds_from`) until the
+overflow has room again (``on_room`` is called, from a sender's thread, when it falls back
+under the bound), so backpressure reaches those tasks' own senders through their full queues
+instead of growing memory. Each held message remembers its ``origin`` (the task that sent it):
+a task's checkpoint waits until nothing it sent is held, so a message held here and lost with
+the process is made again from its sender's journal.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ WAIT_S = 0.5
 RETRY_S = 1.0
 
 Report = Callable[[str, str], None]
+
+#: Default bound of what an :class:`Overflow` holds, in bytes of encoded messages.
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 
 
 class _CreationBucket:
@@ -73,7 +84,7 @@ class _OverflowSender:
         self.overflow = overflow
         self.qname = qname
         self.when_sent = when_sent
-        self.items: deque[bytes] = deque()
+        self.items: deque[tuple[bytes, str | None]] = deque()
         self.retired = False
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"mm-overflow:{qname}",
@@ -89,7 +100,7 @@ class _OverflowSender:
                     if overflow.senders.get(self.qname) is self:
                         del overflow.senders[self.qname]
                     break
-                body = self.items[0]
+                body = self.items[0][0]
             try:
                 queue.send_body(body, WAIT_S)
             except QueueFull:
@@ -108,7 +119,7 @@ class _OverflowSender:
                 self.stopping.wait(RETRY_S)
                 continue
             with overflow.lock:
-                self.items.popleft()
+                overflow.forget(self.items.popleft())
         else:
             return  # stopped: stop_and_take has what is left
         if self.when_sent is not None:
@@ -120,15 +131,56 @@ class Overflow:
 
     ``transit``: the :class:`~multimodule.transit.Transit` to send through. ``report``: called
     (from any thread) with ``(channel, text)``: ``"debug"`` when a queue starts overflowing,
-    ``"error"`` when sending runs into trouble.
+    ``"error"`` when sending runs into trouble. ``max_bytes``: the bound of what is held (see
+    :attr:`full`); ``on_room``: called (from a sender's thread) when what is held falls back
+    under it.
     """
 
-    def __init__(self, transit: Any, report: Report):
+    def __init__(self, transit: Any, report: Report, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 on_room: Callable[[], None] | None = None):
         self.transit = transit
         self.report = report
+        self.max_bytes = max_bytes
+        self.on_room = on_room
         self.lock = threading.Lock()
         self.senders: dict[str, _OverflowSender] = {}
+        #: Bytes of the messages held now.
+        self.held_bytes = 0
+        self._held_from: dict[str, int] = {}
         self._creations: _CreationBucket | None = None
+
+    @property
+    def full(self) -> bool:
+        """Whether what is held has reached ``max_bytes``: the tasks whose messages are held
+        should take no input until ``on_room`` says otherwise."""
+        return self.held_bytes >= self.max_bytes
+
+    def holds_from(self, origin: str) -> bool:
+        """Whether a message sent with ``origin`` is held now (not yet on its queue)."""
+        return origin in self._held_from
+
+    def _remember(self, items: list[tuple[bytes, str | None]]) -> None:
+        # Under self.lock.
+        for body, origin in items:
+            self.held_bytes += len(body)
+            if origin is not None:
+                self._held_from[origin] = self._held_from.get(origin, 0) + 1
+
+    def forget(self, item: tuple[bytes, str | None]) -> None:
+        """Account for one held message gone (sent, or taken to be kept); under ``lock``."""
+        body, origin = item
+        was_full = self.held_bytes >= self.max_bytes
+        self.held_bytes -= len(body)
+        if origin is not None:
+            left = self._held_from[origin] - 1
+            if left:
+                self._held_from[origin] = left
+            else:
+                del self._held_from[origin]
+        if (was_full and self.held_bytes < self.max_bytes) or origin is not None and \
+                origin not in self._held_from:
+            if self.on_room is not None:
+                self.on_room()
 
     def limit_creations(self, rate: float, burst: int, *,
                         clock: Callable[[], float] = time.monotonic) -> None:
@@ -145,38 +197,44 @@ class Overflow:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, qname: str, message: dict[str, Any]) -> None:
+    def send(self, qname: str, message: dict[str, Any], *, origin: str | None = None,
+             **meta: Any) -> None:
         """Send ``message`` to System V queue ``qname`` now if it has room, else hold it
-        behind the messages already held for that queue. Never blocks. Raises the
-        transit's usage errors (:class:`InvalidQueueName`, :class:`UnserializableMessage`),
-        :class:`TransitBroken` if the queue cannot be opened, and
-        :class:`QueueCreationRefused` if it would be created over :meth:`limit_creations`."""
+        behind the messages already held for that queue. Never blocks. ``origin``: the task
+        that sends it (see :meth:`holds_from`); ``meta``: extra ``.ipc_transit_meta`` keys.
+        Raises the transit's usage errors (:class:`InvalidQueueName`,
+        :class:`UnserializableMessage`), :class:`TransitBroken` if the queue cannot be opened,
+        and :class:`QueueCreationRefused` if it would be created over
+        :meth:`limit_creations`."""
         if qname in self.senders:  # without the lock first: most queues never overflow
+            body = _wire.encode_body(message, _wire.meta_for(message, meta))
             with self.lock:
                 sender = self.senders.get(qname)
                 if sender is not None and not sender.retired:
-                    sender.items.append(_wire.encode_body(message, _wire.make_meta({})))
+                    sender.items.append((body, origin))
+                    self._remember([(body, origin)])
                     return
         creations = self._creations
         if creations is not None and self.transit.sysv_queue_if_exists(qname) is None:
             creations.take(qname)
         try:
-            self.transit.send(qname, message, timeout=0)
+            self.transit.send(qname, message, timeout=0, **meta)
             return
         except QueueFull:
             pass
-        self._hold(qname, [_wire.encode_body(message, _wire.make_meta({}))])
+        self._hold(qname, [(_wire.encode_body(message, _wire.meta_for(message, meta)), origin)])
         self.report("debug", f"queue {qname!r} is full; holding its messages in order")
 
-    def _hold(self, qname: str, bodies: list[bytes],
+    def _hold(self, qname: str, items: list[tuple[bytes, str | None]],
               when_sent: Callable[[], None] | None = None) -> None:
         with self.lock:
+            self._remember(items)
             sender = self.senders.get(qname)
             if sender is not None and not sender.retired:
-                sender.items.extend(bodies)
+                sender.items.extend(items)
                 return
             sender = _OverflowSender(self, qname, when_sent)
-            sender.items.extend(bodies)
+            sender.items.extend(items)
             self.senders[qname] = sender
         sender.thread.start()
 
@@ -208,10 +266,10 @@ class Overflow:
             return True
         return await asyncio.get_running_loop().run_in_executor(None, self._join_all, timeout)
 
-    def stop_and_take(self) -> dict[str, list[bytes]]:
+    def stop_and_take(self) -> dict[str, list[tuple[bytes, str | None]]]:
         """Stop every sender (each within ``WAIT_S``) and return what they still hold:
-        queue name -> encoded bodies, in order (for the caller to keep and :meth:`resend`
-        at the next start)."""
+        queue name -> ``(encoded body, origin)`` in order (for the caller to keep and
+        :meth:`resend` at the next start)."""
         with self.lock:
             senders = list(self.senders.values())
         for sender in senders:
@@ -226,6 +284,9 @@ class Overflow:
                     del self.senders[sender.qname]
                 if sender.items:
                     out[sender.qname] = list(sender.items)
+                    for item in sender.items:
+                        self.forget(item)
+                    sender.items.clear()
         return out
 
     def resend(self, qname: str, bodies: list[bytes],
@@ -233,4 +294,4 @@ class Overflow:
         """Send encoded ``bodies`` (from :meth:`stop_and_take` of an earlier run) to ``qname``
         in order, behind anything held for it; ``when_sent`` is called (on the sender's
         thread) once they are all sent."""
-        self._hold(qname, bodies, when_sent)
+        self._hold(qname, [(body, None) for body in bodies], when_sent)

@@ -14,6 +14,7 @@ record: :class:`BadMessage` then holds the reference only.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import pwd
@@ -48,6 +49,18 @@ _LONG_RUN = _wire._LONG_RUN
 
 #: System V message type used for every multimodule message.
 MTYPE = 1
+
+#: ``msgrcv`` flags (``<sys/msg.h>``, Linux): copy the message at an index without taking it
+#: (Linux 3.8+, kernels built with ``CONFIG_CHECKPOINT_RESTORE``, as Debian's are), do not
+#: wait, cut a message longer than the buffer.
+MSG_COPY = 0o40000
+IPC_NOWAIT = 0o4000
+MSG_NOERROR = 0o10000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_msgrcv = _libc.msgrcv
+_msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long, ctypes.c_int]
+_msgrcv.restype = ctypes.c_ssize_t
 
 #: Backoff bounds (seconds) for timed waits where no interrupt signal can be installed.
 _POLL_MIN_S = 0.0005
@@ -304,8 +317,99 @@ class SysvQueue:
             f"no message on queue {self.qname!r} within {timeout} s"
         ), cancelled)
 
-    def decode(self, payload: bytes) -> dict:
-        """Turn a raw message into the message dict; reads and removes a spill file.
+    # -- receiving without taking (for a receiver that journals before it takes) ----------
+
+    def _msgrcv_error(self, doing: str) -> int:
+        """The errno of the last ``msgrcv``; raises :class:`QueueRemoved` or
+        :class:`TransitBroken` unless it is ``EINTR``, ``E2BIG`` or ``ENOMSG``."""
+        err = ctypes.get_errno()
+        if err in (errno.EINTR, errno.E2BIG, errno.ENOMSG):
+            return err
+        if err in (errno.EIDRM, errno.EINVAL):
+            try:
+                self.queue.current_messages
+            except sysv_ipc.ExistentialError:
+                raise QueueRemoved(f"queue {self.qname!r} was removed") from None
+        raise TransitBroken(f"cannot {doing} queue {self.qname!r}: {os.strerror(err)}")
+
+    def wait_for_message(self, cancelled) -> None:
+        """Block until the queue holds a message, and leave it there: ``msgrcv`` with room for
+        0 bytes fails with ``E2BIG`` instead of taking a longer message (every message of ours
+        is longer). Interrupted like :meth:`receive_payload` (``cancelled`` is checked after
+        each ``EINTR``; :class:`Cancelled` when true). An empty message from a foreign sender
+        is taken and raises :class:`BadMessage`. Raises :class:`QueueRemoved`,
+        :class:`TransitBroken`."""
+        buf = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long))
+        while True:
+            if _msgrcv(self.queue.id, buf, 0, 0, 0) == 0:
+                raise BadMessage("empty message", qname=self.qname, raw=b"")
+            if self._msgrcv_error("wait on") == errno.E2BIG:
+                return
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"receive on {self.qname!r} cancelled")
+
+    def copy_payloads(self, limit: int) -> list[bytes] | None:
+        """Copies of the first ``limit`` (or fewer) raw messages, left on the queue
+        (``MSG_COPY``); ``None`` if this kernel cannot copy a message. A message whose type
+        is not ours is copied as ``b""`` (refused by :meth:`decode`). Raises
+        :class:`QueueRemoved`, :class:`TransitBroken`."""
+        size = max(self.msgmax, self.limit)
+        buf = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + size)
+        head = ctypes.sizeof(ctypes.c_long)
+        out = []
+        for index in range(limit):
+            n = _msgrcv(self.queue.id, buf, size, index, MSG_COPY | IPC_NOWAIT | MSG_NOERROR)
+            if n < 0:
+                err = ctypes.get_errno()
+                if err == errno.ENOSYS or (err == errno.EINVAL and index == 0 and not out
+                                           and self._alive()):
+                    return None
+                if self._msgrcv_error("copy from") in (errno.ENOMSG, errno.EINTR):
+                    break
+                continue
+            mtype = ctypes.c_long.from_buffer(buf).value
+            out.append(buf.raw[head:head + n] if mtype == MTYPE else b"")
+        return out
+
+    def _alive(self) -> bool:
+        try:
+            self.queue.current_messages
+            return True
+        except sysv_ipc.ExistentialError:
+            return False
+
+    def discard(self, count: int) -> int:
+        """Take the first ``count`` messages off the queue without reading them (after they
+        were copied and journaled); return how many were taken (fewer if another reader took
+        some). Raises :class:`QueueRemoved`, :class:`TransitBroken`."""
+        buf = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long))
+        taken = 0
+        while taken < count:
+            if _msgrcv(self.queue.id, buf, 0, 0, IPC_NOWAIT | MSG_NOERROR) >= 0:
+                taken += 1
+                continue
+            if self._msgrcv_error("take from") == errno.ENOMSG:
+                break
+        return taken
+
+    def remove_spill_of(self, payload: bytes) -> None:
+        """Remove the spill file a raw spill reference names (after :meth:`decode` with
+        ``keep_spill=True`` and :meth:`discard`); nothing for other messages."""
+        if payload[:4] == _wire.HEADER_SPILL:
+            name = payload[4:].decode("ascii", "replace")
+            if name.isascii() and name.isalnum():
+                try:
+                    dir_fd = self.directory.open_spill_dir()
+                except TransitBroken:
+                    return
+                try:
+                    _unlink_at(dir_fd, name)
+                finally:
+                    os.close(dir_fd)
+
+    def decode(self, payload: bytes, keep_spill: bool = False) -> dict:
+        """Turn a raw message into the message dict; reads and removes a spill file (reads
+        only, with ``keep_spill``: see :meth:`remove_spill_of`).
 
         Raises :class:`BadMessage` for anything that is not a valid message, including a
         spill reference that is not a bare name of a regular file in ``.spill/`` owned by a
@@ -324,18 +428,19 @@ class SysvQueue:
         kind, body = _wire.split_header(payload, self.qname)
         if kind == _wire.KIND_JSON:
             return _wire.decode_body(body, self.qname)
-        return self._decode_spill(payload, bytes(body))
+        return self._decode_spill(payload, bytes(body), keep_spill)
 
-    def _decode_spill(self, payload: bytes, reference: bytes) -> dict:
+    def _decode_spill(self, payload: bytes, reference: bytes, keep: bool) -> dict:
         name = reference.decode("ascii", "replace")
         if not (name.isascii() and name.isalnum()):
             raise BadMessage(f"bad spill file name {name!r}", qname=self.qname, raw=payload)
-        data = self._read_spill(name, payload)
+        data = self._read_spill(name, payload, keep)
         return _wire.decode_body(data, self.qname, raw=payload,
                                  what=f"spill file {name} (content not shown)")
 
-    def _read_spill(self, name: str, payload: bytes) -> bytes:
-        """The bytes of spill file ``name``, which is then removed; raises :class:`BadMessage`
+    def _read_spill(self, name: str, payload: bytes, keep: bool = False) -> bytes:
+        """The bytes of spill file ``name``, which is then removed (unless ``keep``); raises
+        :class:`BadMessage`
         (whose ``raw`` is ``payload``, the reference) if it is not one to read."""
         try:
             dir_fd = self.directory.open_spill_dir()
@@ -374,7 +479,8 @@ class SysvQueue:
                                  f"{exc.strerror}", qname=self.qname, raw=payload) from None
             finally:
                 os.close(fd)
-            _unlink_at(dir_fd, name)
+            if not keep:
+                _unlink_at(dir_fd, name)
             return data
         finally:
             os.close(dir_fd)

@@ -1,0 +1,111 @@
+"""What a host process's runners share about delivery: the journals and the overflow.
+
+:class:`Delivery` is the :class:`~multimodule.runtime.runner.DeliveryGuard` of a
+:class:`~multimodule.runtime.host.HostProcess`: it makes each task's journal (in the state
+directory), writes the journals that have new records once per turn of the event loop (one
+``write`` per journal, however many messages), writes them all before any checkpoint, and
+tells runners when to pause: a task whose sent messages are held in a full overflow takes no
+input until the overflow has room again (backpressure through its own full queues).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from multimodule.errors import StateError
+from multimodule.journal import Journal
+from multimodule.state import StateStore
+from multimodule.transit.lowlevel import Overflow
+
+
+class Delivery:
+    """See the module docstring. ``store``: where journals live; ``enabled``: journals are
+    made at all (``--no-journal`` turns them off); ``fsync``: see :class:`Journal`.
+    ``report(text)``: an error to report (a journal that cannot be written)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: StateStore, *,
+                 enabled: bool, fsync: bool, report: Callable[[str], None]):
+        self.loop = loop
+        self.store = store
+        self.enabled = enabled
+        self.fsync = fsync
+        self.report = report
+        self.overflow: Overflow | None = None
+        self._dirty: set[Journal] = set()
+        self._flush_scheduled = False
+        self._waiters: list[asyncio.Future] = []
+
+    def journal_for(self, task: str) -> Journal | None:
+        """A journal for ``task`` (``None`` when journals are off). Raises
+        :class:`ConfigError` if its directory is refused."""
+        if not self.enabled:
+            return None
+        return Journal(self.store.journal_dir(task), fsync=self.fsync)
+
+    # -- journals --------------------------------------------------------------------------
+
+    def journal_written(self, journal: Journal) -> None:
+        """``journal`` has buffered records: write it at the end of this turn of the loop."""
+        self._dirty.add(journal)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        try:
+            self.flush_journals()
+        except StateError as exc:
+            self.report(f"{exc}; retrying at the next write")
+
+    def flush_journals(self) -> None:
+        """Write every journal with buffered records now. Raises :class:`StateError` (the
+        others are still written; the failed one stays buffered for the next try)."""
+        dirty, self._dirty = self._dirty, set()
+        failed: StateError | None = None
+        for journal in dirty:
+            try:
+                journal.flush()
+            except StateError as exc:
+                self._dirty.add(journal)
+                failed = exc
+        if failed is not None:
+            raise failed
+
+    def forget(self, journal: Journal) -> None:
+        """``journal`` was closed (its task left the process)."""
+        self._dirty.discard(journal)
+
+    # -- backpressure ----------------------------------------------------------------------
+
+    def on_room(self) -> None:
+        """The overflow has room again, or sent a task's last held message (any thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the loop is closed: we are exiting
+            pass
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def blocked(self, task: str) -> bool:
+        """Whether ``task`` must take no input now: the overflow is full and holds messages
+        it sent."""
+        overflow = self.overflow
+        return overflow is not None and overflow.full and overflow.holds_from(task)
+
+    async def wait_unblocked(self, task: str) -> None:
+        """Return once :meth:`blocked` is false for ``task``."""
+        while self.blocked(task):
+            waiter = self.loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    def holds_from(self, task: str) -> bool:
+        """Whether messages ``task`` sent wait in the overflow."""
+        overflow = self.overflow
+        return overflow is not None and overflow.holds_from(task)
