@@ -27,7 +27,10 @@ Measured, routed vs a raw baseline (the same producer/consumer coroutines around
    of one hop, which is what the latency goal is about.
 
 Each measurement is repeated (``--repeat``, default 3), routed and raw interleaved; throughput
-takes the best run, latency percentiles the median over runs. Goals are printed with
+takes the best run, latency percentiles the median over runs. The whole set runs once per
+journal mode (``--modes``, default ``on,off,fsync``: the input journal on, off
+(``--no-journal``), and on with ``--journal-fsync``), each in a daemon of its own, and a last
+table compares them: the journal's cost is routed throughput with it against without it. Goals are printed with
 PASS/MISS; the exit status is always 0. Every queue of the temporary transit directory is
 removed and the temporary directories are deleted at the end, even on error.
 """
@@ -65,7 +68,11 @@ BURST = 500
 GOALS = {
     "tput": 100_000.0,  # routed messages/s, >=
     "hop_p99": 1e-3,    # routed paced (1 message every 1 ms) p99 emit-to-receive, seconds, <
+    "journal_tput": 0.75,  # routed throughput with the journal / without, >=
 }
+
+#: Journal modes: name -> (journal, journal_fsync).
+MODES = {"on": (True, False), "off": (False, False), "fsync": (True, True)}
 
 # The task modules written to the temporary --task-path directory.
 PRODUCER_SOURCE = '''
@@ -459,8 +466,9 @@ def write_tasks(tmp: Path) -> tuple[Path, Path]:
     return task_dir, config
 
 
-async def amain(args, tmp: Path) -> dict:
-    task_dir, config = write_tasks(tmp)
+async def amain(args, tmp: Path, mode: str, task_dir: Path, config: Path) -> dict:
+    """One daemon in journal ``mode`` with its state, transit and out-of-band files in
+    ``tmp``; the task modules (imported once per process) in ``task_dir``."""
     oob_dir = tmp / "oob"
     oob_dir.mkdir()
     oob = ",".join(f"{ch}:{oob_dir / ch}.out" for ch in ("log", "error", "alert", "debug"))
@@ -471,6 +479,8 @@ async def amain(args, tmp: Path) -> dict:
         task_path=[task_dir],
         oob=oob,
         control_queue="bench_runtime_control",
+        journal=MODES[mode][0],
+        journal_fsync=MODES[mode][1],
     )
     daemon = Daemon(opts)
     run_task = asyncio.ensure_future(daemon.run())
@@ -579,6 +589,33 @@ def report(args, res: dict) -> None:
             print(f"  {secs * 1e6:8.3f} µs  {label}")
 
 
+def compare_modes(results: dict) -> None:
+    """The journal's cost: each mode's routed figures against the mode without journal (and
+    each against its own raw baseline, which absorbs the machine's load at that time)."""
+    if "off" not in results or len(results) < 2:
+        return
+    off_burst = results["off"]["burst"]
+    print("\n=== the journal's cost (routed, same run) ===")
+    print(f"{'mode':8} {'msg/s':>10} {'vs off':>8} {'vs raw':>8} {'hop p50':>12} "
+          f"{'hop p99':>12}")
+    for mode, res in results.items():
+        routed, raw = res["burst"]
+        hop = res["ms"][0]
+        print(f"{mode:8} {routed['rate']:>10,.0f} {routed['rate'] / off_burst[0]['rate']:>7.2f}x"
+              f" {routed['rate'] / raw['rate']:>7.2f}x {us(hop['p50']):>12} {us(hop['p99']):>12}")
+    if "on" in results:
+        on_routed, on_raw = results["on"]["burst"]
+        off_routed, off_raw = off_burst
+        # Normalised by each run's raw baseline, so that load changes between runs cancel out.
+        ratio = (on_routed["rate"] / on_raw["rate"]) / (off_routed["rate"] / off_raw["rate"])
+        ok = ratio >= GOALS["journal_tput"]
+        print(f"\n  journal on / off, routed throughput (each / its raw baseline): {ratio:.2f}"
+              f"   goal >= {GOALS['journal_tput']:.2f} {'PASS' if ok else 'MISS'}")
+        p99 = results["on"]["ms"][0]["p99"]
+        print(f"  journal on, hop p99: {us(p99)}   goal < {GOALS['hop_p99'] * 1e3:.0f} ms "
+              f"{'PASS' if p99 < GOALS['hop_p99'] else 'MISS'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run (< 15 s)")
@@ -593,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also cProfile one routed burst run and time each component")
     ap.add_argument("--top", type=int, default=30, help="profile rows shown (default 30)")
+    ap.add_argument("--modes", default="on,off,fsync",
+                    help="journal modes to measure, comma-separated (on, off, fsync)")
     args = ap.parse_args(argv)
     if args.n is None:
         args.n = 50_000 if args.quick else 200_000
@@ -605,27 +644,41 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.n, args.n_turn, args.n_ms, args.repeat) < 1:
         ap.error("--n, --n-turn, --n-ms and --repeat must be at least 1")
 
-    tmp = Path(tempfile.mkdtemp(prefix="mm-bench-runtime-"))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes: a comma-separated list of {', '.join(MODES)}")
     started = time.perf_counter()
-    try:
-        res = asyncio.run(amain(args, tmp))
-        report(args, res)
-        errors = tmp / "oob" / "error.out"
-        if errors.exists() and errors.stat().st_size:
-            print("\nerror records written by the daemon (first 10 lines):")
-            for line in errors.read_text(encoding="utf-8", errors="replace").splitlines()[:10]:
-                print(f"  {line}")
-    except Exception:
-        print("benchmark failed:", file=sys.stderr)
-        traceback.print_exc()
-    finally:
-        transit_dir = tmp / "transit"
-        if transit_dir.exists():
-            try:
-                Transit(transit_dir).remove_all()
-            except Exception as exc:
-                print(f"cleanup: cannot remove queues in {transit_dir}: {exc}", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
+    results = {}
+    root = Path(tempfile.mkdtemp(prefix="mm-bench-runtime-"))
+    task_dir, config = write_tasks(root)
+    for mode in modes:
+        print(f"\n=== journal mode: {mode} ===")
+        tmp = root / mode
+        tmp.mkdir()
+        try:
+            res = asyncio.run(amain(args, tmp, mode, task_dir, config))
+            report(args, res)
+            results[mode] = res
+            errors = tmp / "oob" / "error.out"
+            if errors.exists() and errors.stat().st_size:
+                print("\nerror records written by the daemon (first 10 lines):")
+                for line in errors.read_text(encoding="utf-8",
+                                             errors="replace").splitlines()[:10]:
+                    print(f"  {line}")
+        except Exception:
+            print("benchmark failed:", file=sys.stderr)
+            traceback.print_exc()
+        finally:
+            transit_dir = tmp / "transit"
+            if transit_dir.exists():
+                try:
+                    Transit(transit_dir).remove_all()
+                except Exception as exc:
+                    print(f"cleanup: cannot remove queues in {transit_dir}: {exc}",
+                          file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    compare_modes(results)
     print(f"\n(total time {time.perf_counter() - started:.1f} s)")
     return 0
 
