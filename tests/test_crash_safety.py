@@ -8,14 +8,16 @@ daemon's memory.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import threading
 import time
 
 import pytest
 
-from helpers import receive_until, route, router_section, saved_state
+from helpers import receive_until, route, router_section, saved_state, wait_for_file
 from multimodule.errors import Empty, QueueFull
 from multimodule.transit import META_KEY
 
@@ -76,25 +78,80 @@ def test_kill_9_of_the_daemon_mid_stream_loses_nothing_and_state_matches(mm, tra
     finally:
         stop.set()
     daemon.stop_ok()
-    # Then every number arrived (nothing lost)
+    # Then every number arrived (nothing lost), in order of first arrival (what came twice
+    # is what was redone after a kill), every copy of one message with the same id (a
+    # deduplicating receiver drops it), and the counts forwarded never skip or repeat
+    check_stream(received, count)
+    # and the Counter's saved state counts each message once: its checkpoint holds exactly
+    # the messages before its position, the rest were handled again after the restart
+    state = saved_state(mm.state_file("Counter"))
+    assert state == {"count": count, "last_n": count - 1}, state
+
+
+EXTERNAL_COUNTER = """
+    import os
+    from multimodule import Task
+
+    class Counter(Task):
+        is_stateful = True
+
+        def message(self, message):
+            self.state["count"] = self.state.get("count", 0) + 1
+            self.state["last_n"] = message["n"]
+            self.emit({"n": message["n"], "count": self.state["count"], "pid": os.getpid()})
+"""
+
+
+def check_stream(received: list[dict], count: int) -> None:
+    """Nothing lost, first arrivals in order, one id per message, counts never skip."""
     numbers = [m["n"] for m in received]
     assert set(numbers) == set(range(count)), sorted(set(range(count)) - set(numbers))[:20]
-    # in order of first arrival (what came twice is what was redone after a kill)
     first_seen = list(dict.fromkeys(numbers))
     assert first_seen == sorted(first_seen)
-    # every copy of one message carries the same id (a deduplicating receiver drops it)
     ids: dict[int, set] = {}
     for message in received:
         ids.setdefault(message["n"], set()).add(message[META_KEY]["id"])
     assert all(len(found) == 1 for found in ids.values()), \
         {n: found for n, found in ids.items() if len(found) > 1}
-    # and the Counter's saved state counts each message once: its checkpoint holds exactly
-    # the messages before its position, the rest were handled again after the restart
-    state = saved_state(mm.state_file("Counter"))
-    assert state == {"count": count, "last_n": count - 1}, state
-    # and its handled counts, as forwarded, never skip or repeat a number
     counts = {m["n"]: m["count"] for m in received}
     assert [counts[n] for n in range(count)] == list(range(1, count + 1))
+
+
+def test_kill_9_of_an_external_task_loses_nothing_and_state_matches(mm, transit):
+    # Given an external stateful Counter (its own process) whose emits the daemon's Router
+    # forwards to "out", and a producer sending it 2,000 numbered messages
+    count = 2000
+    mm.task("Counter", EXTERNAL_COUNTER)
+    mm.config("[Counter]\nis_external = true\nintervals = { save_state = 0.05 }\n\n"
+              + router_section(route("Counter", "out")))
+    daemon = mm.start()
+    stop = threading.Event()
+    producer = produce(transit, "Counter", count, stop)
+    received: list[dict] = []
+    try:
+        # When the task's process is killed with SIGKILL three times mid-stream (the daemon
+        # starts it again each time)
+        for kill in range(3):
+            target = (kill + 1) * count // 5
+            while not received or received[-1]["n"] < target:
+                received.append(transit.receive("out", timeout=20))
+            pid = received[-1]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            while received[-1]["pid"] == pid:  # until its successor's messages come
+                received.append(transit.receive("out", timeout=20))
+        producer.join(60)
+        assert not producer.is_alive()
+        last, before = receive_until(transit, "out", lambda m: m["n"] == count - 1,
+                                     timeout=30)
+        received += before + [last]
+    finally:
+        stop.set()
+    # Then nothing was lost, in order, and copies carry one id
+    check_stream(received, count)
+    # and the task's checkpoint counts each message once
+    wait_for_file(mm.state_file("Counter"),
+                  lambda p: p.exists() and saved_state(p) == {"count": count, "last_n": count - 1})
+    daemon.stop_ok()
 
 
 def test_messages_taken_but_not_journaled_stay_on_the_kernel_queue(mm, transit):
@@ -166,3 +223,37 @@ def test_an_unread_queue_pushes_back_on_senders_and_memory_stays_bounded(mm, tra
         got.append(transit.receive("unread", timeout=20)["n"])
     assert got == list(range(sent))
     daemon.stop_ok()
+
+
+async def test_a_checkpoint_waits_for_held_sends_and_is_taken_once_they_are_sent(
+        inproc, transit):
+    from test_runtime_hardening import drain, fill
+    # Given a stateful task forwarding to a System V queue that another process filled
+    inproc.task("Fwd", """
+        from multimodule import Task
+
+        class Fwd(Task):
+            is_stateful = True
+
+            def message(self, message):
+                self.state["n"] = message["n"]
+                self.send("full", {"n": message["n"]})
+    """)
+    inproc.config("[Fwd]\nintervals = { save_state = 0.05 }\n")
+    prefilled = fill(transit, "full")
+    daemon = await inproc.start()
+    runner = daemon.registry.get("Fwd")
+    # When it handles messages whose sends must wait in the overflow
+    for n in range(3):
+        inproc.send("Fwd", {"n": n})
+    await inproc.quiet()
+    # Then its checkpoint does not cover them while they wait
+    assert daemon.overflow.holds_from("Fwd")
+    assert runner.checkpoint() is False and runner.checkpoint_behind
+    # When the queue is read, the sends go out, and the checkpoint is taken by itself
+    assert len(drain(transit, "full")) >= prefilled
+    async with asyncio.timeout(10):
+        while runner.checkpoint_behind:
+            await asyncio.sleep(0.01)
+    assert inproc.journaled("Fwd", stateful=True) == []
+    assert await inproc.stop() == 0

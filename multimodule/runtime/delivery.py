@@ -105,6 +105,13 @@ class Delivery:
             self._waiters.append(waiter)
             await waiter
 
+    async def wait_released(self, task: str) -> None:
+        """Return once no message ``task`` sent waits in the overflow."""
+        while self.holds_from(task):
+            waiter = self.loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+
     def holds_from(self, task: str) -> bool:
         """Whether messages ``task`` sent wait in the overflow."""
         overflow = self.overflow

@@ -71,6 +71,9 @@ class DeliveryGuard(Protocol):
     def holds_from(self, task: str) -> bool:
         """Whether messages ``task`` sent wait in the overflow (its checkpoint must wait)."""
 
+    async def wait_released(self, task: str) -> None:
+        """Return once no message ``task`` sent waits in the overflow."""
+
     def flush_journals(self) -> None:
         """Write every journal of the process (before a checkpoint)."""
 
@@ -139,6 +142,10 @@ class TaskRunner:
         self.duplicates_dropped = 0
         self._consumer: asyncio.Task | None = None
         self._saver: asyncio.Task | None = None
+        #: Cleared while a checkpoint waits for the messages the task sent to leave the
+        #: overflow: no input is taken and no timer runs meanwhile.
+        self._intake = asyncio.Event()
+        self._intake.set()
         self._cancellable = False
         self._stop_after_message = False
         self.started_at = time.time()
@@ -337,9 +344,12 @@ class TaskRunner:
         receiver = self.receiver
         guard = self.guard
         name = self.name
+        intake = self._intake
         try:
             while True:
                 self._cancellable = True
+                if not intake.is_set():
+                    await intake.wait()  # a checkpoint waits for what the task sent
                 if guard is not None and guard.blocked(name):
                     await guard.wait_unblocked(name)  # backpressure: no input taken meanwhile
                 message = await queue.get_async()
@@ -459,6 +469,8 @@ class TaskRunner:
         task is blocked (backpressure). What it sends gets ids derived from the task's
         incarnation, the schedule and the tick's number (kept in the checkpoint)."""
         guard = self.guard
+        if not self._intake.is_set():
+            await self._intake.wait()
         if guard is not None and guard.blocked(self.name):
             await guard.wait_unblocked(self.name)
         ticks = self.checkpoint_data.ticks
@@ -486,7 +498,18 @@ class TaskRunner:
     async def _save_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.save_interval)
-            self.checkpoint()
+            if self.checkpoint() or self.guard is None or not self.guard.holds_from(self.name):
+                continue
+            # Messages it sent wait in the overflow (a full queue downstream): under a steady
+            # stream that could put the checkpoint off for ever. Take no input until they
+            # are sent, then checkpoint (a barrier, once per interval).
+            # (An async handler still awaiting then puts it off to the next interval.)
+            self._intake.clear()
+            try:
+                await self.guard.wait_released(self.name)
+                self.checkpoint()
+            finally:
+                self._intake.set()
 
     @property
     def in_progress(self) -> bool:
