@@ -13,13 +13,22 @@ opened for writing through a symbolic link (``O_NOFOLLOW``); temporary files are
 exclusively (``O_EXCL``) at unpredictable names; files get their mode with ``fchmod``, whatever
 the umask; and a file read back (a state file, a kept outbox) must be a regular file of this
 user's with no other hard link.
+
+A process killed during a write (``kill -9``, a power cut) leaves its temporary file behind.
+Temporary names carry their writer: ``.TARGET.tmp-OWNER-RANDOM``, where OWNER is 8 hex digits
+naming the state directory lock the writing process holds (:func:`claim_temp_files`) and RANDOM
+16 hex digits. A process that has taken its lock removes the temporary files of its own name
+(:func:`remove_temp_files`): no other living process can be writing one, and the files of the
+daemon and of external tasks' processes, which share the directory, are told apart.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
+import re
 import secrets
 import stat
 import sys
@@ -143,10 +152,10 @@ def open_for_append(path: Path, mode: int = 0o600) -> int:
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` atomically and durably (see the module docstring); the
-    file gets ``mode`` whatever the umask. The temporary file (``.NAME.tmp-RANDOM`` beside it)
-    is created exclusively, never through a symbolic link; a symbolic link at ``path`` is
+    file gets ``mode`` whatever the umask. The temporary file (``.NAME.tmp-OWNER-RANDOM``
+    beside it, see :func:`claim_temp_files`) is created exclusively, never through a symbolic link; a symbolic link at ``path`` is
     replaced, not followed. Raises ``OSError``."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    tmp = _temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
@@ -167,6 +176,66 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+#: The owner tag of this process's temporary files (:func:`claim_temp_files`), if claimed.
+_temp_owner: str | None = None
+
+
+def temp_owner_tag(owner: str) -> str:
+    """The 8 hex digits that stand for ``owner`` (a state directory lock's name, such as
+    ``multimodule`` or ``task-NAME``) in temporary file names: the start of its SHA-256. A
+    task name may hold any character but ``/``, so the name itself could not be told apart
+    from the rest of a file name."""
+    return hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def claim_temp_files(owner: str | None) -> None:
+    """Name the temporary files :func:`write_atomic` makes in this process after ``owner``,
+    the name of the state directory lock the process holds (call it before taking the lock:
+    the lock's status file is the first such file). Without a claim (tools, tests; ``None``
+    drops one), temporary files are named ``.TARGET.tmp-RANDOM`` and nobody removes them."""
+    global _temp_owner
+    _temp_owner = None if owner is None else temp_owner_tag(owner)
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh temporary name beside ``path`` (see the module docstring)."""
+    owner = f"{_temp_owner}-" if _temp_owner is not None else ""
+    return path.with_name(f".{path.name}.tmp-{owner}{secrets.token_hex(8)}")
+
+
+def remove_temp_files(directory: Path, owner: str) -> tuple[list[str], int]:
+    """Remove from ``directory`` the temporary files that a process holding the lock named
+    ``owner`` left there (killed while it wrote one); call it once this process holds that
+    lock, so that none of them is being written. Returns the names removed and their bytes.
+
+    Only entries whose whole name is ``.TARGET.tmp-TAG-RANDOM`` (TAG
+    ``temp_owner_tag(owner)``, RANDOM 16 lower-case hex digits) are removed, and only regular
+    files of this process's user: a symbolic link, a directory, a file of another user or of
+    another owner (an external task's process, or a writer that claimed none) stays. Links
+    are never followed. Raises ``OSError`` if the directory cannot be read or a file cannot
+    be removed (those removed before it stay removed)."""
+    pattern = re.compile(r"\..+\.tmp-" + temp_owner_tag(owner) + r"-[0-9a-f]{16}", re.DOTALL)
+    euid = os.geteuid()
+    removed, total = [], 0
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(dir_fd):
+            if not pattern.fullmatch(name):
+                continue
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != euid:
+                continue
+            os.unlink(name, dir_fd=dir_fd)
+            removed.append(name)
+            total += st.st_size
+    finally:
+        os.close(dir_fd)
+    return removed, total
 
 
 #: The key that marks a saved file as a checkpoint (a state file from before checkpoints is

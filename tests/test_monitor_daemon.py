@@ -325,6 +325,90 @@ async def test_flapping_task_is_put_in_failsafe(inproc):
     assert "Crasher" not in inproc.backend.active
 
 
+KEEPER = """
+    from multimodule import Task
+
+    class {name}(Task):
+        is_stateful = True
+
+        def set_config(self, config):
+            self.kept = []
+
+        def message(self, message):
+            if message.get("keep") == "state":
+                self.state.setdefault("kept", []).append("x" * message["size"])
+            elif message.get("keep") == "attribute":
+                self.kept.append(b"x" * message["size"])
+            self.emit({{"n": message["n"]}})
+"""
+
+#: Memory levels set low for the tasks of the memory tests, bytes.
+SMALL_MEMORY_LEVELS = "warn = 500e3\nsevere = 1e6\nfailsafe = 2e6\n"
+
+
+def prometheus_lines(daemon, loop) -> list[str]:
+    """The Prometheus exposition of ``daemon``'s monitor rows, as a scrape would get it (the
+    collector runs in the server's thread, here a worker thread, and asks ``loop``)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from multimodule.runtime.metrics import PrometheusCollector
+
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(daemon.monitor.rows, loop))
+    return generate_latest(registry).decode().splitlines()
+
+
+@pytest.mark.parametrize("keep", ["state", "attribute"])
+async def test_an_internal_task_keeping_memory_goes_to_failsafe_and_a_quiet_one_does_not(
+        inproc, keep):
+    for name in ("Keeper", "Quiet"):
+        inproc.task(name, KEEPER.format(name=name))
+    inproc.config("[Keeper]\n[Keeper.monitor.memory_bytes]\n" + SMALL_MEMORY_LEVELS
+                  + "[Quiet]\n[Quiet.monitor.memory_bytes]\n" + SMALL_MEMORY_LEVELS
+                  + router_section(ALERTS, route("Keeper", "out"), route("Quiet", "out")))
+    inproc.capture("alerts")
+    inproc.capture("out")
+    clock = ManualClock()
+    # Given two internal tasks with memory levels of 0.5, 1 and 2 MB, sampled small at start
+    daemon = await inproc.start(clock=clock)
+    for name in ("Keeper", "Quiet"):
+        row = await inproc_row(inproc, name)
+        assert 0 < row["memory_bytes"] < 100_000 and row["levels"]["memory_bytes"] == "ok"
+    # When one keeps 3 MB (in its state, or in an attribute of its own) and the other
+    # handles as many messages without keeping them
+    for n in range(30):
+        inproc.send("Keeper", {"n": n, "keep": keep, "size": 100_000})
+        inproc.send("Quiet", {"n": n, "size": 100_000})
+    await sample(inproc, clock, step=7201)  # the sample at start has left the window
+    # Then the keeper's memory level goes to failsafe, and it is put in failsafe and stopped
+    alerts = alerts_about(inproc, "Keeper")
+    levels = [(m["metric"], m["level"]) for m in alerts if m["type"] == "alert"]
+    assert levels == [("memory_bytes", "failsafe")], alerts
+    value = alerts[0]["value"]
+    assert 3_000_000 <= value < 3_600_000
+    stopped = [m for m in alerts if m["type"] == "failsafe"]
+    assert len(stopped) == 1 and stopped[0]["reason"].startswith("memory_bytes reached")
+    assert inproc.records_of("log", "task Keeper stopped (failsafe)")
+    assert "Keeper" not in daemon.runners
+    assert (await inproc_row(inproc, "Keeper"))["state"] == "failsafe"
+    # And the quiet one runs on, its figure small and its levels ok, with no alert
+    assert alerts_about(inproc, "Quiet") == []
+    quiet = await inproc_row(inproc, "Quiet")
+    assert quiet["state"] == "running" and quiet["level"] == "ok"
+    assert 0 < quiet["memory_bytes"] < 100_000
+    # And its figure is in the status table and the Prometheus exposition
+    code, out, _ = await inproc.mmctl("status")
+    line = next(line.split() for line in out.splitlines() if line.startswith("Quiet "))
+    assert code == 0 and line[1] == "internal" and line[8].endswith("KiB"), out
+    exposition = await asyncio.to_thread(prometheus_lines, daemon,
+                                         asyncio.get_running_loop())
+    assert any(line.startswith('multimodule_task_memory_bytes{kind="internal",task="Quiet"}')
+               for line in exposition), exposition
+    assert any(line.startswith('multimodule_task_process_memory_bytes{kind="daemon"')
+               for line in exposition)
+
+
 FAULTY = """
     from multimodule import Task
 

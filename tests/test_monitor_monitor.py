@@ -159,3 +159,25 @@ def test_forget_drops_the_row_too(monitor, clock):
     monitor.tick([internal(1)], {}, {})
     monitor.forget("T")
     assert "T" not in monitor.rows
+
+
+def test_a_leaking_internal_task_reaches_failsafe_not_the_daemon_that_hosts_it(monitor,
+                                                                               clock):
+    # Given a daemon whose process holds 40% of the machine, 35% of it attributed to an
+    # internal task (the default memory_share levels: 0.1, 0.15, 0.3 failsafe)
+    me = TaskView("MultiModule", "daemon", "running", pid=1)
+    alerts = monitor.tick([me, internal(1)], {"MultiModule": Figures(memory_bytes=400_000),
+                                              "T": Figures(memory_bytes=350_000)}, {})
+    # Then the task reaches failsafe, and the daemon's own memory (the rest) stays ok
+    assert {(a.task, a.metric, a.new) for a in alerts} == {("T", "memory_share", "failsafe")}
+    rows = monitor.rows
+    assert rows["T"]["memory_bytes"] == 350_000
+    assert rows["MultiModule"]["memory_bytes"] == 50_000
+    assert rows["MultiModule"]["process_memory_bytes"] == 400_000
+    assert rows["MultiModule"]["level"] == "ok"
+    # When the task is stopped, what its process still holds is the daemon's own
+    clock.now += 20
+    stopped = TaskView("T", "internal", "failsafe")
+    alerts = monitor.tick([me, stopped], {"MultiModule": Figures(memory_bytes=400_000)}, {})
+    assert [(a.task, a.metric, a.new) for a in alerts] == \
+        [("MultiModule", "memory_share", "failsafe")]

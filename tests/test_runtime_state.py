@@ -1,16 +1,21 @@
 """State in a running daemon: saved at SIGTERM after delivering what is in memory, saved
-periodically, restored at start, and a corrupt state file moved aside.
+periodically, restored at start, a corrupt state file moved aside, and the temporary files of
+saves interrupted by SIGKILL removed at the next start (by the daemon or the task's own process,
+each its own).
 
-SIGTERM, a killed daemon and many receiver threads stopping run a real daemon subprocess; the
+SIGTERM, killed daemons and many receiver threads stopping run a real daemon subprocess; the
 stop during an async handler and the corrupt state file run the daemon in-process (see
 tests/inprocess.py)."""
 
 from __future__ import annotations
 
 import asyncio
-
 import json
+import os
 import signal
+import time
+
+from multimodule.state import temp_owner_tag
 
 from helpers import (
     receive_n,
@@ -227,3 +232,107 @@ def test_sigterm_with_many_tasks_exits_0(mm):
         # When it gets SIGTERM / Then it exits 0 (every receiver stopped cleanly)
         status = daemon.terminate()
         assert status == 0, f"exit status {status}\n{daemon.output()}"
+
+
+#: A task whose state is about 5 MB of JSON and changes every 10 ms, saved every 10 ms: the
+#: daemon is in the middle of a save most of the time.
+BIG = """
+    from multimodule import Task
+
+    ITEMS = 100_000
+
+    class Big(Task):
+        is_stateful = True
+
+        def set_config(self, config):
+            if len(self.state.get("blob", ())) != ITEMS:
+                self.state["blob"] = ["%07d" % i * 7 for i in range(ITEMS)]
+            self.named_recur("bump", 0.01, self.bump)
+
+        def bump(self):
+            self.state["version"] = self.state.get("version", 0) + 1
+"""
+
+BIG_CONFIG = "[Big]\nintervals = { save_state = 0.01 }\n"
+
+
+def temp_files(state_dir, owner: str) -> list[str]:
+    """The temporary files of ``owner`` (a state lock's name) in ``state_dir`` now."""
+    prefix = f"tmp-{temp_owner_tag(owner)}-"
+    return sorted(name for name in os.listdir(state_dir)
+                  if name.startswith(".") and prefix in name)
+
+
+def kill_during_a_save(daemon, state_dir, timeout: float = 20.0) -> str | None:
+    """SIGKILL ``daemon`` as soon as one of its state saves has a temporary file; return that
+    file's name if it is still there once the daemon is dead (``None``: the save finished
+    between the look and the kill)."""
+    deadline = time.monotonic() + timeout
+    while not (seen := [n for n in temp_files(state_dir, "multimodule")
+                        if n.startswith(".Big.state.json.tmp-")]):
+        assert time.monotonic() < deadline, "no save of Big seen in progress"
+    daemon.proc.kill()
+    assert daemon.wait_exit() == -signal.SIGKILL
+    return seen[0] if (state_dir / seen[0]).exists() else None
+
+
+def assert_whole_state(path) -> None:
+    state = saved_state(path)
+    assert isinstance(state["version"], int) and len(state["blob"]) == 100_000
+
+
+def test_a_daemon_killed_during_saves_leaves_no_temporary_files_and_a_whole_state(
+        mm, transit):
+    mm.task("Big", BIG)
+    mm.config(BIG_CONFIG)
+    # Given the temporary file of an external task's save (not the daemon's to remove)
+    mm.state_dir.mkdir(mode=0o700)
+    external = mm.state_dir / f".Big.state.json.tmp-{temp_owner_tag('task-Big')}-{'0' * 16}"
+    external.write_bytes(b"{")
+    left: list[str] = []
+    for _ in range(10):
+        # Given a daemon saving a 5 MB state all the time, with a whole state saved once
+        daemon = mm.start()
+        wait_for_file(mm.state_file("Big"))
+        # Then what an earlier daemon killed during a save left has been removed at start
+        assert not [name for name in left if (mm.state_dir / name).exists()]
+        if left:
+            daemon.wait_line("stdout", "removed 1 temporary file (", start=0)
+        # When it is killed (SIGKILL) during a save
+        name = kill_during_a_save(daemon, mm.state_dir)
+        # Then its temporary file is left, the only one of the daemon's, and the state file
+        # holds a whole state, the one before that save
+        assert_whole_state(mm.state_file("Big"))
+        if name is not None:
+            assert temp_files(mm.state_dir, "multimodule") == [name]
+            left.append(name)
+        if len(left) == 3:
+            break
+    assert len(left) == 3, "the kills never fell during a save"
+    # When a daemon starts on the state dir and stops
+    daemon = mm.start()
+    daemon.wait_line("stdout", "removed 1 temporary file (", start=0)
+    daemon.stop_ok()
+    # Then none of the daemon's temporary files is left, the external task's is, and the
+    # state is whole
+    assert temp_files(mm.state_dir, "multimodule") == []
+    assert external.read_bytes() == b"{"
+    assert_whole_state(mm.state_file("Big"))
+    assert not list(mm.state_dir.glob("Big.state.json.corrupt-*"))
+
+
+def test_an_external_tasks_process_removes_its_own_temporary_files_only(mm, transit):
+    mm.task("Big", BIG)
+    mm.config(BIG_CONFIG)
+    mm.state_dir.mkdir(mode=0o700)
+    # Given temporary files left by a killed process of task Big and by a killed daemon
+    own = mm.state_dir / f".Big.state.json.tmp-{temp_owner_tag('task-Big')}-{'1' * 16}"
+    daemons = mm.state_dir / f".Big.state.json.tmp-{temp_owner_tag('multimodule')}-{'2' * 16}"
+    own.write_bytes(b"x" * 5000)
+    daemons.write_bytes(b"y")
+    # When the task's own process starts (as its unit or the detached backend starts it)
+    process = mm.start("-m", "Big")
+    process.stop_ok()
+    # Then it removed its own, said so, and left the daemon's
+    assert not own.exists() and daemons.read_bytes() == b"y"
+    assert "removed 1 temporary file (5000 bytes)" in process.output()

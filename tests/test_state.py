@@ -12,7 +12,15 @@ import orjson
 import pytest
 
 from multimodule.errors import AlreadyRunning, ConfigError, StateError
-from multimodule.state import Checkpoint, InstanceLock, StateStore
+from multimodule.state import (
+    Checkpoint,
+    InstanceLock,
+    StateStore,
+    claim_temp_files,
+    remove_temp_files,
+    temp_owner_tag,
+    write_atomic,
+)
 
 
 def cp(state: dict) -> Checkpoint:
@@ -199,3 +207,75 @@ def test_locks_of_different_names_do_not_conflict(tmp_path: Path):
         b.release()
     finally:
         a.release()
+
+
+@pytest.fixture
+def claimed():
+    """This process's temporary files carry the daemon's lock name while the test runs."""
+    claim_temp_files("multimodule")
+    yield temp_owner_tag("multimodule")
+    claim_temp_files(None)
+
+
+def test_temporary_files_carry_the_name_of_their_writers_lock(tmp_path: Path, claimed,
+                                                              monkeypatch):
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(Path(a).name),
+                                                      replace(a, b)))
+    write_atomic(tmp_path / "T.state.json", b"{}")
+    claim_temp_files("task-T")
+    write_atomic(tmp_path / "T.state.json", b"{}")
+    claim_temp_files(None)
+    write_atomic(tmp_path / "T.state.json", b"{}")
+    assert [name[:-16] for name in renamed] == [
+        f".T.state.json.tmp-{claimed}-", f".T.state.json.tmp-{temp_owner_tag('task-T')}-",
+        ".T.state.json.tmp-"]
+    assert all(len(set(name[-16:]) - set("0123456789abcdef")) == 0 for name in renamed)
+    assert len({temp_owner_tag(n) for n in ("multimodule", "task-T", "task-T2")}) == 3
+
+
+def test_only_the_owners_own_temporary_files_are_removed(tmp_path: Path, claimed):
+    # Given a state dir where the daemon (owner "multimodule") was killed during two saves
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    rand = "0123456789abcdef"
+    ours = [f".Big.state.json.tmp-{claimed}-{rand}", f".x.tmp-y.tmp-{claimed}-{rand[::-1]}"]
+    for name in ours:
+        (state / name).write_bytes(b"x" * 1000)
+    # And beside them what is not its to remove
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    external = temp_owner_tag("task-Big")
+    kept = {
+        f".Big.state.json.tmp-{external}-{rand}": "file",  # an external task's save
+        f".Big.state.json.tmp-{rand}": "file",  # written without a claim
+        f".Big.state.json.tmp-{claimed}-{rand}0": "file",  # not the pattern
+        f".Big.state.json.tmp-{claimed}-{rand.upper()}": "file",
+        f"Big.state.json.tmp-{claimed}-{rand}": "file",
+        f".Big.state.json.tmp-{claimed}-{rand[:-1]}x": "file",
+        "Big.state.json": "file",
+        f".link.tmp-{claimed}-{rand}": "symlink",  # never followed, never removed
+        f".dir.tmp-{claimed}-{rand}": "dir",
+    }
+    if os.geteuid() == 0:  # a file of another user's (only root can make one here)
+        kept[f".theirs.tmp-{claimed}-{rand}"] = "other user's"
+    for name, kind in kept.items():
+        path = state / name
+        if kind == "symlink":
+            path.symlink_to(outside)
+        elif kind == "dir":
+            path.mkdir()
+        else:
+            path.write_bytes(b"y")
+            if kind == "other user's":
+                os.chown(path, 65534, 65534)
+    # When the daemon, holding its lock again, removes its own
+    removed, size = remove_temp_files(state, "multimodule")
+    # Then exactly those are gone, and everything else is as it was
+    assert sorted(removed) == sorted(ours) and size == 2000
+    assert sorted(os.listdir(state)) == sorted(kept)
+    assert outside.read_bytes() == b"keep"
+    # And an external task's process removes its own only
+    assert remove_temp_files(state, "task-Big") == ([f".Big.state.json.tmp-{external}-{rand}"],
+                                                    1)

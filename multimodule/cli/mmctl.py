@@ -398,7 +398,9 @@ def _add_control(sub, common) -> None:
     p = sub.add_parser("status", parents=[common, wait], help="show the tasks and their figures",
                        description="One row per task: name, internal/external, pid or unit, "
                                    "state (running, activating, stopped, failed, failsafe), "
-                                   "level, messages in/out per second, CPU %, memory, open "
+                                   "level, messages in/out per second, CPU %, memory (an "
+                                   "internal task's: the estimated size of its objects; the "
+                                   "daemon's: its process's less its internal tasks'), open "
                                    "descriptors, System V queue fill, restarts, last error. "
                                    "Rates and means are over the monitor's short window.")
     p.add_argument("--json", action="store_true",

@@ -12,8 +12,14 @@ those on the ``alert`` channel and to the Router, and puts a task whose level re
 Where figures come from:
 
 - internal task: CPU seconds and wall seconds spent in its handlers, messages in/out, handler
-  failures, depth of its in-memory queue (its process figures are the daemon's own and are not
-  charged to it);
+  failures, depth of its in-memory queue, and the memory attributed to it: the deep size of its
+  instance (see :mod:`multimodule.monitor.deepsize`; its other process figures are the
+  daemon's and are not charged to it);
+- the daemon itself: its process's figures, except that its ``memory_bytes`` is its *own*
+  memory, the process's less what is attributed to its internal tasks (the whole process's is
+  ``process_memory_bytes`` in its row): so a leaking internal task reaches its memory levels
+  and is put in failsafe, not the daemon, and the rows of the daemon and its internal tasks
+  add up to the process;
 - external task: its unit's cgroup under the systemd backend (memory, CPU, block I/O, pids),
   psutil figures of its main process (open descriptors, threads, and whatever the cgroup
   cannot give; the only source for detached processes, which have no cgroup of their own), and
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psutil
@@ -101,7 +107,8 @@ class _Pair:
 class _Track:
     """Windows of one task's figures."""
 
-    GAUGES = ("memory_bytes", "open_fds", "threads", "queue_fill", "queue_depth")
+    GAUGES = ("memory_bytes", "open_fds", "threads", "queue_fill", "queue_depth",
+              "process_memory_bytes")
     COUNTERS = ("cpu_seconds", "io_read_bytes", "io_write_bytes", "messages_in",
                 "messages_out", "handler_seconds")
 
@@ -190,17 +197,24 @@ class Monitor:
              queue_fill: dict[str, float | None]) -> list[Alert]:
         """Take one sample of every task and queue; return the alerts due (level changes).
 
-        ``process_figures``: :meth:`read_process` of each external task, by name.
-        ``queue_fill``: fill (0..1) of every System V queue, by name (a task's own queue is
-        in its row; other queues get rows of their own, see :attr:`queue_rows`).
+        ``process_figures``: :meth:`read_process` of each external task and of the daemon,
+        and the attributed memory of each internal task (``Figures(memory_bytes=...)``), by
+        name. ``queue_fill``: fill (0..1) of every System V queue, by name (a task's own queue
+        is in its row; other queues get rows of their own, see :attr:`queue_rows`).
         """
         alerts: list[Alert] = []
         seen = set()
+        attributed = sum(process_figures[view.name].memory_bytes or 0 for view in views
+                         if view.kind == "internal" and view.state == "running"
+                         and view.name in process_figures)
         for view in views:
             seen.add(view.name)
             if view.queue_fill is None:
                 view.queue_fill = queue_fill.get(view.name)
-            alerts.extend(self._tick_task(view, process_figures.get(view.name, Figures())))
+            figures = process_figures.get(view.name, Figures())
+            alerts.extend(self._tick_task(view, own_memory(figures, attributed)
+                                          if view.kind == "daemon" else figures,
+                                          figures.memory_bytes))
         for name in list(self.tracks):
             if name not in seen:  # unloaded: its history is of no use any more
                 self.forget(name)
@@ -219,7 +233,8 @@ class Monitor:
                                       "level": self.tracker.level(f"queue:{qname}")}
         return alerts
 
-    def _tick_task(self, view: TaskView, figures: Figures) -> list[Alert]:
+    def _tick_task(self, view: TaskView, figures: Figures,
+                   process_memory: int | None) -> list[Alert]:
         track = self.tracks.get(view.name)
         if track is None:
             track = self.tracks[view.name] = _Track(self.window_s, self.clock)
@@ -248,6 +263,8 @@ class Monitor:
                 cpu = figures.cpu_seconds
             for name, value in (("cpu_seconds", cpu),
                                 ("memory_bytes", figures.memory_bytes),
+                                ("process_memory_bytes",
+                                 process_memory if view.kind == "daemon" else None),
                                 ("open_fds", figures.open_fds),
                                 ("threads", figures.tasks),
                                 ("io_read_bytes", figures.io_read_bytes),
@@ -345,6 +362,7 @@ class Monitor:
             "messages_out_per_s": _round(pairs["messages_out"].rate()[0]),
             "cpu_percent": _round(cpu_short * 100) if cpu_short is not None else None,
             "memory_bytes": _int(values["memory_bytes"]),
+            "process_memory_bytes": _int(pairs["process_memory_bytes"].mean()[0]),
             "open_fds": _int(values["open_fds"]),
             "threads": _int(values["threads"]),
             "queue_fill": _round(view.queue_fill),
@@ -373,6 +391,14 @@ class Monitor:
                                      "long": int(track.failures_long.total())},
             },
         }
+
+
+def own_memory(figures: Figures, attributed: int) -> Figures:
+    """The daemon's ``figures`` with its memory less ``attributed`` bytes (its internal tasks'
+    figures), never below 0."""
+    if figures.memory_bytes is None:
+        return figures
+    return replace(figures, memory_bytes=max(0, figures.memory_bytes - attributed))
 
 
 def _round(value: float | None) -> float | None:

@@ -33,7 +33,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 @dataclass(frozen=True)
 class Figures:
     """One reading. ``cpu_seconds``: CPU time used so far (user + system), seconds;
-    ``memory_bytes``: memory in use (cgroup: charged memory; process: RSS);
+    ``memory_bytes``: memory in use, bytes (cgroup: the working set; process: RSS; internal
+    task: the estimated deep size of its objects, see :mod:`~multimodule.monitor.deepsize`);
     ``io_read_bytes``/``io_write_bytes``: block I/O so far; ``tasks``: processes and threads
     (cgroup ``pids.current``) or threads (process); ``open_fds``: file descriptors (process
     only)."""

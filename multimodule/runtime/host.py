@@ -32,7 +32,14 @@ from multimodule.runtime.configs import ConfigWatcher, TaskConfigs
 from multimodule.runtime.delivery import Delivery
 from multimodule.runtime.notify import Notifier
 from multimodule.runtime.registry import TaskRegistry
-from multimodule.state import InstanceLock, StateStore, read_own_file, write_atomic
+from multimodule.state import (
+    InstanceLock,
+    StateStore,
+    claim_temp_files,
+    read_own_file,
+    remove_temp_files,
+    write_atomic,
+)
 from multimodule.transit import Transit
 from multimodule.transit.lowlevel import Overflow, decode_body, ensure_handler
 
@@ -220,10 +227,28 @@ class HostProcess:
                 sys.path.insert(0, str(path))
         self.store = StateStore(opts.state_dir)
         state_lock, transit_lock = self.lock_names()
+        claim_temp_files(state_lock)  # this process's temporary files carry its lock's name
         lock = InstanceLock(self.store.path, state_lock)
         lock.acquire()
         self._lock = lock
+        self._remove_interrupted_writes(state_lock)
         self.prepare()
+
+    def _remove_interrupted_writes(self, state_lock: str) -> None:
+        """Remove the temporary files that an earlier process under the same lock left in the
+        state directory when it was killed during a save (see :func:`remove_temp_files`)."""
+        try:
+            removed, size = remove_temp_files(self.store.path, state_lock)
+        except OSError as exc:
+            self.channels.emit("error", SOURCE, f"cannot remove the temporary files an "
+                                                f"interrupted save left in {self.store.path}: "
+                                                f"{exc}")
+            return
+        if removed:
+            files = "file" if len(removed) == 1 else "files"
+            self.channels.emit("log", SOURCE, f"removed {len(removed)} temporary {files} "
+                                              f"({size} bytes) that an interrupted save left "
+                                              f"in {self.store.path}", files=sorted(removed))
 
     async def run(self) -> int:
         """Run until SIGINT/SIGTERM or ``cleanly_exit``; return the exit status."""

@@ -42,7 +42,11 @@ PROMETHEUS_GAUGES = {
     "messages_out_per_s": ("multimodule_task_messages_out_per_second",
                            "Messages sent per second over the short window"),
     "cpu_percent": ("multimodule_task_cpu_percent", "CPU use, percent of one core"),
-    "memory_bytes": ("multimodule_task_memory_bytes", "Memory in use, bytes"),
+    "memory_bytes": ("multimodule_task_memory_bytes",
+                     "Memory in use, bytes (internal task: the estimated deep size of its "
+                     "objects; daemon: its process's less its internal tasks')"),
+    "process_memory_bytes": ("multimodule_task_process_memory_bytes",
+                             "Memory of the daemon's whole process, bytes (daemon row only)"),
     "open_fds": ("multimodule_task_open_fds", "Open file descriptors"),
     "threads": ("multimodule_task_threads", "Threads"),
     "queue_fill": ("multimodule_task_queue_fill_ratio", "Fill of the task's System V queue"),

@@ -4,7 +4,9 @@
 :class:`~multimodule.monitor.monitor.TaskView` per task from a read-only
 :class:`TaskInventory` (blocking reads, such as ``systemctl show`` and ``/proc``, run in worker
 threads, never on the event loop), feeds the :class:`~multimodule.monitor.monitor.Monitor`, and
-for every level that changed:
+for every level that changed (an internal task's memory is the deep size of its instance, walked
+on the loop within a budget per sample by :class:`~multimodule.monitor.deepsize.MemoryAttribution`;
+see that module for what it cannot see):
 
 - :class:`AlertSender` writes a record on the ``alert`` channel (fields ``metric``, ``level``,
   ``previous``, ``value``) and sends ``{"source": "MultiModule", "type": "alert", ...}`` to the
@@ -24,6 +26,7 @@ from typing import Any, Awaitable, Callable, Collection, Mapping, Protocol
 
 from multimodule.config import TaskSection, monitor_thresholds
 from multimodule.errors import MultiModuleError
+from multimodule.monitor.deepsize import MemoryAttribution
 from multimodule.monitor.levels import Alert
 from multimodule.monitor.monitor import Monitor, TaskView, read_figures_file
 from multimodule.monitor.sources import Figures
@@ -106,13 +109,14 @@ class MonitorService:
     write their counters. ``alert``: an :class:`AlertSender`. ``failsafe(name, reason,
     **fields)``: put a task in failsafe. ``backend``: the external tasks' backend name
     (``"systemd"`` reads unit cgroups). ``monitor``: the windows and levels (injectable).
+    ``attribution``: the memory figures of internal tasks (injectable; default budgets).
     """
 
     def __init__(self, inventory: TaskInventory, *, statuses: Statuses,
                  fills: Callable[[], dict[str, float | None]], state_dir: Path,
                  channels: Channels, alert: AlertSender,
                  failsafe: Callable[..., Any], interval_s: float, monitor: Monitor,
-                 backend: str | None):
+                 backend: str | None, attribution: MemoryAttribution | None = None):
         self.inventory = inventory
         self.statuses = statuses
         self.fills = fills
@@ -123,6 +127,9 @@ class MonitorService:
         self.interval_s = interval_s
         self.monitor = monitor
         self.backend = backend
+        self.attribution = attribution or MemoryAttribution()
+        #: Internal task -> why the walk of its memory failed, as last reported.
+        self._walk_failures: dict[str, str] = {}
         #: What the last sample learnt of each external task.
         self.processes: dict[str, TaskProcess] = {}
         self._runner: asyncio.Task | None = None
@@ -189,12 +196,14 @@ class MonitorService:
         """Take one sample now; send the alerts due and start failsafe where reached."""
         inv = self.inventory
         views = self._internal_views()
+        memory = self._attribute_memory()
         moving = set(inv.moving())
         processes = await self.statuses([n for n in inv.external() if n not in moving])
         self.processes.update({n: p for n, p in processes.items() if not isinstance(p, str)})
         more, figures, fill = await asyncio.get_running_loop().run_in_executor(
             None, self._read_external, processes)
         views += more
+        figures.update(memory)
         known = {view.name for view in views}
         # A task moving between the daemon and its own process keeps its windows.
         views += [TaskView(name, "external" if name in inv.external() else "internal",
@@ -211,6 +220,21 @@ class MonitorService:
                 self.failsafe(alert.task, reason, metric=alert.metric, value=alert.value)
         return alerts
 
+    def _attribute_memory(self) -> dict[str, Figures]:
+        """The memory figure of each internal task (on the loop: the walk reads the tasks'
+        objects, which only the loop's thread changes); a walk that failed is reported once
+        per new reason."""
+        runners = self.inventory.internal()
+        memory = self.attribution.measure({name: runner.task
+                                           for name, runner in list(runners.items())})
+        failures = self.attribution.failures
+        for name, why in failures.items():
+            if self._walk_failures.get(name) != why:
+                self.channels.emit("error", SOURCE, f"cannot measure the memory of task "
+                                                    f"{name}: {why}", task=name)
+        self._walk_failures = dict(failures)
+        return {name: Figures(memory_bytes=size) for name, size in memory.items()}
+
     def send_alert(self, alert: Alert) -> None:
         """An alert on the ``alert`` channel and to the Router."""
         self.alert("alert", alert.task, alert.text,
@@ -225,6 +249,7 @@ class MonitorService:
     def forget(self, name: str) -> None:
         """``name`` starts afresh (cleared from failsafe, or moved): no figures from before."""
         self.monitor.forget(name)
+        self.attribution.forget(name)
         self.processes.pop(name, None)
 
     # -- figures for operators -------------------------------------------------------------
@@ -266,4 +291,6 @@ class MonitorService:
     def figures(self) -> dict[str, Any]:
         """The monitor's settings and counts, for the status reply."""
         return {"interval_s": self.interval_s, "window_s": self.monitor.window_s,
-                "alerts_sent": self.alert.sent}
+                "alerts_sent": self.alert.sent,
+                "memory_attribution_s": round(self.attribution.last_cost_s, 6),
+                "memory_attribution_walked": self.attribution.last_walked}
