@@ -45,7 +45,7 @@ from multimodule.supervise.base import LaunchSpec
 from multimodule.supervise.detached import DetachedBackend
 
 from multimodule.cli import mmctl as mmctl_cli
-from multimodule.errors import Empty
+from multimodule.errors import Empty, QueueFull
 from multimodule.transit import Transit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -371,3 +371,25 @@ def saved_state(path: Path) -> dict:
     """The task state a checkpoint file (``NAME.state.json``) holds."""
     from multimodule.state import Checkpoint
     return Checkpoint.from_json(json.loads(Path(path).read_text()), True).state
+
+
+def drain(transit, qname: str) -> list[dict[str, Any]]:
+    """Every message waiting on ``qname`` now."""
+    out = []
+    while True:
+        try:
+            out.append(transit.receive(qname, timeout=0))
+        except Empty:
+            return out
+
+
+def fill(transit, qname: str) -> int:
+    """Fill System V queue ``qname`` with small messages as another process would; return
+    how many it took."""
+    prefilled = 0
+    while True:
+        try:
+            transit.send(qname, {"p": prefilled}, timeout=0)
+        except QueueFull:
+            return prefilled
+        prefilled += 1

@@ -17,7 +17,15 @@ import time
 
 import pytest
 
-from helpers import receive_until, route, router_section, saved_state, wait_for_file
+from helpers import (
+    drain,
+    fill,
+    receive_until,
+    route,
+    router_section,
+    saved_state,
+    wait_for_file,
+)
 from multimodule.errors import Empty, QueueFull
 from multimodule.transit import META_KEY
 
@@ -227,7 +235,6 @@ def test_an_unread_queue_pushes_back_on_senders_and_memory_stays_bounded(mm, tra
 
 async def test_a_checkpoint_waits_for_held_sends_and_is_taken_once_they_are_sent(
         inproc, transit):
-    from test_runtime_hardening import drain, fill
     # Given a stateful task forwarding to a System V queue that another process filled
     inproc.task("Fwd", """
         from multimodule import Task
@@ -256,4 +263,73 @@ async def test_a_checkpoint_waits_for_held_sends_and_is_taken_once_they_are_sent
         while runner.checkpoint_behind:
             await asyncio.sleep(0.01)
     assert inproc.journaled("Fwd", stateful=True) == []
+    assert await inproc.stop() == 0
+
+
+async def test_dedupe_drops_a_message_handled_before_even_after_a_restart(inproc, transit):
+    # Given a stateful task that drops duplicates (a window of 100 ids)
+    inproc.task("Once", """
+        from multimodule import Task
+
+        class Once(Task):
+            is_stateful = True
+
+            def message(self, message):
+                self.state["seen"] = self.state.get("seen", []) + [message["n"]]
+    """)
+    inproc.config("[Once]\ndedupe = 100\n")
+    daemon = await inproc.start()
+    # When a message and a copy of it with the same id arrive, as after a sender's crash
+    for n in (1, 1, 2):
+        transit.send("Once", {"n": n}, id=f"msg-{n}")
+    await inproc.quiet()
+    # Then the copy is dropped and counted
+    runner = daemon.registry.get("Once")
+    assert runner.task.state["seen"] == [1, 2]
+    assert runner.figures()["duplicates_dropped"] == 1
+    # and the window is in the checkpoint: after a restart a third copy is dropped too
+    await inproc.restart()
+    transit.send("Once", {"n": 1}, id="msg-1")
+    transit.send("Once", {"n": 3}, id="msg-3")
+    await inproc.quiet()
+    assert inproc.daemon.registry.get("Once").task.state["seen"] == [1, 2, 3]
+    assert await inproc.stop() == 0
+
+
+async def test_what_a_handler_or_a_tick_sends_gets_ids_derived_from_its_cause(inproc, transit):
+    # Given a task that sends two messages per message handled, and one per timer tick
+    inproc.task("Twice", """
+        from multimodule import Task
+
+        class Twice(Task):
+            is_stateful = True
+
+            def set_config(self, config):
+                self.named_recur("tick", 0.05, self.tick)
+
+            def tick(self):
+                self.send("ticks", {"tick": True})
+
+            def message(self, message):
+                self.send("out", {"n": message["n"], "copy": 0})
+                self.send("out", {"n": message["n"], "copy": 1})
+    """)
+    inproc.config("[Twice]\n")
+    daemon = await inproc.start()
+    transit.send("Twice", {"n": 7}, id="cause-7")
+    await inproc.quiet()
+    first, second = transit.receive("out", timeout=5), transit.receive("out", timeout=5)
+    # Then their ids are the cause's id and their index among its sends
+    assert [first[META_KEY]["id"], second[META_KEY]["id"]] == ["cause-7.0", "cause-7.1"]
+    # and a tick's send is named after the task's incarnation, the schedule and the tick
+    incarnation = daemon.registry.get("Twice").checkpoint_data.incarnation
+    tick = await asyncio.to_thread(transit.receive, "ticks", timeout=5)
+    assert tick[META_KEY]["id"] == f"{incarnation}/Twice/tick/1.0"
+    # and after a restart the ticks are numbered on from the checkpoint, same incarnation
+    await inproc.stop()
+    before = [tick] + drain(transit, "ticks")
+    last = max(int(m[META_KEY]["id"].split("/")[-1].split(".")[0]) for m in before)
+    await inproc.start()
+    after = await asyncio.to_thread(transit.receive, "ticks", timeout=5)
+    assert after[META_KEY]["id"] == f"{incarnation}/Twice/tick/{last + 1}.0"
     assert await inproc.stop() == 0

@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 import orjson
 
-from multimodule.errors import Empty, QueueFull
+from multimodule.errors import QueueFull
 from multimodule.runtime import host as host_module
 from multimodule.tasks.Router import MAX_HOPS
 from multimodule.transit.lowlevel import AsyncReceiver
 
-from helpers import router_section, strip_meta
+from helpers import drain, fill, router_section, strip_meta
 
 #: The receiver's defaults in the daemon (see TaskRunner and Transit.receiver).
 HIGH_WATER = 256
@@ -33,29 +33,7 @@ async def status_json(inproc) -> dict[str, Any]:
     return json.loads(out)
 
 
-def drain(transit, qname: str) -> list[dict[str, Any]]:
-    """Every message waiting on ``qname`` now."""
-    out = []
-    while True:
-        try:
-            out.append(transit.receive(qname, timeout=0))
-        except Empty:
-            return out
-
-
 # -- outboxes ---------------------------------------------------------------------------------
-
-
-def fill(transit, qname: str) -> int:
-    """Fill System V queue ``qname`` with small messages as another process would; return
-    how many it took."""
-    prefilled = 0
-    while True:
-        try:
-            transit.send(qname, {"p": prefilled}, timeout=0)
-        except QueueFull:
-            return prefilled
-        prefilled += 1
 
 
 async def test_messages_for_a_full_queue_made_again_from_the_journal_at_next_start(
