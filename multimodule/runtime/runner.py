@@ -106,8 +106,11 @@ class TaskRunner:
 
     ``transit``: where the task's in-memory queue is declared and its System V receiver made
     (``receive_sysv=False`` only in tests). ``send``: how the task's sends leave it.
-    ``channels``: the out-of-band channels. ``store``: where a stateful task's state lives.
+    ``channels``: the out-of-band channels. ``store``: where the task's checkpoint lives.
     ``slow_handler_s``: seconds a handler may hold the loop before it is reported.
+    ``journal``: the task's input journal (``None``: journals are off, and a stateless task
+    keeps no checkpoint); ``guard``: what the host tells it about the rest of the process
+    (journals to write, backpressure; see :class:`DeliveryGuard`).
     """
 
     def __init__(self, name: str, cls: type[Task], *, transit: Any, send: Send,
@@ -599,6 +602,8 @@ class TaskRunner:
             "handler_cpu_seconds": round(c.handler_cpu_seconds, 6),
             "slow_handlers": c.slow_handlers,
             "duplicates_dropped": self.duplicates_dropped,
+            # Messages handled since the last checkpoint: what a kill now would redo.
+            "since_checkpoint": self.position - self._checkpointed_position,
             "queue_depth": self.queue.depth,
             "started_at": self.started_at,
             "last_error": self.last_error,
