@@ -333,3 +333,33 @@ async def test_what_a_handler_or_a_tick_sends_gets_ids_derived_from_its_cause(in
     after = await asyncio.to_thread(transit.receive, "ticks", timeout=5)
     assert after[META_KEY]["id"] == f"{incarnation}/Twice/tick/{last + 1}.0"
     assert await inproc.stop() == 0
+
+
+async def test_a_stateless_tasks_ticks_are_numbered_on_after_a_restart(inproc, transit):
+    # Given a stateless task that ticks, and whose checkpoint was taken once for a message
+    inproc.task("Beat", """
+        from multimodule import Task
+
+        class Beat(Task):
+            def set_config(self, config):
+                self.named_recur("beat", 0.05, lambda: self.send("beats", {}))
+
+            def message(self, message):
+                pass
+    """)
+    inproc.config("[Beat]\nintervals = { save_state = 0.05 }\n")
+    daemon = await inproc.start()
+    transit.send("Beat", {})
+    await inproc.quiet()
+    runner = daemon.registry.get("Beat")
+    assert runner.checkpoint()
+    # When it ticks on without messages, and is stopped and started again
+    seen = [await asyncio.to_thread(transit.receive, "beats", timeout=5) for _ in range(3)]
+    await inproc.stop()
+    seen += drain(transit, "beats")
+    await inproc.start()
+    # Then its next tick has an id no earlier tick had (a receiver with dedupe would
+    # otherwise drop it as a duplicate)
+    after = await asyncio.to_thread(transit.receive, "beats", timeout=5)
+    assert after[META_KEY]["id"] not in {m[META_KEY]["id"] for m in seen}
+    assert await inproc.stop() == 0

@@ -139,6 +139,7 @@ class TaskRunner:
         #: Sequence number (in the journal) of the last message handled.
         self.position = 0
         self._checkpointed_position = 0
+        self._checkpointed_ticks = 0
         self.dedupe_window = 0
         self._recent: deque[str] = deque()
         self._recent_set: set[str] = set()
@@ -176,6 +177,7 @@ class TaskRunner:
             if checkpoint.state is not None:
                 self.task.state = checkpoint.state
             self.position = self._checkpointed_position = checkpoint.position
+            self._checkpointed_ticks = sum(checkpoint.ticks.values())
             self._recent.extend(checkpoint.recent_ids)
             self._recent_set.update(checkpoint.recent_ids)
         if self.journal is not None:
@@ -542,7 +544,9 @@ class TaskRunner:
             except StateError as exc:
                 self.report_error(f"checkpoint not taken: {exc}")
                 return False
-        if not self.cls.is_stateful and self.position == self._checkpointed_position:
+        ticks = sum(self.checkpoint_data.ticks.values())
+        if (not self.cls.is_stateful and self.position == self._checkpointed_position
+                and ticks == self._checkpointed_ticks):
             return False
         checkpoint = self.checkpoint_data
         checkpoint.position = self.position
@@ -555,6 +559,7 @@ class TaskRunner:
             self.report_error(str(exc))
             return False
         self._checkpointed_position = self.position
+        self._checkpointed_ticks = ticks
         if self.journal is not None:
             self.journal.checkpointed(self.position)
         return True
