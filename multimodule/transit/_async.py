@@ -8,6 +8,10 @@ messages wait between the thread and the loop; beyond that the thread stops taki
 queue, so a slow consumer pushes back on senders through the full System V queue instead of
 growing memory.
 
+An ``intercept`` callable, when given, sees each message on the worker thread first and may
+take care of it there (it is then not handed over): for answers that must not wait for a loop
+that may be blocked (the control server's ``status`` while a task's handler holds the loop).
+
 ``EINTR`` (``"Signaled while waiting"``) is retried; stopping sends the thread the interrupt
 signal (see ``_interrupt``) until it has left ``msgrcv``, so no message is taken after
 :meth:`AsyncReceiver.stop` returns and none taken before it is lost.
@@ -26,6 +30,8 @@ from multimodule.transit._sysv import SysvQueue
 
 Deliver = Callable[[dict[str, Any]], None]
 OnError = Callable[[TransitError], None]
+#: ``intercept(message) -> bool``, on the worker thread: whether it took care of ``message``.
+Intercept = Callable[[dict[str, Any]], bool]
 
 
 class AsyncReceiver:
@@ -35,6 +41,9 @@ class AsyncReceiver:
     gets each :class:`BadMessage` (the receiver goes on with the next message) and any other
     :class:`TransitError` (after :class:`QueueRemoved` the name is opened again and receiving
     goes on; after other errors the receiver stops and :attr:`error` holds the error).
+    ``intercept`` (see :data:`Intercept`) runs on the worker thread for each decoded message
+    before it is handed over; a message it took care of (``True``) is not delivered. It must
+    not block; if it raises, the message is delivered as usual.
 
     Must be started on the loop's thread; the main thread is best, so that the interrupt
     handler can be installed (raises :class:`TransitError` if it cannot be).
@@ -50,10 +59,12 @@ class AsyncReceiver:
         max_pending: int = 64,
         backlog: Callable[[], int] | None = None,
         high_water: int = 256,
+        intercept: Intercept | None = None,
     ):
         self.queue = queue
         self.deliver = deliver
         self.on_error = on_error
+        self.intercept = intercept
         self.loop = loop
         self.max_pending = max_pending
         self.backlog = backlog
@@ -163,6 +174,12 @@ class AsyncReceiver:
         except BadMessage as exc:
             self._hand_over(exc)
             return False
+        if self.intercept is not None:
+            try:
+                if self.intercept(message):
+                    return False
+            except Exception:  # noqa: BLE001 - documented: the message goes to the loop
+                pass
         self._hand_over(message)
         return True
 
