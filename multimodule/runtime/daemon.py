@@ -13,7 +13,8 @@ import os
 import time
 from typing import Any
 
-from multimodule.config import DaemonOptions, check_config, options_path, published_options
+from multimodule.config import (DaemonOptions, check_config, options_path, parse_limits,
+                                published_options)
 from multimodule.errors import (
     ConfigError,
     MultiModuleError,
@@ -34,7 +35,6 @@ from multimodule.runtime.migration import Migrations
 from multimodule.runtime.monitoring import AlertSender, MonitorService
 from multimodule.state import write_atomic
 from multimodule.supervise.base import TaskBackend
-from multimodule.config import parse_limits
 from multimodule.task import ROUTER_QNAME
 from multimodule.transit import Transit
 
@@ -73,8 +73,7 @@ class Daemon(HostProcess):
     def prepare(self) -> None:
         self.failsafe = Failsafe(self.store.path / "failsafe.json", channels=self.channels,
                                  notify=self.alerts, stop_task=self._stop_task,
-                                 start_task=self._start_cleared,
-                                 loaded=self._runs,
+                                 start_task=self._start_cleared, loaded=self._runs,
                                  moving=lambda name: name in self.migrations)
         self.failsafe.load()
         self._publish_options()
@@ -164,6 +163,9 @@ class Daemon(HostProcess):
             self.registry.fail(name, f"task {name} not loaded: {exc}")
             return False
         return self.registry.start(name, cls, config, settings) is not None
+
+    def failsafe_hung(self, name: str, reason: str, **fields: Any) -> bool:
+        return self.failsafe.request(name, reason, **fields)
 
     def load_on_demand(self, qname: str) -> bool:
         if (self.externals is None or qname in self.registry.not_tasks

@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from multimodule.errors import TaskImportFailed, TaskNotFound
 from multimodule.oob import Channels
 from multimodule.runtime.loader import find_task_class
-from multimodule.runtime.runner import STOP_GRACE_S, Send, TaskRunner
+from multimodule.runtime.runner import STOP_GRACE_S, FailsafeRequest, Send, TaskRunner
+from multimodule.runtime.watchdog import HandlerWatchdog
 from multimodule.state import StateStore
 from multimodule.task import Task
 
@@ -37,12 +38,15 @@ class TaskRegistry:
 
     ``send``: the tasks' send; ``send_out``: to a System V queue without blocking (what a
     stopped task held goes back there). ``prefixes``, ``task_path``: where task classes are
-    found (see :func:`~multimodule.runtime.loader.find_task_class`).
+    found (see :func:`~multimodule.runtime.loader.find_task_class`). ``slow_handler_s``,
+    ``watchdog``, ``failsafe``: for the runners (see
+    :class:`~multimodule.runtime.runner.TaskRunner`).
     """
 
     def __init__(self, *, transit: Any, channels: Channels, store: StateStore, send: Send,
                  send_out: SendOut, prefixes: Sequence[str], task_path: Sequence[Path],
-                 slow_handler_s: float):
+                 slow_handler_s: float, watchdog: HandlerWatchdog,
+                 failsafe: FailsafeRequest | None = None):
         self.transit = transit
         self.channels = channels
         self.store = store
@@ -51,6 +55,8 @@ class TaskRegistry:
         self.prefixes = list(prefixes)
         self.task_path = list(task_path)
         self.slow_handler_s = slow_handler_s
+        self.watchdog = watchdog
+        self.failsafe = failsafe
         self.runners: dict[str, TaskRunner] = {}
         self.failures: dict[str, str] = {}
         self.not_tasks: set[str] = set()
@@ -111,7 +117,8 @@ class TaskRegistry:
         try:
             runner = TaskRunner(name, cls, transit=self.transit, send=self.send,
                                 channels=self.channels, store=self.store,
-                                slow_handler_s=self.slow_handler_s)
+                                slow_handler_s=self.slow_handler_s, watchdog=self.watchdog,
+                                failsafe=self.failsafe)
             self.runners[name] = runner
             runner.start(config, settings)
         except Exception as exc:

@@ -5,6 +5,14 @@ this process and by an :class:`~multimodule.transit.lowlevel.AsyncReceiver` for 
 queue of the same name. One consumer coroutine per task takes messages in order and calls the
 handler; it hands the loop back after about 2 ms of handling so that one busy task cannot
 starve the others.
+
+Every call of the task's message handler and scheduled work is watched by the process's
+:class:`~multimodule.runtime.watchdog.HandlerWatchdog`: reported while it holds the loop past
+``--slow-handler-s``, interrupted (:class:`~multimodule.errors.HandlerTimeout`) past the
+task's ``handler_timeout_s``, which counts as that handler's failure. A task cut off
+:data:`CUTOFFS_TO_FAILSAFE` times within :data:`CUTOFF_WINDOW_S` is put in failsafe through
+the ``failsafe`` callable its host gives (the daemon's failsafe; an external task's process
+asks its daemon).
 """
 
 from __future__ import annotations
@@ -13,20 +21,33 @@ import asyncio
 import inspect
 import time
 import traceback
+from collections import deque
 from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from multimodule.config import DEFAULT_SAVE_STATE_S
-from multimodule.errors import BadMessage, StateError, TransitError
+from multimodule.config import DEFAULT_HANDLER_TIMEOUT_S, DEFAULT_SAVE_STATE_S
+from multimodule.errors import BadMessage, HandlerTimeout, StateError, TransitError
 from multimodule.oob import Channels
 from multimodule.runtime.control import CONTROL_KEY
 from multimodule.runtime.schedule import Schedule
+from multimodule.runtime.watchdog import HandlerWatchdog, exempt
 from multimodule.state import StateStore
 from multimodule.task import Task, Work
 
 #: ``send(qname, message, owned=False)``: how a task's sends leave it (see :meth:`Task.send`).
 Send = Callable[..., None]
+
+#: ``failsafe(name, reason, **fields) -> bool``: put task ``name`` in failsafe because its
+#: handlers keep being cut off (``fields``: ``metric``, ``value`` for the alert); whether it is
+#: being stopped in this process now (then nothing more is delivered to it).
+FailsafeRequest = Callable[..., bool]
+
+#: A task whose handlers are interrupted this many times within :data:`CUTOFF_WINDOW_S`
+#: seconds is put in failsafe: a handler that hangs now and then is reported, one that hangs
+#: on most messages would hold the loop for ``handler_timeout_s`` on each of them.
+CUTOFFS_TO_FAILSAFE = 3
+CUTOFF_WINDOW_S = 600.0
 
 #: Seconds of handling in a row before the consumer yields to the event loop (checked every
 #: ``BATCH_CHECK`` messages): long enough to keep up with a bursty producer, short enough that
@@ -54,11 +75,16 @@ class TaskRunner:
     ``transit``: where the task's in-memory queue is declared and its System V receiver made
     (``receive_sysv=False`` only in tests). ``send``: how the task's sends leave it.
     ``channels``: the out-of-band channels. ``store``: where a stateful task's state lives.
-    ``slow_handler_s``: seconds a handler may hold the loop before it is reported.
+    ``slow_handler_s``: seconds a handler may hold the loop before it is reported after it
+    returns (the watchdog reports it while it runs). ``watchdog``: the process's handler
+    watchdog. ``failsafe``: see :data:`FailsafeRequest` (``None``: cut-offs are only
+    reported). ``handler_timeout_s`` (from the task's config): seconds one call may hold the
+    loop before it is interrupted.
     """
 
     def __init__(self, name: str, cls: type[Task], *, transit: Any, send: Send,
                  channels: Channels, store: StateStore | None, slow_handler_s: float,
+                 watchdog: HandlerWatchdog, failsafe: FailsafeRequest | None = None,
                  receive_sysv: bool = True):
         self.name = name
         self.cls = cls
@@ -66,6 +92,10 @@ class TaskRunner:
         self.channels = channels
         self.send = send
         self.slow_handler_s = slow_handler_s
+        self.watchdog = watchdog
+        self.failsafe = failsafe
+        self.handler_timeout_s = DEFAULT_HANDLER_TIMEOUT_S
+        self._cutoffs: deque[float] = deque()  # time.monotonic() of recent cut-offs
         self.task = cls()
         self.task.attach(name, self)
         self.queue = transit.declare_local(name)
@@ -81,7 +111,9 @@ class TaskRunner:
         self._stop_after_message = False
         self.started_at = time.time()
         self.last_error: str | None = None
-        #: A handler hung while stopping: nothing more is delivered to this instance.
+        #: A handler hung while stopping, or the task is being put in failsafe because its
+        #: handlers kept being cut off: nothing more is delivered to this instance (what it
+        #: holds in memory goes back to its System V queue when it is released).
         self.stuck = False
 
     @property
@@ -110,6 +142,8 @@ class TaskRunner:
     def apply_config(self, config: dict[str, Any], settings: BaseModel | None) -> None:
         """Give the task its (validated) config; schedules pick up new ``intervals``."""
         self.intervals = dict(config.get("intervals") or {})
+        self.handler_timeout_s = float(config.get("handler_timeout_s",
+                                                  DEFAULT_HANDLER_TIMEOUT_S))
         self.task.config = config
         self.task.settings = settings
         try:
@@ -223,7 +257,7 @@ class TaskRunner:
                 items = queue.waiting
                 until = time.perf_counter() + BATCH_BUDGET_S
                 handled = 1
-                while items:
+                while items and not self.stuck:
                     await process(queue.get_nowait())
                     handled += 1
                     if handled % BATCH_CHECK == 0 and time.perf_counter() > until:
@@ -231,7 +265,7 @@ class TaskRunner:
                 self.task.counters.handler_cpu_seconds += time.thread_time() - cpu_before
                 if receiver is not None:
                     receiver.consumed()
-                if self._stop_after_message:
+                if self._stop_after_message or self.stuck:
                     return
                 self._cancellable = True
                 await asyncio.sleep(0)
@@ -262,29 +296,39 @@ class TaskRunner:
         return count
 
     async def process(self, message: dict[str, Any]) -> None:
-        """Deliver one message: a state transform, or the task's handler."""
+        """Deliver one message: a state transform, or the task's handler (watched, see the
+        module docstring)."""
         counters = self.task.counters
         counters.messages_in += 1
         control = message.get(CONTROL_KEY)
         if control is not None and type(control) is dict and "transform" in control:
             self._transform(control["transform"])
             return
+        watchdog = self.watchdog
         started = time.perf_counter()
-        awaited = False
+        awaited = cut = False
         try:
-            result = self.task.message(message)
+            generation = watchdog.began(self, "message handler")
+            try:
+                result = self.task.message(message)
+            finally:
+                watchdog.ended(generation)
             if result is not None and inspect.isawaitable(result):
                 awaited = True
-                await result
+                await (watchdog.steps(result, self, "message handler")
+                       if inspect.iscoroutine(result) else result)
         except TASK_FAILURES as exc:
             counters.task_message_failure += 1
             self.report_error(
                 f"message handler raised {type(exc).__name__}: {exc}; message: {_short(message)}",
                 traceback=traceback.format_exc(), failure="task_message_failure",
             )
+            cut = isinstance(exc, HandlerTimeout)
+            if cut:
+                self._cut_off()
         elapsed = time.perf_counter() - started
         counters.handler_seconds += elapsed
-        if not awaited and elapsed > self.slow_handler_s:
+        if not awaited and not cut and elapsed > self.slow_handler_s:
             counters.slow_handlers += 1
             self.channels.emit(
                 "error", self.name,
@@ -305,18 +349,47 @@ class TaskRunner:
         self.channels.emit("debug", self.name, "state transformed", keys=sorted(transform))
 
     async def run_work(self, name: str, work: Work) -> None:
-        """Run one tick of a schedule, reporting (not raising) its errors."""
+        """Run one tick of a schedule (watched, see the module docstring), reporting (not
+        raising) its errors."""
         cpu_before = time.thread_time()
+        watchdog = self.watchdog
+        what = f"scheduled work {name!r}"
         try:
-            result = work()
+            generation = watchdog.began(self, what)
+            try:
+                result = work()
+            finally:
+                watchdog.ended(generation)
             if result is not None and inspect.isawaitable(result):
-                await result
+                await (watchdog.steps(result, self, what) if inspect.iscoroutine(result)
+                       else result)
         except TASK_FAILURES as exc:
             self.task.counters.recur_failure += 1
-            self.report_error(f"scheduled work {name!r} raised {type(exc).__name__}: {exc}",
-                              traceback=traceback.format_exc())
+            self.report_error(f"{what} raised {type(exc).__name__}: {exc}",
+                              traceback=traceback.format_exc(), failure="recur_failure")
+            if isinstance(exc, HandlerTimeout):
+                self._cut_off()
         finally:
             self.task.counters.handler_cpu_seconds += time.thread_time() - cpu_before
+
+    def _cut_off(self) -> None:
+        """A call of this task's code was interrupted: count it, and put the task in
+        failsafe at the :data:`CUTOFFS_TO_FAILSAFE`-th within :data:`CUTOFF_WINDOW_S`."""
+        self.task.counters.handler_timeouts += 1
+        now = time.monotonic()
+        cutoffs = self._cutoffs
+        cutoffs.append(now)
+        while now - cutoffs[0] > CUTOFF_WINDOW_S:
+            cutoffs.popleft()
+        if len(cutoffs) < CUTOFFS_TO_FAILSAFE or self.failsafe is None:
+            return
+        cutoffs.clear()
+        reason = (f"its handlers held the event loop past handler_timeout_s "
+                  f"({self.handler_timeout_s:g} s) and were interrupted "
+                  f"{CUTOFFS_TO_FAILSAFE} times within {CUTOFF_WINDOW_S:g} s")
+        if self.failsafe(self.name, reason, metric="handler_timeouts",
+                         value=CUTOFFS_TO_FAILSAFE):
+            self.stuck = True
 
     # -- state -----------------------------------------------------------------------------
 
@@ -366,8 +439,14 @@ class TaskRunner:
             "handler_seconds": round(c.handler_seconds, 6),
             "handler_cpu_seconds": round(c.handler_cpu_seconds, 6),
             "slow_handlers": c.slow_handlers,
+            "handler_timeouts": c.handler_timeouts,
             "queue_depth": self.queue.depth,
             "started_at": self.started_at,
             "last_error": self.last_error,
             **self.task.extra_figures(),
         }
+
+
+# The runner's own code around a handler always reaches ``watchdog.ended``: a cut that lands
+# there (the handler has just returned) does nothing.
+exempt(TaskRunner.process, TaskRunner.run_work)
