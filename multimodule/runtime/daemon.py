@@ -101,9 +101,10 @@ class Daemon(HostProcess):
             statuses=self.externals.statuses, fills=self.transit.fills,
             state_dir=self.store.path, channels=self.channels, alert=self.alerts,
             failsafe=self.failsafe.begin, interval_s=opts.monitor_interval_s,
-            monitor=self._monitor, backend=backend.name)
+            monitor=self._monitor, backend=backend.name,
+            on_figures=lambda: self.control.keep_snapshot(self.status_now()))
         self.control = ControlServer(self, transit=self.transit, qname=opts.control_queue,
-                                     channels=self.channels)
+                                     channels=self.channels, watchdog=self.watchdog)
         self.control.start()
         await self.externals.scan(sorted(self.configs.file))
         if not self._load(ROUTER_QNAME):
@@ -292,10 +293,9 @@ class Daemon(HostProcess):
         super().request_stop()
 
     async def query(self, what: str, name: str | None) -> dict[str, Any]:
-        reply: dict[str, Any] = {"query": what, "task": name}
         if what == "status":
-            reply["status"] = await self.status()
-            return reply
+            return {"query": what, "task": name, "status": await self.status()}
+        reply: dict[str, Any] = {"query": what, "task": name}
         runner = self.registry.get(name)
         if runner is None and (name in self.externals or name in self.failsafe.marks):
             # Not running here: its config in force, and its state as last saved.
@@ -343,11 +343,15 @@ class Daemon(HostProcess):
         """The daemon's figures: pid, uptime, tasks with their counters, external tasks as
         their backend says now (asked off the loop), failures, sends refused because they
         would have created a queue over the rate, rows of the monitor."""
+        return self.status_now(await self.externals.status_table())
+
+    def status_now(self, externals: dict[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`status` at once, with ``externals`` (default: as their backend last said)."""
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
             "tasks": {name: r.figures() for name, r in sorted(self.registry.runners.items())},
-            "externals": await self.externals.status_table(),
+            "externals": self.externals.table() if externals is None else externals,
             "import_failures": dict(self.registry.failures),
             "outboxes": self.overflow.depths(),
             "queue_creations_refused": self.overflow.creations_refused,

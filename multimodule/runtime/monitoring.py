@@ -106,13 +106,15 @@ class MonitorService:
     write their counters. ``alert``: an :class:`AlertSender`. ``failsafe(name, reason,
     **fields)``: put a task in failsafe. ``backend``: the external tasks' backend name
     (``"systemd"`` reads unit cgroups). ``monitor``: the windows and levels (injectable).
+    ``on_figures()``: called on the loop when sampling starts and after each sample (the
+    daemon keeps a snapshot of its status then, for ``status`` while the loop is blocked).
     """
 
     def __init__(self, inventory: TaskInventory, *, statuses: Statuses,
                  fills: Callable[[], dict[str, float | None]], state_dir: Path,
                  channels: Channels, alert: AlertSender,
                  failsafe: Callable[..., Any], interval_s: float, monitor: Monitor,
-                 backend: str | None):
+                 backend: str | None, on_figures: Callable[[], None] | None = None):
         self.inventory = inventory
         self.statuses = statuses
         self.fills = fills
@@ -123,12 +125,15 @@ class MonitorService:
         self.interval_s = interval_s
         self.monitor = monitor
         self.backend = backend
+        self.on_figures = on_figures
         #: What the last sample learnt of each external task.
         self.processes: dict[str, TaskProcess] = {}
         self._runner: asyncio.Task | None = None
 
     def start(self) -> None:
         """Start sampling (first sample at once)."""
+        if self.on_figures is not None:
+            self.on_figures()
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="monitor")
 
     async def stop(self) -> None:
@@ -141,6 +146,8 @@ class MonitorService:
         while True:
             try:
                 await self.sample()
+                if self.on_figures is not None:
+                    self.on_figures()
             except Exception as exc:  # the monitor must never take the daemon down
                 self.channels.emit("error", SOURCE,
                                    f"monitor sample failed: {type(exc).__name__}: {exc}",
