@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -202,7 +203,12 @@ async def test_a_task_cut_off_three_times_goes_to_failsafe_and_keeps_its_message
     assert "interrupted 3 times within 600 s" in mark["reason"]
     alert = (await inproc.next("alerts"))
     assert (alert["type"], alert["task"], alert["level"]) == ("failsafe", "Sleepy", "failsafe")
-    assert len(inproc.records_of("error", "raised HandlerTimeout")) == 3
+    # (each at its own limit: a call that follows a cut one is watched from its own start)
+    cut = inproc.records_of("error", "raised HandlerTimeout")
+    assert len(cut) == 3
+    held = [float(re.search(r"held the event loop for (\d+\.\d+) s", r.text).group(1))
+            for r in cut]
+    assert all(0.2 <= h < 0.6 for h in held), held
     assert "Sleepy" not in inproc.daemon.runners
     # And the fourth message was not handed to it: it waits in its queue for after unfailsafe
     assert transit.stat("Sleepy").messages == 1
@@ -363,6 +369,23 @@ def test_a_cut_landing_in_exempt_code_or_after_the_call_ended_does_nothing(watch
     signal.pthread_kill(threading.get_ident(), CUT_SIGNAL)
     time.sleep(0.05)
     assert watchdog.blocked() is None
+
+
+def test_a_slow_call_that_ended_does_not_delay_watching_the_next(watchdog):
+    # Given a limit of 1 s and a slow threshold of 50 ms, a call reported as slow that ends
+    who = Watched(1.0)
+    generation = watchdog.began(who, "first call")
+    time.sleep(0.15)
+    watchdog.ended(generation)
+    # When the next call holds the loop 0.3 s (well before the first call's limit)
+    generation = watchdog.began(who, "second call")
+    time.sleep(0.3)
+    watchdog.ended(generation)
+    # Then it was reported too, at its own threshold
+    said = [(text, fields) for _, text, fields in watchdog.channels.kept]
+    assert [text.split(" is holding")[0] for text, _ in said] == \
+        ["warning: first call", "warning: second call"], said
+    assert said[1][1]["held_s"] < 0.3
 
 
 def test_close_puts_the_previous_signal_handler_back():

@@ -175,6 +175,12 @@ class HandlerWatchdog:
         current = self._current
         if current is not None and current[0] == generation:
             self._current = None
+        blocked = self._blocked
+        if blocked is not None and blocked[0] == generation:
+            # The thread waits for this slow call's next threshold (its cut, or the cut
+            # again), which may come after the next call's first: let it look again now.
+            with self._cond:
+                self._cond.notify()
 
     @types.coroutine
     def steps(self, coroutine: Coroutine[Any, Any, Any], who: Watched, what: str
