@@ -11,6 +11,8 @@ blocking as a daemon sees them run in a real daemon process (the ``mm`` fixture)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import re
 import signal
@@ -20,6 +22,7 @@ import time
 import pytest
 
 from helpers import route, router_section
+from multimodule.cli import mmctl as mmctl_cli
 from multimodule.errors import HandlerTimeout
 from multimodule.oob import Channels, parse_spec
 from multimodule.runtime.watchdog import CUT_REPEAT_S, CUT_SIGNAL, HandlerWatchdog, exempt
@@ -73,6 +76,14 @@ def on_record(inproc, text: str) -> threading.Event:
 
     inproc.channels.emit = watching
     return seen
+
+
+def mmctl_in_this_thread(*args: str) -> tuple[int, str, str]:
+    """``mmctl ARGS`` in the calling (worker) thread; ``(status, stdout, stderr)``."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = mmctl_cli.main(list(args))
+    return code, out.getvalue(), err.getvalue()
 
 
 # -- in-process: the logic -------------------------------------------------------------------
@@ -236,7 +247,7 @@ async def test_status_is_answered_while_a_handler_blocks_the_loop(inproc):
 
     def status_while_blocked():
         assert blocked.wait(10), "the watchdog did not report the blocked loop"
-        return inproc_mmctl_in_this_thread("status", "--json", "--wait", "1")
+        return mmctl_in_this_thread("status", "--json", "--wait", "1")
 
     asking = asyncio.get_running_loop().run_in_executor(None, status_while_blocked)
     # When its handler blocks the loop
@@ -287,19 +298,6 @@ async def test_a_status_request_handed_to_the_loop_before_it_blocked_is_answered
         assert transit.stat("asker-reply").messages == 0
     finally:
         transit.remove("asker-reply")
-
-
-def inproc_mmctl_in_this_thread(*args: str) -> tuple[int, str, str]:
-    """``mmctl ARGS`` in the calling (worker) thread; ``(status, stdout, stderr)``."""
-    import contextlib
-    import io
-
-    from multimodule.cli import mmctl as mmctl_cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = mmctl_cli.main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 # -- the watchdog on its own -----------------------------------------------------------------
@@ -366,8 +364,7 @@ def test_a_cut_landing_in_exempt_code_or_after_the_call_ended_does_nothing(watch
     finally:
         watchdog.ended(generation)
     # And a stray signal, with no call in hand, does nothing either
-    signal.pthread_kill(threading.get_ident(), CUT_SIGNAL)
-    time.sleep(0.05)
+    signal.pthread_kill(threading.get_ident(), CUT_SIGNAL)  # its handler runs before this returns
     assert watchdog.blocked() is None
 
 
