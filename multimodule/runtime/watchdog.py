@@ -64,6 +64,8 @@ CUT_REPEAT_S = 1.0
 #: Frames of the main thread's stack given in a report (the innermost ones).
 STACK_FRAMES = 30
 
+_clock = time.perf_counter  # looked up once: began() runs around every handler call
+
 #: Code objects in whose frames the signal never raises (see :func:`exempt`).
 _EXEMPT: set[types.CodeType] = set()
 
@@ -162,7 +164,7 @@ class HandlerWatchdog:
         """A call of ``who``'s ``what`` begins now on the loop; returns its generation, for
         :meth:`ended` (which must follow, in a ``finally``)."""
         generation = self._generation = self._generation + 1
-        self._current = self._latest = (generation, who, what, time.perf_counter())
+        self._current = self._latest = (generation, who, what, _clock())
         if self._idle:  # the first call since the thread found none: wake it, once
             self._idle = False
             with self._cond:
