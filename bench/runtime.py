@@ -366,7 +366,7 @@ async def breakdown(daemon: Daemon) -> list[tuple[str, float]]:
         rq._items.clear()
     out.append(("producer: Task.emit -> Router queue (total)", _per_call(t_emit, K)))
 
-    route = router.routes[0]
+    route = router.settings.routes[0]
 
     def t_priv(number):
         for _ in range(number):
@@ -410,6 +410,15 @@ async def breakdown(daemon: Daemon) -> list[tuple[str, float]]:
             msg(consumer_msg)
         consumer.lat.clear()
     out.append(("consumer: BenchConsumer.message (the handler itself)", _per_call(t_handler, K)))
+
+    watchdog = daemon.watchdog
+
+    def t_watch(number):
+        began, ended = watchdog.began, watchdog.ended
+        for _ in range(number):
+            ended(began(cons_runner, "message handler"))
+    out.append(("runtime: handler watchdog began + ended (x2 per message)",
+                _per_call(t_watch, K)))
 
     async def t_process_async(number):
         process = cons_runner.process

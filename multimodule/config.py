@@ -13,6 +13,11 @@ name. A task's table is free-form for the task, except for the reserved keys val
 - ``dedupe`` (bool or a number of ids): drop a message whose id the task handled already
   (one delivered again after a crash); ``true`` remembers the last 10,000 ids, a number that
   many. The window is saved in the task's checkpoint.
+- ``handler_timeout_s`` (seconds, default 10): how long one call of the task's message handler
+  or of its scheduled work may hold the event loop before the handler watchdog interrupts it
+  (:class:`~multimodule.errors.HandlerTimeout` raised inside it; see
+  :mod:`multimodule.runtime.watchdog`); a task cut off 3 times within 10 minutes is put in
+  failsafe.
 
 A task class may declare a nested pydantic model ``Config`` for the rest of its table; a bad
 value is then refused with the field's name. Every error is a :class:`ConfigError` whose text
@@ -42,10 +47,15 @@ from multimodule.errors import ConfigError, InvalidQueueName
 from multimodule.monitor.levels import DEFAULT_THRESHOLDS, METRICS, Thresholds
 from multimodule.transit import validate_qname
 
-RESERVED_KEYS = ("is_external", "intervals", "limits", "monitor", "dedupe")
+RESERVED_KEYS = ("is_external", "intervals", "limits", "monitor", "dedupe",
+                 "handler_timeout_s")
 
 #: Default seconds between two saves of a stateful task's state.
 DEFAULT_SAVE_STATE_S = 1.0
+
+#: Default seconds one call of a task's handler may hold the event loop before it is
+#: interrupted (the task's ``handler_timeout_s``).
+DEFAULT_HANDLER_TIMEOUT_S = 10.0
 
 
 def _queue_name(value: str) -> str:
@@ -195,6 +205,10 @@ class TaskSection(BaseModel):
     dedupe: StrictBool | Annotated[int, Field(ge=1, le=10_000_000)] = Field(
         False, description="drop messages whose id was handled already: true (the last "
                            "10,000 ids) or the number of ids to remember")
+    handler_timeout_s: Annotated[float, Field(ge=0.01, allow_inf_nan=False, strict=True)] = \
+        Field(DEFAULT_HANDLER_TIMEOUT_S,
+              description="seconds one call of a handler or scheduled work may hold the "
+                          "event loop before it is interrupted")
 
     @field_validator("monitor")
     @classmethod
@@ -337,8 +351,12 @@ class DaemonOptions(BaseModel):
     task_path: list[Path] = Field(default_factory=list,
                                   description="directory added to sys.path to find task "
                                               "modules (repeatable)")
-    slow_handler_s: float = Field(0.5, gt=0, description="seconds a message handler may hold "
-                                                         "the event loop before a warning")
+    slow_handler_s: float = Field(0.5, gt=0, description="seconds one call of a message "
+                                                         "handler or scheduled work may hold "
+                                                         "the event loop before a warning "
+                                                         "(while it runs, with its stack; "
+                                                         "each task's handler_timeout_s "
+                                                         "interrupts it)")
     monitor_interval_s: float = Field(5.0, ge=0.05, le=3600, allow_inf_nan=False,
                                       description="seconds between two samples of the "
                                                   "resource monitor")
@@ -404,9 +422,11 @@ def split_address(value: str) -> tuple[str, int]:
 
 
 #: Options the process of an external task takes from its daemon unless its own command line
-#: sets them: its unit's ``ExecStart=`` does not carry them.
+#: sets them: its unit's ``ExecStart=`` does not carry them. (``control_queue``: where it asks
+#: its daemon to put its task in failsafe when its handlers keep being cut off.)
 INHERITED_OPTIONS = ("oob", "debug", "monitor_interval_s", "monitor_window_s",
-                     "slow_handler_s", "journal", "journal_fsync", "outbox_max_bytes")
+                     "slow_handler_s", "journal", "journal_fsync", "outbox_max_bytes",
+                     "control_queue")
 
 
 def options_path(state_dir: Path) -> Path:

@@ -9,9 +9,10 @@ follows trio's and dramatiq's error modules)::
             InvalidQueueName            (also a TransitError)
             UnserializableMessage       (also a TransitError)
         ConfigError                     the operator's configuration does not validate
-        TaskError                       a task that cannot be found or imported
+        TaskError                       a task's code: not found, not importable, or hung
             TaskNotFound                    a name no module provides (misuse)
             TaskImportFailed                the task's own code or a missing dependency
+            HandlerTimeout                  a handler held the event loop past its limit
         TransitError                    a queue operation that could not complete
             QueueFull, Empty                a timeout ran out (nobody's fault)
             BadMessage                      foreign or broken bytes on a queue (a sender's bug)
@@ -60,7 +61,7 @@ class ConfigError(MultiModuleError):
 
 
 class TaskError(MultiModuleError):
-    """A task could not be found, imported or constructed."""
+    """A task could not be found, imported or constructed, or its code hung the event loop."""
 
 
 class TaskNotFound(TaskError):
@@ -81,6 +82,21 @@ class TaskImportFailed(TaskError):
     def __init__(self, message: str, details: str):
         super().__init__(message)
         self.details = details
+
+
+class HandlerTimeout(TaskError):
+    """A task's message handler or scheduled work held the event loop longer than the task's
+    ``handler_timeout_s`` and was interrupted: the handler watchdog raised this inside it, on
+    the main thread, wherever it was (:mod:`multimodule.runtime.watchdog`).
+
+    Cause: the task's own code (a blocking call such as ``time.sleep``, a loop that does not
+    end). The runner catches it like any failure of the handler: reported on ``error`` with
+    the traceback of where it was interrupted, counted (``task_message_failure`` or
+    ``recur_failure``, and ``handler_timeouts``); the message it was handling is not handed
+    to it again. What the handler was doing is left half done, as with ``KeyboardInterrupt``.
+    Task code should let it pass: a handler that swallows it (``except Exception``) while it
+    goes on blocking gets it again every second.
+    """
 
 
 # -- transit --------------------------------------------------------------------------------
@@ -228,6 +244,7 @@ __all__ = [
     "ConfigError",
     "DetachedProcessError",
     "Empty",
+    "HandlerTimeout",
     "InvalidQueueName",
     "MultiModuleError",
     "QueueCreationRefused",

@@ -221,15 +221,19 @@ class Channels:
         self._pending: queue.Queue = queue.Queue(queue_size)
         self._writer: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._count_lock = threading.Lock()
 
     def emit(self, channel: str, task: str, text: str, /, **fields: Any) -> None:
         """Write a record on ``channel`` for ``task``; ``fields`` are structured extras.
-        Never blocks and never raises for a failing sink."""
+        Never blocks and never raises for a failing sink. Safe to call from any thread (the
+        handler watchdog reports from its own while the event loop is blocked), provided
+        :attr:`send` is (a host's is: its overflow)."""
         if channel == "debug":
             level = fields.pop("level", 1)
             if level > self.debug_level:
                 return
-        self.counts[channel] += 1
+        with self._count_lock:
+            self.counts[channel] += 1
         sink = self.sinks[channel]
         if sink.kind == "queue":
             sink.write(channel, task, str(text), fields, self.send)
@@ -239,7 +243,8 @@ class Channels:
         try:
             self._pending.put_nowait((sink, channel, task, str(text), fields))
         except queue.Full:
-            self.dropped += 1
+            with self._count_lock:
+                self.dropped += 1
 
     def _start_writer(self) -> None:
         with self._start_lock:

@@ -61,6 +61,8 @@ class TaskCounters:
     ``handler_cpu_seconds``: CPU time of the event loop's thread while the task's messages
     and scheduled work were handled (seconds; measured per batch of messages, so an async
     handler that awaits is also charged for what ran meanwhile).
+    ``handler_timeouts``: calls of the handler or scheduled work interrupted at the task's
+    ``handler_timeout_s`` (each also counts as a failure).
     """
 
     messages_in: int = 0
@@ -71,6 +73,7 @@ class TaskCounters:
     handler_seconds: float = 0.0
     handler_cpu_seconds: float = 0.0
     slow_handlers: int = 0
+    handler_timeouts: int = 0
 
 
 class Task:

@@ -128,6 +128,16 @@ def test_non_utf8_file_refused(tmp_path: Path):
                  id="limits-size"),
     pytest.param({"A": {"limits": {"rss_mb": 100}}}, "A.limits.rss_mb:",
                  id="limits-unknown"),
+    pytest.param({"A": {"handler_timeout_s": 0}},
+                 "A.handler_timeout_s: Input should be greater than or equal to 0.01",
+                 id="handler-timeout-zero"),
+    pytest.param({"A": {"handler_timeout_s": float("inf")}},
+                 "A.handler_timeout_s: Input should be a finite number",
+                 id="handler-timeout-inf"),
+    pytest.param({"A": {"handler_timeout_s": "10"}}, "A.handler_timeout_s:",
+                 id="handler-timeout-string"),
+    pytest.param({"A": {"handler_timeout_s": True}}, "A.handler_timeout_s:",
+                 id="handler-timeout-bool"),
 ])
 def test_structure_errors_name_source_and_field(data, words):
     with pytest.raises(ConfigError) as info:
@@ -138,7 +148,8 @@ def test_structure_errors_name_source_and_field(data, words):
 
 def test_reserved_keys_accepted_and_other_keys_pass_through():
     data = {"A": {"is_external": True, "intervals": {"tick": 0.1, "save_state": 2},
-                  "limits": {"memory_max": "512M", "nice": 5}, "anything": {"x": [1]}}}
+                  "limits": {"memory_max": "512M", "nice": 5}, "handler_timeout_s": 2,
+                  "anything": {"x": [1]}}}
     assert check_config(data, "f.toml") == data
 
 
@@ -191,7 +202,7 @@ def test_toml_limits_error_names_file_and_field(tmp_path: Path):
 
 def test_task_config_with_reserved_tables_is_plain_json():
     # Given a task with a Config model, and a table with monitor and limits tables
-    table = {"count": 2, "intervals": {"tick": 1},
+    table = {"count": 2, "intervals": {"tick": 1}, "handler_timeout_s": 3,
              "monitor": {"open_fds": {"warn": 50, "severe": False}},
              "limits": {"memory_max": "512M", "nice": 5, "environment": {"A": "b"}}}
     # When it is validated
@@ -200,6 +211,7 @@ def test_task_config_with_reserved_tables_is_plain_json():
     # tables as given (no defaults added)
     assert orjson.loads(orjson.dumps(config)) == config
     assert config == {"count": 2, "outstr": "default", "intervals": {"tick": 1.0},
+                      "handler_timeout_s": 3.0,
                       "monitor": {"open_fds": {"warn": 50.0, "severe": None}},
                       "limits": {"memory_max": "512M", "nice": 5, "environment": {"A": "b"}}}
 
@@ -323,7 +335,7 @@ def test_an_external_tasks_process_inherits_the_daemons_published_options(tmp_pa
 
     published = {"oob": "error:errs", "debug": 2, "monitor_interval_s": 0.5,
                  "monitor_window_s": 3.0, "slow_handler_s": 0.25, "journal": False,
-                 "journal_fsync": True, "outbox_max_bytes": 65536}
+                 "journal_fsync": True, "outbox_max_bytes": 65536, "control_queue": "Ctl"}
     assert set(published) == set(INHERITED_OPTIONS)
     options_path(tmp_path).write_text(json.dumps(published))
     # Given the process of task T, its own command line setting only -d
@@ -331,8 +343,8 @@ def test_an_external_tasks_process_inherits_the_daemons_published_options(tmp_pa
     # Then it takes the rest from the daemon, and keeps what it was given
     got = inherit_options(own)
     assert (got.oob, got.debug, got.monitor_interval_s, got.slow_handler_s, got.journal,
-            got.journal_fsync, got.outbox_max_bytes) == \
-        ("error:errs", 1, 0.5, 0.25, False, True, 65536)
+            got.journal_fsync, got.outbox_max_bytes, got.control_queue) == \
+        ("error:errs", 1, 0.5, 0.25, False, True, 65536, "Ctl")
     # The daemon itself (no -m) inherits nothing; a bad file is a ConfigError naming it
     daemon = DaemonOptions.model_validate({"state_dir": tmp_path})
     assert inherit_options(daemon) is daemon

@@ -22,6 +22,7 @@ ERRORS = {
     "TaskError",
     "TaskNotFound",
     "TaskImportFailed",
+    "HandlerTimeout",
     "TransitError",
     "InvalidQueueName",
     "UnserializableMessage",

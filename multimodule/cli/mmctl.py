@@ -289,6 +289,12 @@ def status_table(status: dict[str, Any]) -> list[str]:
     lines = [f"multimodule daemon, pid {status['pid']}; {len(status['rows'])} tasks; figures "
              f"over {monitor.get('window_s', '?')} s, sampled every "
              f"{monitor.get('interval_s', '?')} s"]
+    blocked = status.get("blocked")
+    if blocked:  # answered by the daemon's control thread: its loop is held by a handler
+        age = max(0.0, time.time() - status.get("snapshot_at", time.time()))
+        lines.append(f"EVENT LOOP BLOCKED: task {blocked['task']}'s {blocked['what']} has "
+                     f"held it for {blocked['held_s']:.1f} s; figures below are from "
+                     f"{age:.1f} s ago")
     rows = []
     for r in status["rows"]:
         where = r["where"] if r["kind"] == "external" and r["where"].endswith(".service") \
@@ -402,7 +408,11 @@ def _add_control(sub, common) -> None:
                                    "internal task's: the estimated size of its objects; the "
                                    "daemon's: its process's less its internal tasks'), open "
                                    "descriptors, System V queue fill, restarts, last error. "
-                                   "Rates and means are over the monitor's short window.")
+                                   "Rates and means are over the monitor's short window. "
+                                   "While a task's handler blocks the daemon's event loop, "
+                                   "the daemon still answers, from figures it kept a little "
+                                   "earlier, and says which task blocks it and for how long "
+                                   "(\"blocked\" and \"snapshot_at\" in --json).")
     p.add_argument("--json", action="store_true",
                    help="print the daemon's whole status as JSON (rows under \"rows\")")
     p.set_defaults(func=cmd_status)

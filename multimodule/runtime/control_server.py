@@ -5,18 +5,32 @@ the daemon stops).
 The message schema is :mod:`multimodule.runtime.control` (shared with ``mmctl``). What the
 commands act on is a :class:`Controlled`, which the daemon implements; the server knows
 nothing else of it.
+
+``status`` is answered while a task's handler holds the event loop: the loop keeps a snapshot
+of the figures each time it answers one and after each monitor sample
+(:meth:`ControlServer.keep_snapshot`), and once the handler watchdog says the loop is blocked
+(:meth:`~multimodule.runtime.watchdog.HandlerWatchdog.blocked`, after ``--slow-handler-s``),
+the control queue's receiver thread answers a plain ``status`` request itself from that
+snapshot, marked with ``blocked`` (task, call, seconds held) and ``snapshot_at``. Requests it
+had handed to the loop before the block was seen, and the loop had not begun, are answered so
+too when the watchdog sees the block; each request gets one answer. Every other command waits
+for the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import traceback
 from typing import Any, Awaitable, Protocol
 
+import orjson
+
 from multimodule.errors import BadMessage, ConfigError, Empty, MultiModuleError, TransitError
 from multimodule.oob import Channels
 from multimodule.runtime.control import CONTROL_KEY, ControlBody, parse_control
+from multimodule.runtime.watchdog import Blocked, HandlerWatchdog
 
 SOURCE = "MultiModule"
 
@@ -53,27 +67,59 @@ def _reply_to(message: Any) -> str | None:
     return reply_to if isinstance(reply_to, str) else None
 
 
+#: The keys of a request the receiver's thread may answer alone: ``status`` and nothing else.
+_STATUS_ONLY = frozenset({"query", "reply_to", "expires_at"})
+
+
+def _plain_status_request(message: dict[str, Any]) -> bool:
+    """Whether ``message`` is a valid, unexpired ``status`` query with a reply queue and
+    nothing more (any thread)."""
+    body = message.get(CONTROL_KEY)
+    if not isinstance(body, dict) or body.get("query") != "status" or \
+            not body.keys() <= _STATUS_ONLY:
+        return False
+    try:
+        parsed = parse_control(message)
+    except ConfigError:
+        return False  # the loop says what is wrong with it
+    return parsed.reply_to is not None and (parsed.expires_at is None
+                                            or parsed.expires_at >= time.time())
+
+
 class ControlServer:
     """Serves control queue ``qname`` of ``transit`` (in memory for this process, fed from its
-    System V queue) for ``target``."""
+    System V queue) for ``target``. With ``watchdog`` (the process's handler watchdog),
+    ``status`` is answered while a handler blocks the loop (see the module docstring)."""
 
-    def __init__(self, target: Controlled, *, transit: Any, qname: str, channels: Channels):
+    def __init__(self, target: Controlled, *, transit: Any, qname: str, channels: Channels,
+                 watchdog: HandlerWatchdog | None = None):
         self.target = target
         self.transit = transit
         self.qname = qname
         self.channels = channels
+        self.watchdog = watchdog
         self.queue = None
         self.receiver = None
         self._serving: asyncio.Task | None = None
         self._current: asyncio.Task | None = None
         self._stopping = False
         self._later: set[asyncio.Task] = set()
+        #: ``(time.time(), figures as JSON)`` of the last status, or ``None``.
+        self._snapshot: tuple[float, bytes] | None = None
+        # Plain status requests handed to the loop and not begun there (by id), and those of
+        # them answered from the snapshot meanwhile; the lock makes each answer one.
+        self._lock = threading.Lock()
+        self._owed: dict[int, dict[str, Any]] = {}
+        self._answered: dict[int, dict[str, Any]] = {}
 
     def start(self) -> None:
         """Take the control queue and serve it (on the loop)."""
         self.queue = self.transit.declare_local(self.qname)
-        self.receiver = self.transit.receiver(self.qname, self.queue.put,
-                                              on_error=self._on_transit_error)
+        if self.watchdog is not None:
+            self.watchdog.when_blocked(self.answer_owed)
+        self.receiver = self.transit.receiver(
+            self.qname, self.queue.put, on_error=self._on_transit_error,
+            intercept=self._intercept if self.watchdog is not None else None)
         self.receiver.start()
         self._serving = asyncio.get_running_loop().create_task(self._serve(),
                                                                name="control")
@@ -98,6 +144,8 @@ class ControlServer:
     async def serve_one(self, message: dict[str, Any]) -> None:
         """Carry out one control message and answer it; a command that fails is reported
         and answered with an error, never raised."""
+        if not self._claim(message):
+            return  # answered from the snapshot while the loop was blocked
         reply_to = _reply_to(message)
         try:
             reply = await self.handle(message)
@@ -149,7 +197,10 @@ class ControlServer:
         if errors and body.reply_to is None:
             self.channels.emit("error", SOURCE, "control message refused: " + "; ".join(errors))
         if body.query is not None:
-            return await self.target.query(body.query, body.task)
+            reply = await self.target.query(body.query, body.task)
+            if body.query == "status" and "status" in reply:
+                self.keep_snapshot(reply["status"])
+            return reply
         if errors:
             return {"error": "; ".join(errors)}
         if waits and body.reply_to is not None:  # nobody to answer: the commands run on
@@ -192,11 +243,63 @@ class ControlServer:
                     problems.append(problem)
         return "; ".join(problems) or None
 
+    # -- status while the loop is blocked -------------------------------------------------
+
+    def keep_snapshot(self, status: dict[str, Any]) -> None:
+        """Keep ``status`` (the figures of a status reply; on the loop) to answer from
+        while the loop is blocked."""
+        self._snapshot = (time.time(), orjson.dumps(status, default=str,
+                                                    option=orjson.OPT_NON_STR_KEYS))
+
+    def _intercept(self, message: dict[str, Any]) -> bool:
+        # The receiver's thread: answer a plain status request here if the loop is blocked;
+        # else hand it to the loop, owed until the loop begins it.
+        if not _plain_status_request(message):
+            return False
+        with self._lock:
+            blocked = self.watchdog.blocked()
+            if blocked is None:
+                self._owed[id(message)] = message
+                return False
+        self._answer_from_snapshot(message, blocked)
+        return True
+
+    def answer_owed(self, blocked: Blocked) -> None:
+        """The loop is blocked (the watchdog's thread): answer from the snapshot the status
+        requests handed to the loop that it has not begun."""
+        with self._lock:
+            owed = list(self._owed.values())
+            self._answered.update(self._owed)
+            self._owed.clear()
+        for message in owed:
+            self._answer_from_snapshot(message, blocked)
+
+    def _claim(self, message: dict[str, Any]) -> bool:
+        """On the loop, before serving ``message``: whether it is still to be answered."""
+        key = id(message)
+        with self._lock:
+            self._owed.pop(key, None)
+            return self._answered.pop(key, None) is None
+
+    def _answer_from_snapshot(self, message: dict[str, Any], blocked: Blocked) -> None:
+        held = blocked.as_dict()
+        snapshot = self._snapshot
+        if snapshot is None:
+            reply = {"error": f"the event loop is blocked by task {blocked.task}'s "
+                              f"{blocked.what} ({held['held_s']:.1f} s so far) and no figures "
+                              "were kept yet; try again"}
+        else:
+            taken, figures = snapshot
+            reply = {"query": "status", "task": None,
+                     "status": {**orjson.loads(figures), "blocked": held,
+                                "snapshot_at": taken}}
+        self.reply(_reply_to(message), reply)
+
     # -- replies and stopping --------------------------------------------------------------
 
     def reply(self, reply_to: str, reply: dict[str, Any]) -> None:
         """Answer on ``reply_to`` only if that queue still exists (never creating or
-        remembering it: a client that gave up has removed its queue)."""
+        remembering it: a client that gave up has removed its queue). Any thread."""
         try:
             sent = self.transit.send_if_exists(reply_to, reply)
         except MultiModuleError as exc:

@@ -13,7 +13,8 @@ import os
 import time
 from typing import Any
 
-from multimodule.config import DaemonOptions, check_config, options_path, published_options
+from multimodule.config import (DaemonOptions, check_config, options_path, parse_limits,
+                                published_options)
 from multimodule.errors import (
     ConfigError,
     MultiModuleError,
@@ -34,7 +35,6 @@ from multimodule.runtime.migration import Migrations
 from multimodule.runtime.monitoring import AlertSender, MonitorService
 from multimodule.state import write_atomic
 from multimodule.supervise.base import TaskBackend
-from multimodule.config import parse_limits
 from multimodule.task import ROUTER_QNAME
 from multimodule.transit import Transit
 
@@ -73,8 +73,7 @@ class Daemon(HostProcess):
     def prepare(self) -> None:
         self.failsafe = Failsafe(self.store.path / "failsafe.json", channels=self.channels,
                                  notify=self.alerts, stop_task=self._stop_task,
-                                 start_task=self._start_cleared,
-                                 loaded=self._runs,
+                                 start_task=self._start_cleared, loaded=self._runs,
                                  moving=lambda name: name in self.migrations)
         self.failsafe.load()
         self._publish_options()
@@ -102,9 +101,10 @@ class Daemon(HostProcess):
             statuses=self.externals.statuses, fills=self.transit.fills,
             state_dir=self.store.path, channels=self.channels, alert=self.alerts,
             failsafe=self.failsafe.begin, interval_s=opts.monitor_interval_s,
-            monitor=self._monitor, backend=backend.name)
+            monitor=self._monitor, backend=backend.name,
+            on_figures=lambda: self.control.keep_snapshot(self.status_now()))
         self.control = ControlServer(self, transit=self.transit, qname=opts.control_queue,
-                                     channels=self.channels)
+                                     channels=self.channels, watchdog=self.watchdog)
         self.control.start()
         await self.externals.scan(sorted(self.configs.file))
         if not self._load(ROUTER_QNAME):
@@ -164,6 +164,9 @@ class Daemon(HostProcess):
             self.registry.fail(name, f"task {name} not loaded: {exc}")
             return False
         return self.registry.start(name, cls, config, settings) is not None
+
+    def failsafe_hung(self, name: str, reason: str, **fields: Any) -> bool:
+        return self.failsafe.request(name, reason, **fields)
 
     def load_on_demand(self, qname: str) -> bool:
         if (self.externals is None or qname in self.registry.not_tasks
@@ -290,10 +293,9 @@ class Daemon(HostProcess):
         super().request_stop()
 
     async def query(self, what: str, name: str | None) -> dict[str, Any]:
-        reply: dict[str, Any] = {"query": what, "task": name}
         if what == "status":
-            reply["status"] = await self.status()
-            return reply
+            return {"query": what, "task": name, "status": await self.status()}
+        reply: dict[str, Any] = {"query": what, "task": name}
         runner = self.registry.get(name)
         if runner is None and (name in self.externals or name in self.failsafe.marks):
             # Not running here: its config in force, and its state as last saved.
@@ -341,11 +343,15 @@ class Daemon(HostProcess):
         """The daemon's figures: pid, uptime, tasks with their counters, external tasks as
         their backend says now (asked off the loop), failures, sends refused because they
         would have created a queue over the rate, rows of the monitor."""
+        return self.status_now(await self.externals.status_table())
+
+    def status_now(self, externals: dict[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`status` at once, with ``externals`` (default: as their backend last said)."""
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
             "tasks": {name: r.figures() for name, r in sorted(self.registry.runners.items())},
-            "externals": await self.externals.status_table(),
+            "externals": self.externals.table() if externals is None else externals,
             "import_failures": dict(self.registry.failures),
             "outboxes": self.overflow.depths(),
             "queue_creations_refused": self.overflow.creations_refused,

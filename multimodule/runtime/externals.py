@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from multimodule.errors import BackendError, MultiModuleError
 from multimodule.oob import Channels
@@ -152,7 +152,13 @@ class ExternalTasks:
     async def status_table(self) -> dict[str, dict[str, Any]]:
         """For ``mmctl status``: task -> ``{"backend", "state", "pid", "restarts", "where"}``
         as the backend says now (``{"backend", "error"}`` if it could not say)."""
-        said = await self.statuses()
+        return self.table(await self.statuses())
+
+    def table(self, said: Mapping[str, TaskProcess | str | None] | None = None
+              ) -> dict[str, dict[str, Any]]:
+        """:meth:`status_table` from what the backend said (``said``; by default what it
+        last said, :attr:`processes`), without asking it."""
+        said = self.processes if said is None else said
         table: dict[str, dict[str, Any]] = {}
         for name in sorted(self.processes):
             process = said.get(name)

@@ -1,9 +1,10 @@
 """Failsafe: a task stopped on purpose and kept stopped until a person clears it.
 
-A task is put in failsafe by the monitor (a metric reached its ``failsafe`` level) or by hand
-(``mmctl failsafe``). It is stopped (internal: unloaded after the message in hand, what it holds
-in memory delivered and its state saved; external: its unit or process stopped) and marked in
-``STATE_DIR/failsafe.json``. A task so marked is not loaded, not even after a daemon restart,
+A task is put in failsafe by the monitor (a metric reached its ``failsafe`` level), by its
+runner (its handlers were cut off by the watchdog too often: :meth:`Failsafe.request`) or by
+hand (``mmctl failsafe``). It is stopped (internal: unloaded after the message in hand, what it
+holds in memory delivered, or sent back to its queue if its handlers hang, and its state saved;
+external: its unit or process stopped) and marked in ``STATE_DIR/failsafe.json``. A task so marked is not loaded, not even after a daemon restart,
 until ``mmctl unfailsafe NAME``; messages sent to it meanwhile wait in its System V queue. The
 Router is never put in failsafe: nothing could be routed without it.
 
@@ -135,6 +136,16 @@ class Failsafe:
         self.entering[name] = task
         task.add_done_callback(lambda _: self.entering.pop(name, None))
         return task
+
+    def request(self, name: str, reason: str, **fields: Any) -> bool:
+        """:meth:`begin` for a caller that only needs to know whether ``name`` is being
+        stopped now (a task whose handlers keep hanging); a refusal (the Router, a task
+        being migrated) is reported on ``error``."""
+        outcome = self.begin(name, reason, **fields)
+        if isinstance(outcome, str):
+            self.channels.emit("error", SOURCE, f"task {name}: {printable(reason)}; {outcome}",
+                               task=name)
+        return not isinstance(outcome, str)
 
     async def _stop(self, name: str) -> str | None:
         try:

@@ -3,8 +3,9 @@
 (:mod:`multimodule.runtime.task_process`) both derive from :class:`HostProcess`.
 
 It owns the state directory and its lock, the transit and its lock, the overflow for full
-System V queues, the registry of the tasks running here, the config, signals, the systemd
-notifications, and a stop bounded in time. Its :meth:`HostProcess.send` is where every send
+System V queues, the registry of the tasks running here, the handler watchdog
+(:mod:`multimodule.runtime.watchdog`), the config, signals, the systemd notifications, and a
+stop bounded in time. Its :meth:`HostProcess.send` is where every send
 of a task here goes: in memory to a task in this process, else (after the daemon's chance to
 load a task of that name) to the System V queue, without ever blocking the loop.
 """
@@ -15,6 +16,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,11 @@ from multimodule.errors import (
 )
 from multimodule.oob import Channels, parse_spec
 from multimodule.runtime.configs import ConfigWatcher, TaskConfigs
+from multimodule.runtime.control import CONTROL_KEY
 from multimodule.runtime.delivery import Delivery
 from multimodule.runtime.notify import Notifier
 from multimodule.runtime.registry import TaskRegistry
+from multimodule.runtime.watchdog import HandlerWatchdog
 from multimodule.state import (
     InstanceLock,
     StateStore,
@@ -57,6 +61,9 @@ STOP_BUDGET_S = 20.0
 #: before what they could not take is kept in files.
 OVERFLOW_EXIT_WAIT_S = 5.0
 
+#: Seconds a failsafe request sent to the daemon (by an external task's process) stays valid.
+FAILSAFE_REQUEST_TTL_S = 60.0
+
 
 class HostProcess:
     """A process hosting tasks; see the module docstring. :meth:`run` returns the exit
@@ -75,6 +82,7 @@ class HostProcess:
         self.channels = channels or Channels(parse_spec(options.oob), options.debug)
         self.configs = TaskConfigs(options.config_file)
         self.notifier = Notifier()
+        self.watchdog = HandlerWatchdog(self.channels, options.slow_handler_s)
         self.store: StateStore | None = None
         self.overflow: Overflow | None = None
         self.delivery: Delivery | None = None
@@ -113,6 +121,24 @@ class HostProcess:
 
     def load_on_demand(self, qname: str) -> bool:
         """Whether a task named ``qname`` now runs here (the daemon loads one on first use)."""
+        return False
+
+    def failsafe_hung(self, name: str, reason: str, **fields: Any) -> bool:
+        """Task ``name`` here keeps hanging its handlers: put it in failsafe (see
+        :data:`~multimodule.runtime.runner.FailsafeRequest`). Here (an external task's
+        process, whose failsafe is its daemon's business): ask the daemon on its control
+        queue (``mmctl failsafe``'s message, valid for :data:`FAILSAFE_REQUEST_TTL_S`); the
+        daemon stops this process. Returns ``False``: delivery goes on until then."""
+        request = {"failsafe": name, "reason": reason,
+                   "expires_at": time.time() + FAILSAFE_REQUEST_TTL_S}
+        try:
+            self.send_out(self.options.control_queue, {CONTROL_KEY: request})
+        except MultiModuleError as exc:
+            self.channels.emit("error", SOURCE, f"task {name}: {reason}; cannot ask the daemon "
+                                                f"to put it in failsafe: {exc}", task=name)
+            return False
+        self.channels.emit("log", SOURCE, f"task {name}: {reason}; asked the daemon to put it "
+                                          "in failsafe", task=name)
         return False
 
     @property
@@ -293,10 +319,12 @@ class HostProcess:
                 transit=self.transit, channels=self.channels, store=self.store,
                 send=self.send, send_out=self.send_out, prefixes=self.options.prefixes,
                 task_path=self.options.task_path, slow_handler_s=self.options.slow_handler_s,
-                delivery=self.delivery)
+                delivery=self.delivery, watchdog=self.watchdog, failsafe=self.failsafe_hung)
             self._restore_kept()
-            if not ensure_handler():
+            on_main_thread = threading.current_thread() is threading.main_thread()
+            if not on_main_thread or not ensure_handler():
                 raise MultiModuleError("the daemon must run on the main thread")
+            self.watchdog.start()
             self.configs.file = self.configs.read()
             self.check_startup_config()
             if self.configs.path is not None:  # watch before loading: no change is missed
@@ -330,6 +358,7 @@ class HostProcess:
                 watcher.close()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self.loop.remove_signal_handler(sig)
+            self.watchdog.close()
             if transit_lock is not None:
                 transit_lock.release()
             self._lock.release()

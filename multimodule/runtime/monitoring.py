@@ -110,13 +110,16 @@ class MonitorService:
     **fields)``: put a task in failsafe. ``backend``: the external tasks' backend name
     (``"systemd"`` reads unit cgroups). ``monitor``: the windows and levels (injectable).
     ``attribution``: the memory figures of internal tasks (injectable; default budgets).
+    ``on_figures()``: called on the loop when sampling starts and after each sample (the
+    daemon keeps a snapshot of its status then, for ``status`` while the loop is blocked).
     """
 
     def __init__(self, inventory: TaskInventory, *, statuses: Statuses,
                  fills: Callable[[], dict[str, float | None]], state_dir: Path,
                  channels: Channels, alert: AlertSender,
                  failsafe: Callable[..., Any], interval_s: float, monitor: Monitor,
-                 backend: str | None, attribution: MemoryAttribution | None = None):
+                 backend: str | None, attribution: MemoryAttribution | None = None,
+                 on_figures: Callable[[], None] | None = None):
         self.inventory = inventory
         self.statuses = statuses
         self.fills = fills
@@ -130,12 +133,15 @@ class MonitorService:
         self.attribution = attribution or MemoryAttribution()
         #: Internal task -> why the walk of its memory failed, as last reported.
         self._walk_failures: dict[str, str] = {}
+        self.on_figures = on_figures
         #: What the last sample learnt of each external task.
         self.processes: dict[str, TaskProcess] = {}
         self._runner: asyncio.Task | None = None
 
     def start(self) -> None:
         """Start sampling (first sample at once)."""
+        if self.on_figures is not None:
+            self.on_figures()
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="monitor")
 
     async def stop(self) -> None:
@@ -148,6 +154,8 @@ class MonitorService:
         while True:
             try:
                 await self.sample()
+                if self.on_figures is not None:
+                    self.on_figures()
             except Exception as exc:  # the monitor must never take the daemon down
                 self.channels.emit("error", SOURCE,
                                    f"monitor sample failed: {type(exc).__name__}: {exc}",

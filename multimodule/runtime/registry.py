@@ -22,7 +22,8 @@ from multimodule.errors import TaskImportFailed, TaskNotFound
 from multimodule.oob import Channels
 from multimodule.runtime.delivery import Delivery
 from multimodule.runtime.loader import find_task_class
-from multimodule.runtime.runner import STOP_GRACE_S, Send, TaskRunner
+from multimodule.runtime.runner import STOP_GRACE_S, FailsafeRequest, Send, TaskRunner
+from multimodule.runtime.watchdog import HandlerWatchdog
 from multimodule.state import StateStore
 from multimodule.task import Task
 
@@ -40,12 +41,14 @@ class TaskRegistry:
     ``send``: the tasks' send; ``send_out``: to a System V queue without blocking (what a
     stopped task held goes back there). ``prefixes``, ``task_path``: where task classes are
     found (see :func:`~multimodule.runtime.loader.find_task_class`). ``delivery``: the
-    journals and backpressure the runners share.
+    journals and backpressure the runners share. ``slow_handler_s``, ``watchdog``,
+    ``failsafe``: for the runners (see :class:`~multimodule.runtime.runner.TaskRunner`).
     """
 
     def __init__(self, *, transit: Any, channels: Channels, store: StateStore, send: Send,
                  send_out: SendOut, prefixes: Sequence[str], task_path: Sequence[Path],
-                 slow_handler_s: float, delivery: Delivery):
+                 slow_handler_s: float, delivery: Delivery, watchdog: HandlerWatchdog,
+                 failsafe: FailsafeRequest | None = None):
         self.delivery = delivery
         self.transit = transit
         self.channels = channels
@@ -55,6 +58,8 @@ class TaskRegistry:
         self.prefixes = list(prefixes)
         self.task_path = list(task_path)
         self.slow_handler_s = slow_handler_s
+        self.watchdog = watchdog
+        self.failsafe = failsafe
         self.runners: dict[str, TaskRunner] = {}
         self.failures: dict[str, str] = {}
         self.not_tasks: set[str] = set()
@@ -116,7 +121,8 @@ class TaskRegistry:
             runner = TaskRunner(name, cls, transit=self.transit, send=self.send,
                                 channels=self.channels, store=self.store,
                                 slow_handler_s=self.slow_handler_s,
-                                journal=self.delivery.journal_for(name), guard=self.delivery)
+                                journal=self.delivery.journal_for(name), guard=self.delivery,
+                                watchdog=self.watchdog, failsafe=self.failsafe)
             self.runners[name] = runner
             runner.start(config, settings)
         except Exception as exc:

@@ -5,6 +5,14 @@ this process and by an :class:`~multimodule.transit.lowlevel.AsyncReceiver` for 
 queue of the same name. One consumer coroutine per task takes messages in order and calls the
 handler; it hands the loop back after about 2 ms of handling so that one busy task cannot
 starve the others.
+
+Every call of the task's message handler and scheduled work is watched by the process's
+:class:`~multimodule.runtime.watchdog.HandlerWatchdog`: reported while it holds the loop past
+``--slow-handler-s``, interrupted (:class:`~multimodule.errors.HandlerTimeout`) past the
+task's ``handler_timeout_s``, which counts as that handler's failure. A task cut off
+:data:`CUTOFFS_TO_FAILSAFE` times within :data:`CUTOFF_WINDOW_S` is put in failsafe through
+the ``failsafe`` callable its host gives (the daemon's failsafe; an external task's process
+asks its daemon).
 """
 
 from __future__ import annotations
@@ -19,12 +27,13 @@ from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel
 
-from multimodule.config import DEFAULT_SAVE_STATE_S
-from multimodule.errors import BadMessage, StateError, TransitError
+from multimodule.config import DEFAULT_HANDLER_TIMEOUT_S, DEFAULT_SAVE_STATE_S
+from multimodule.errors import BadMessage, HandlerTimeout, StateError, TransitError
 from multimodule.journal import Journal
 from multimodule.oob import Channels
 from multimodule.runtime.control import CONTROL_KEY
 from multimodule.runtime.schedule import Schedule
+from multimodule.runtime.watchdog import HandlerWatchdog, exempt
 from multimodule.state import Checkpoint, StateStore
 from multimodule.task import Task, Work
 from multimodule.transit import META_KEY
@@ -81,6 +90,18 @@ class DeliveryGuard(Protocol):
         """``journal`` has buffered records: have them written at the end of this turn of
         the loop."""
 
+
+#: ``failsafe(name, reason, **fields) -> bool``: put task ``name`` in failsafe because its
+#: handlers keep being cut off (``fields``: ``metric``, ``value`` for the alert); whether it is
+#: being stopped in this process now (then nothing more is delivered to it).
+FailsafeRequest = Callable[..., bool]
+
+#: A task whose handlers are interrupted this many times within :data:`CUTOFF_WINDOW_S`
+#: seconds is put in failsafe: a handler that hangs now and then is reported, one that hangs
+#: on most messages would hold the loop for ``handler_timeout_s`` on each of them.
+CUTOFFS_TO_FAILSAFE = 3
+CUTOFF_WINDOW_S = 600.0
+
 #: Seconds of handling in a row before the consumer yields to the event loop (checked every
 #: ``BATCH_CHECK`` messages): long enough to keep up with a bursty producer, short enough that
 #: no task starves the others.
@@ -107,14 +128,19 @@ class TaskRunner:
     ``transit``: where the task's in-memory queue is declared and its System V receiver made
     (``receive_sysv=False`` only in tests). ``send``: how the task's sends leave it.
     ``channels``: the out-of-band channels. ``store``: where the task's checkpoint lives.
-    ``slow_handler_s``: seconds a handler may hold the loop before it is reported.
-    ``journal``: the task's input journal (``None``: journals are off, and a stateless task
-    keeps no checkpoint); ``guard``: what the host tells it about the rest of the process
-    (journals to write, backpressure; see :class:`DeliveryGuard`).
+    ``slow_handler_s``: seconds a handler may hold the loop before it is reported after it
+    returns (the watchdog reports it while it runs). ``watchdog``: the process's handler
+    watchdog. ``failsafe``: see :data:`FailsafeRequest` (``None``: cut-offs are only
+    reported). ``handler_timeout_s`` (from the task's config): seconds one call may hold the
+    loop before it is interrupted. ``journal``: the task's input journal (``None``: journals
+    are off, and a stateless task keeps no checkpoint); ``guard``: what the host tells it
+    about the rest of the process (journals to write, backpressure; see
+    :class:`DeliveryGuard`).
     """
 
     def __init__(self, name: str, cls: type[Task], *, transit: Any, send: Send,
                  channels: Channels, store: StateStore | None, slow_handler_s: float,
+                 watchdog: HandlerWatchdog, failsafe: FailsafeRequest | None = None,
                  receive_sysv: bool = True, journal: Journal | None = None,
                  guard: DeliveryGuard | None = None):
         self.name = name
@@ -125,6 +151,10 @@ class TaskRunner:
         self.slow_handler_s = slow_handler_s
         self.journal = journal
         self.guard = guard
+        self.watchdog = watchdog
+        self.failsafe = failsafe
+        self.handler_timeout_s = DEFAULT_HANDLER_TIMEOUT_S
+        self._cutoffs: deque[float] = deque()  # time.monotonic() of recent cut-offs
         self.task = cls()
         self.task.attach(name, self)
         self.queue = transit.declare_local(name)
@@ -154,7 +184,9 @@ class TaskRunner:
         self._stop_after_message = False
         self.started_at = time.time()
         self.last_error: str | None = None
-        #: A handler hung while stopping: nothing more is delivered to this instance.
+        #: A handler hung while stopping, or the task is being put in failsafe because its
+        #: handlers kept being cut off: nothing more is delivered to this instance (what it
+        #: holds in memory goes back to its System V queue when it is released).
         self.stuck = False
 
     @property
@@ -227,6 +259,8 @@ class TaskRunner:
                               else int(dedupe) if dedupe else 0)
         while len(self._recent) > self.dedupe_window:
             self._recent_set.discard(self._recent.popleft())
+        self.handler_timeout_s = float(config.get("handler_timeout_s",
+                                                  DEFAULT_HANDLER_TIMEOUT_S))
         self.task.config = config
         self.task.settings = settings
         try:
@@ -364,7 +398,7 @@ class TaskRunner:
                 items = queue.waiting
                 until = time.perf_counter() + BATCH_BUDGET_S
                 handled = 1
-                while items:
+                while items and not self.stuck:
                     await process(queue.get_nowait())
                     handled += 1
                     if handled % BATCH_CHECK == 0 and time.perf_counter() > until:
@@ -372,7 +406,7 @@ class TaskRunner:
                 self.task.counters.handler_cpu_seconds += time.thread_time() - cpu_before
                 if receiver is not None:
                     receiver.consumed()
-                if self._stop_after_message:
+                if self._stop_after_message or self.stuck:
                     return
                 self._cancellable = True
                 await asyncio.sleep(0)
@@ -405,9 +439,9 @@ class TaskRunner:
         return count
 
     async def process(self, message: dict[str, Any]) -> None:
-        """Deliver one message: a state transform, or the task's handler. A message whose id
-        is in the dedupe window was handled before (it came again after a crash) and is
-        dropped."""
+        """Deliver one message: a state transform, or the task's handler (watched, see the
+        module docstring). A message whose id is in the dedupe window was handled before (it
+        came again after a crash) and is dropped."""
         counters = self.task.counters
         counters.messages_in += 1
         meta = message.get(META_KEY)
@@ -421,26 +455,35 @@ class TaskRunner:
             self._transform(control["transform"])
             self._handled(message_id)
             return
+        watchdog = self.watchdog
         started = time.perf_counter()
-        awaited = False
+        awaited = cut = False
         token = _cause.set([message_id, 0] if message_id.__class__ is str else None)
         try:
-            result = self.task.message(message)
+            generation = watchdog.began(self, "message handler")
+            try:
+                result = self.task.message(message)
+            finally:
+                watchdog.ended(generation)
             if result is not None and inspect.isawaitable(result):
                 awaited = True
-                await result
+                await (watchdog.steps(result, self, "message handler")
+                       if inspect.iscoroutine(result) else result)
         except TASK_FAILURES as exc:
             counters.task_message_failure += 1
             self.report_error(
                 f"message handler raised {type(exc).__name__}: {exc}; message: {_short(message)}",
                 traceback=traceback.format_exc(), failure="task_message_failure",
             )
+            cut = isinstance(exc, HandlerTimeout)
+            if cut:
+                self._cut_off()
         finally:
             _cause.reset(token)
         self._handled(message_id)
         elapsed = time.perf_counter() - started
         counters.handler_seconds += elapsed
-        if not awaited and elapsed > self.slow_handler_s:
+        if not awaited and not cut and elapsed > self.slow_handler_s:
             counters.slow_handlers += 1
             self.channels.emit(
                 "error", self.name,
@@ -482,17 +525,45 @@ class TaskRunner:
         tick = ticks[name] = ticks.get(name, 0) + 1
         token = _cause.set([f"{self.checkpoint_data.incarnation}/{self.name}/{name}/{tick}", 0])
         cpu_before = time.thread_time()
+        watchdog = self.watchdog
+        what = f"scheduled work {name!r}"
         try:
-            result = work()
+            generation = watchdog.began(self, what)
+            try:
+                result = work()
+            finally:
+                watchdog.ended(generation)
             if result is not None and inspect.isawaitable(result):
-                await result
+                await (watchdog.steps(result, self, what) if inspect.iscoroutine(result)
+                       else result)
         except TASK_FAILURES as exc:
             self.task.counters.recur_failure += 1
-            self.report_error(f"scheduled work {name!r} raised {type(exc).__name__}: {exc}",
-                              traceback=traceback.format_exc())
+            self.report_error(f"{what} raised {type(exc).__name__}: {exc}",
+                              traceback=traceback.format_exc(), failure="recur_failure")
+            if isinstance(exc, HandlerTimeout):
+                self._cut_off()
         finally:
             _cause.reset(token)
             self.task.counters.handler_cpu_seconds += time.thread_time() - cpu_before
+
+    def _cut_off(self) -> None:
+        """A call of this task's code was interrupted: count it, and put the task in
+        failsafe at the :data:`CUTOFFS_TO_FAILSAFE`-th within :data:`CUTOFF_WINDOW_S`."""
+        self.task.counters.handler_timeouts += 1
+        now = time.monotonic()
+        cutoffs = self._cutoffs
+        cutoffs.append(now)
+        while now - cutoffs[0] > CUTOFF_WINDOW_S:
+            cutoffs.popleft()
+        if len(cutoffs) < CUTOFFS_TO_FAILSAFE or self.failsafe is None:
+            return
+        cutoffs.clear()
+        reason = (f"its handlers held the event loop past handler_timeout_s "
+                  f"({self.handler_timeout_s:g} s) and were interrupted "
+                  f"{CUTOFFS_TO_FAILSAFE} times within {CUTOFF_WINDOW_S:g} s")
+        if self.failsafe(self.name, reason, metric="handler_timeouts",
+                         value=CUTOFFS_TO_FAILSAFE):
+            self.stuck = True
 
     # -- state -----------------------------------------------------------------------------
 
@@ -609,8 +680,14 @@ class TaskRunner:
             "duplicates_dropped": self.duplicates_dropped,
             # Messages handled since the last checkpoint: what a kill now would redo.
             "since_checkpoint": self.position - self._checkpointed_position,
+            "handler_timeouts": c.handler_timeouts,
             "queue_depth": self.queue.depth,
             "started_at": self.started_at,
             "last_error": self.last_error,
             **self.task.extra_figures(),
         }
+
+
+# The runner's own code around a handler always reaches ``watchdog.ended``: a cut that lands
+# there (the handler has just returned) does nothing.
+exempt(TaskRunner.process, TaskRunner.run_work)

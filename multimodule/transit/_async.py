@@ -19,6 +19,10 @@ journal's last ids) are taken off without being delivered again. A spill file is
 after its reference is taken. On a kernel without ``MSG_COPY`` the receiver takes as it
 would without ``commit`` (and says so once in :attr:`copy_unsupported`).
 
+An ``intercept`` callable, when given, sees each message on the worker thread first and may
+take care of it there (it is then not handed over): for answers that must not wait for a loop
+that may be blocked (the control server's ``status`` while a task's handler holds the loop).
+
 ``EINTR`` (``"Signaled while waiting"``) is retried; stopping sends the thread the interrupt
 signal (see ``_interrupt``) until it has left ``msgrcv``, so no message is taken after
 :meth:`AsyncReceiver.stop` returns and none taken before it is lost.
@@ -41,6 +45,8 @@ Deliver = Callable[[dict[str, Any]], None]
 #: The worker's request, queued behind a batch, that the loop commit it.
 _COMMIT = object()
 OnError = Callable[[TransitError], None]
+#: ``intercept(message) -> bool``, on the worker thread: whether it took care of ``message``.
+Intercept = Callable[[dict[str, Any]], bool]
 
 
 class AsyncReceiver:
@@ -50,6 +56,9 @@ class AsyncReceiver:
     gets each :class:`BadMessage` (the receiver goes on with the next message) and any other
     :class:`TransitError` (after :class:`QueueRemoved` the name is opened again and receiving
     goes on; after other errors the receiver stops and :attr:`error` holds the error).
+    ``intercept`` (see :data:`Intercept`) runs on the worker thread for each decoded message
+    before it is handed over; a message it took care of (``True``) is not delivered. It must
+    not block; if it raises, the message is delivered as usual.
 
     Must be started on the loop's thread; the main thread is best, so that the interrupt
     handler can be installed (raises :class:`TransitError` if it cannot be).
@@ -66,10 +75,12 @@ class AsyncReceiver:
         backlog: Callable[[], int] | None = None,
         high_water: int = 256,
         commit: Callable[[], None] | None = None,
+        intercept: Intercept | None = None,
     ):
         self.queue = queue
         self.deliver = deliver
         self.on_error = on_error
+        self.intercept = intercept
         self.loop = loop
         self.max_pending = max_pending
         self.backlog = backlog
@@ -210,6 +221,12 @@ class AsyncReceiver:
                     if meta.__class__ is dict and meta.get("id") in self.skip_ids:
                         continue  # journaled before the last stop; only the take was left
                     self.skip_ids = set()
+                if self.intercept is not None:
+                    try:
+                        if self.intercept(message):
+                            continue  # taken care of here; taken off with the batch
+                    except Exception:  # noqa: BLE001 - documented: the message goes to the loop
+                        pass
                 batch.append(message)
             self.skip_ids = set()
             self._batch_done.clear()
@@ -263,6 +280,12 @@ class AsyncReceiver:
         except BadMessage as exc:
             self._hand_over(exc)
             return False
+        if self.intercept is not None:
+            try:
+                if self.intercept(message):
+                    return False
+            except Exception:  # noqa: BLE001 - documented: the message goes to the loop
+                pass
         self._hand_over(message)
         return True
 

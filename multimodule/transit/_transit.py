@@ -12,7 +12,7 @@ import sysv_ipc
 
 from multimodule.errors import QueueRemoved, TransitBroken, TransitError
 from multimodule.transit import _wire
-from multimodule.transit._async import AsyncReceiver, Deliver, OnError
+from multimodule.transit._async import AsyncReceiver, Deliver, Intercept, OnError
 from multimodule.transit._directory import (
     ENV_TRANSIT_GROUP,
     TransitDirectory,
@@ -235,17 +235,18 @@ class Transit:
 
     def receiver(self, qname: str, deliver: Deliver, *, on_error: OnError | None = None,
                  max_pending: int = 64, backlog=None, high_water: int = 256,
-                 commit=None) -> AsyncReceiver:
+                 commit=None, intercept: Intercept | None = None) -> AsyncReceiver:
         """An :class:`AsyncReceiver` (not yet started) for the System V queue ``qname``.
 
         For a name declared local, pass ``self.local_queue(qname).put`` as ``deliver`` (and
         its ``__len__`` as ``backlog``) so messages from other processes join the same
         in-order queue and stay in the kernel while the consumer is behind. ``commit``: see
-        :class:`AsyncReceiver` (messages are taken off only after it returned).
+        :class:`AsyncReceiver` (messages are taken off only after it returned);
+        ``intercept``: see :class:`AsyncReceiver`.
         """
         return AsyncReceiver(self.sysv_queue(qname), deliver, on_error=on_error,
                              max_pending=max_pending, backlog=backlog, high_water=high_water,
-                             commit=commit)
+                             commit=commit, intercept=intercept)
 
     def _open_existing(self, qname: str) -> sysv_ipc.MessageQueue | None:
         """The live System V queue of ``qname``, opened without creating it, or ``None``."""
