@@ -3,7 +3,8 @@
 A task is put in failsafe by the monitor (a metric reached its ``failsafe`` level), by its
 runner (its handlers were cut off by the watchdog too often: :meth:`Failsafe.request`) or by
 hand (``mmctl failsafe``). It is stopped (internal: unloaded after the message in hand, what it
-holds in memory delivered, or sent back to its queue if its handlers hang, and its state saved;
+holds in memory delivered, or left in its journal (without journals: sent back to its queue)
+if its handlers hang, and its state saved;
 external: its unit or process stopped) and marked in ``STATE_DIR/failsafe.json``. A task so marked is not loaded, not even after a daemon restart,
 until ``mmctl unfailsafe NAME``; messages sent to it meanwhile wait in its System V queue. The
 Router is never put in failsafe: nothing could be routed without it.

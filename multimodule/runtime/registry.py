@@ -4,8 +4,9 @@ names known not to be tasks.
 :class:`TaskRegistry` finds a task's class (:mod:`multimodule.runtime.loader`), starts a
 :class:`~multimodule.runtime.runner.TaskRunner` for it (with its journal, when journals are on),
 and unloads it again: what was still in its memory is in its journal, delivered first wherever
-the task runs next (without journals, it goes back to its System V queue). Deciding *whether* a task runs here (its
-config, failsafe, external tasks) is the host's job, not the registry's.
+the task runs next (without journals, it goes back to its System V queue). Deciding
+*whether* a task runs here (its config, failsafe, external tasks) is the host's job, not the
+registry's.
 """
 
 from __future__ import annotations

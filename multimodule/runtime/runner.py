@@ -186,7 +186,8 @@ class TaskRunner:
         self.last_error: str | None = None
         #: A handler hung while stopping, or the task is being put in failsafe because its
         #: handlers kept being cut off: nothing more is delivered to this instance (what it
-        #: holds in memory goes back to its System V queue when it is released).
+        #: holds in memory stays in its journal, or without one goes back to its System V
+        #: queue, when it is released).
         self.stuck = False
 
     @property
