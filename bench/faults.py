@@ -79,9 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--route", choices=("router", "direct"), default="router",
                         help="FaultCounter emits through the Router (default) or sends "
                              "straight to the sink")
-    parser.add_argument("--rate", type=float, default=0.0,
-                        help="messages/s the producer sends at most (default 0: no limit); "
-                             "lower it if faults come after the stream ended")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="messages/s the producer sends at most (0: no limit; default: "
+                             "each scenario's pace, which spreads the stream over its faults)")
     parser.add_argument("--unread", type=float, default=60.0, metavar="S",
                         help="seconds the sink queue stays unread in e (default 60)")
     parser.add_argument("--rss-cap", type=float, default=5 * RSS_LIMIT_BYTES / 2**20,

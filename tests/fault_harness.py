@@ -181,8 +181,9 @@ class Options:
     ``save_state_s``: FaultCounter's ``intervals.save_state`` (``None``: the daemon's default;
     scenario f sets its own). ``send_timeout_s``: the producer's wait for room before a send
     counts as ``QueueFull`` and is retried. ``rate``: messages per second the producer sends
-    at most (``0``: as fast as the queue takes them); pace the stream so that it outlasts the
-    faults (each kill comes after a share of ``count`` was sent and needs a second or more).
+    at most (``0``: as fast as the queue takes them; ``None``: the scenario's pace, so that the
+    stream outlasts its faults: each fault comes after a share of ``count`` was sent and needs
+    its :attr:`Scenario.fault_s` seconds).
     ``rss_cap_bytes``: the unread phase of scenario e ends early once the daemon's resident
     memory passes this (the memory goal is missed by then; this keeps a run from taking the
     machine's memory).
@@ -200,7 +201,7 @@ class Options:
     ballast_bytes: int = 5_000_000
     save_state_s: float | None = None
     send_timeout_s: float = 0.5
-    rate: float = 0.0
+    rate: float | None = None
     rss_cap_bytes: int = 5 * RSS_LIMIT_BYTES
 
     def check(self, *, unbounded: bool = False) -> None:
@@ -221,7 +222,7 @@ class Options:
                      "send_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
-        if self.rate < 0 or self.ballast_bytes < 0:
+        if (self.rate is not None and self.rate < 0) or self.ballast_bytes < 0:
             raise ValueError("rate and ballast_bytes must not be negative")
 
 
@@ -254,11 +255,13 @@ class SinkRecord:
 class FaultResult:
     """The figures of one scenario run (see the module docstring for their definitions).
 
-    Times in seconds, memory in bytes; ``recovery_s`` has one entry per kill (``None``: no
+    Times in seconds, memory in bytes; ``rate``: the stream's pace (messages per second, ``0``
+    unpaced); ``recovery_s`` has one entry per kill (``None``: no
     message flowed within ``recovery_timeout_s``). ``problems``: what went wrong beyond the
     figures (no recovery, not drained, a daemon that would not restart or stop);
     ``leftovers``: processes or System V queues of the run still there after its clean-up;
-    ``notes``: what is worth knowing but no failure. ``cold_start_s`` (the baseline for
+    ``notes``: what is worth knowing but no failure. ``foreign``: messages at the sink of
+    another stream or without a number (none is expected). ``cold_start_s`` (the baseline for
     recovery times): from the first daemon's spawn to its first message at the sink.
     """
 
@@ -267,6 +270,7 @@ class FaultResult:
     dedupe: str
     journal: str
     route: str
+    rate: float = 0.0
     sent: int = 0
     received: int = 0
     distinct: int = 0
@@ -336,11 +340,13 @@ class FaultResult:
     def summary(self) -> str:
         """A few lines with every figure (for assertion messages and logs)."""
         rec = ", ".join("-" if r is None else f"{r:.2f}" for r in self.recovery_s) or "-"
+        pace = f"{self.rate:.0f}/s" if self.rate else "unpaced"
         return (f"scenario {self.scenario} ({self.title}); dedupe {self.dedupe}, journal "
-                f"{self.journal}, route {self.route}\n"
+                f"{self.journal}, route {self.route}, stream {pace}\n"
                 f"  sent {self.sent}, received {self.received}, distinct {self.distinct}, lost "
                 f"{self.lost}, duplicates {self.duplicates} (same id {self.duplicates_same_id}),"
-                f" out of order {self.out_of_order}, unexpected {self.unexpected}\n"
+                f" out of order {self.out_of_order}, unexpected {self.unexpected}, other "
+                f"streams {self.foreign}\n"
                 f"  state: count {self.state_count}, last_n {self.state_last_n}; sink last n "
                 f"{self.sink_last_n}; consistent {self.state_consistent}"
                 f"{'' if self.state_consistent else ' (' + str(self.state_problem) + ')'}\n"
@@ -873,9 +879,18 @@ class Pipeline:
 
     def wait_recovered(self, kill: Kill) -> bool:
         """Wait until a message forwarded after ``kill`` reaches the sink (bounded by
-        ``recovery_timeout_s``); a timeout is recorded as a problem."""
-        if self.sink.wait_forwarded_after(kill.mono, self.options.recovery_timeout_s):
-            return True
+        ``recovery_timeout_s``); a timeout is recorded as a problem, and so is a kill after
+        which nothing was left to flow (the stream ended and the pipeline is idle)."""
+        deadline = time.monotonic() + self.options.recovery_timeout_s
+        while time.monotonic() < deadline:
+            slice_s = min(0.5, max(0.0, deadline - time.monotonic()))
+            if self.sink.wait_forwarded_after(kill.mono, slice_s):
+                return True
+            if self.stream.done and self.idle():
+                self.problems.append(f"nothing was left to flow after the kill of {kill.what} "
+                                     f"{kill.pids}: the stream had ended (pace it: a lower "
+                                     "rate or a larger count)")
+                return False
         self.problems.append(f"no message flowed within {self.options.recovery_timeout_s:g} s "
                              f"of the kill of {kill.what} {kill.pids}")
         return False
@@ -1131,7 +1146,8 @@ def _fill(transit: Transit, qname: str) -> float:
 
 def plan_external_kills(pipe: Pipeline) -> None:
     """(b) ``kill -9`` FaultCounter's own process ``kills`` times mid-stream; the daemon
-    restarts it (after its backoff: 1 s, doubling)."""
+    restarts it (after its backoff: 1 s, doubling). More than 5 kills within 5 minutes put the
+    task in failsafe, by design (the monitor's ``restarts`` metric): it then stays stopped."""
     killed: int | None = None
     for i, threshold in enumerate(kill_thresholds(pipe.options.count, pipe.options.kills)):
         if not _wait_sent(pipe, threshold, i + 1):
@@ -1236,7 +1252,9 @@ class Scenario:
     ``title``, whether FaultCounter runs in its own process, the ``plan`` (called with the
     pipeline running and the stream flowing), and what it needs: a sink paused from the start
     and a stream without a fixed count (``unread``), a 5 MB state (``ballast``), the memory
-    goal (``memory_goal``)."""
+    goal (``memory_goal``), and ``fault_s``, the seconds one fault takes at least (a kill,
+    a restart, messages flowing again; a migration too in d), from which the stream's pace is
+    set unless the options give a rate (see :meth:`pace`)."""
 
     key: str
     name: str
@@ -1246,22 +1264,33 @@ class Scenario:
     unread: bool = False
     ballast: bool = False
     memory_goal: bool = False
+    fault_s: float = 0.0
+
+    def pace(self, options: Options) -> float:
+        """Messages per second for the stream: ``options.rate`` if given, else one that
+        makes the ``count`` messages last ``(kills + 1) * fault_s`` seconds at least, so that
+        every fault comes mid-stream (``0``: no limit)."""
+        if options.rate is not None:
+            return options.rate
+        if self.fault_s <= 0 or options.kills <= 0 or self.unread:
+            return 0.0
+        return options.count / ((options.kills + 1) * self.fault_s)
 
 
 SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("0", "baseline", "no fault", False, plan_none),
     Scenario("a", "daemon-kill", "kill -9 of the daemon, sink full at times", False,
-             plan_daemon_kills),
+             plan_daemon_kills, fault_s=1.0),
     Scenario("b", "external-kill", "kill -9 of the external task", True,
-             plan_external_kills),
+             plan_external_kills, fault_s=1.0),
     Scenario("c", "both-kill", "kill -9 of the daemon and the external task", True,
-             plan_both_kills),
+             plan_both_kills, fault_s=1.0),
     Scenario("d", "migration-kill", "kill -9 of the daemon during mmctl migrate", False,
-             plan_killed_migrations),
+             plan_killed_migrations, fault_s=3.0),
     Scenario("e", "unread-queue", "sink queue unread", False, plan_unread_queue,
              unread=True, memory_goal=True),
     Scenario("f", "save-kill", "kill -9 during saves of a 5 MB state", False,
-             plan_kills_during_saves, ballast=True),
+             plan_kills_during_saves, ballast=True, fault_s=1.5),
 )}
 
 
@@ -1287,12 +1316,13 @@ def run_scenario(key_or_name: str, options: Options, base: Path,
     dedupe = "off" if options.dedupe is False else (
         "on" if options.dedupe is True else f"window {options.dedupe}")
     stream_name = f"{spec.name}-{os.getpid()}-{time.time_ns()}"
-    run_options = dataclasses.replace(options, count=0) if spec.unread else options
+    run_options = dataclasses.replace(options, count=0 if spec.unread else options.count,
+                                      rate=spec.pace(options))
     started = time.monotonic()
     with Pipeline(base, transit_dir, run_options, external=spec.external, stream=stream_name,
                   sink_paused=spec.unread) as pipe:
         result = FaultResult(spec.key, spec.title, dedupe, pipe.journal, options.route,
-                             memory_goal=spec.memory_goal)
+                             rate=run_options.rate, memory_goal=spec.memory_goal)
         pipe.write_files(ballast_bytes=options.ballast_bytes if spec.ballast else 0,
                          save_state_s=0.5 if spec.ballast else options.save_state_s)
         first = pipe.start_daemon()
@@ -1324,6 +1354,8 @@ def run_scenario(key_or_name: str, options: Options, base: Path,
             setattr(result, key, figures[key])
         result.sink_last_n = figures["last_n"]
         result.foreign = pipe.sink.foreign
+        if pipe.sink.bad:
+            pipe.problems.append(f"{pipe.sink.bad} messages at the sink could not be read")
         result.state_count, result.state_last_n = count, last_n
         result.state_consistent = consistent and state_problem is None
         result.state_problem = state_problem or why

@@ -42,7 +42,7 @@ CI = {
                  recovery_timeout_s=30.0),
     "d": Options(count=2000, kills=2, rate=400, dedupe=True, drain_timeout_s=30.0,
                  recovery_timeout_s=30.0),
-    "e": Options(unread_s=8.0, dedupe=True, drain_timeout_s=30.0),
+    "e": Options(unread_s=8.0, dedupe=True, drain_timeout_s=30.0, rss_cap_bytes=200 * 2**20),
     "f": Options(count=1000, kills=3, rate=300, dedupe=True, drain_timeout_s=30.0,
                  recovery_timeout_s=30.0),
 }
