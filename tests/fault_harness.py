@@ -31,7 +31,10 @@ The pipeline of one run, every part a real process except the sink reader::
 Figures (see :func:`sink_figures`), for the run's stream S with ``sent`` numbers sent:
 
 - lost = sent - distinct numbers of S received;
-- duplicates = messages of S received - distinct numbers received (as the sink sees them);
+- duplicates = messages of S received - distinct numbers received (as the sink sees them); of
+  them, those whose copy carries the same transit id as the first copy (one send delivered
+  twice: a resend) and those forwarded from an input with the same id as the first copy's
+  (FaultCounter handled one input message twice: what ``dedupe`` is for), where ids exist;
 - out of order = times a number, at its first arrival, is smaller than the number that
   arrived first before it (repeats of a number already seen are skipped);
 - state consistent: after the drain and an orderly stop (which saves the state), the state file
@@ -72,7 +75,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -277,6 +279,7 @@ class FaultResult:
     lost: int = 0
     duplicates: int = 0
     duplicates_same_id: int = 0
+    duplicates_same_input: int = 0
     out_of_order: int = 0
     unexpected: int = 0
     foreign: int = 0
@@ -344,7 +347,8 @@ class FaultResult:
         return (f"scenario {self.scenario} ({self.title}); dedupe {self.dedupe}, journal "
                 f"{self.journal}, route {self.route}, stream {pace}\n"
                 f"  sent {self.sent}, received {self.received}, distinct {self.distinct}, lost "
-                f"{self.lost}, duplicates {self.duplicates} (same id {self.duplicates_same_id}),"
+                f"{self.lost}, duplicates {self.duplicates} (same id {self.duplicates_same_id},"
+                f" same input id {self.duplicates_same_input}),"
                 f" out of order {self.out_of_order}, unexpected {self.unexpected}, other "
                 f"streams {self.foreign}\n"
                 f"  state: count {self.state_count}, last_n {self.state_last_n}; sink last n "
@@ -373,23 +377,29 @@ def sink_figures(records: list[SinkRecord], sent: int) -> dict[str, Any]:
     stream, in arrival order, for a stream that sent the numbers ``0 .. sent - 1``.
 
     Returns ``{"received", "distinct", "lost", "duplicates", "duplicates_same_id",
-    "out_of_order", "unexpected", "last_n", "ids_seen"}``; ``unexpected``: distinct numbers
+    "duplicates_same_input", "out_of_order", "unexpected", "last_n", "ids_seen"}``
+    (``duplicates_same_id``: repeats carrying the first copy's transit id,
+    ``duplicates_same_input``: repeats forwarded from an input with the first copy's input id);
+    ``unexpected``: distinct numbers
     outside ``0 .. sent - 1`` (not counted as received for ``lost``), ``last_n``: the number
     of the last message received (``None`` if none), ``ids_seen``: whether any message
     carried a transit id.
     """
     seen: set[int] = set()
-    ids_by_n: dict[int, Any] = {}
-    duplicates = same_id = out_of_order = 0
+    first: dict[int, SinkRecord] = {}
+    duplicates = same_id = same_input = out_of_order = 0
     previous: int | None = None
     for record in records:
         if record.n in seen:
             duplicates += 1
-            if record.id is not None and ids_by_n.get(record.n) == record.id:
+            original = first[record.n]
+            if record.id is not None and original.id == record.id:
                 same_id += 1
+            if record.in_id is not None and original.in_id == record.in_id:
+                same_input += 1
             continue
         seen.add(record.n)
-        ids_by_n[record.n] = record.id
+        first[record.n] = record
         if previous is not None and record.n < previous:
             out_of_order += 1
         previous = record.n
@@ -400,6 +410,7 @@ def sink_figures(records: list[SinkRecord], sent: int) -> dict[str, Any]:
         "lost": sent - expected,
         "duplicates": duplicates,
         "duplicates_same_id": same_id,
+        "duplicates_same_input": same_input,
         "out_of_order": out_of_order,
         "unexpected": len(seen) - expected,
         "last_n": records[-1].n if records else None,
@@ -1350,7 +1361,7 @@ def run_scenario(key_or_name: str, options: Options, base: Path,
         result.sent = pipe.stream.sent
         result.queue_full = pipe.stream.queue_full
         for key in ("received", "distinct", "lost", "duplicates", "duplicates_same_id",
-                    "out_of_order", "unexpected", "ids_seen"):
+                    "duplicates_same_input", "out_of_order", "unexpected", "ids_seen"):
             setattr(result, key, figures[key])
         result.sink_last_n = figures["last_n"]
         result.foreign = pipe.sink.foreign
@@ -1382,7 +1393,7 @@ def recovery_time(records: list[SinkRecord], kill: Kill) -> float | None:
 
 # -- reporting -------------------------------------------------------------------------------
 
-TABLE_HEADERS = ("SCENARIO", "DEDUPE", "SENT", "LOST", "DUP", "DUP=ID", "OOO", "STATE",
+TABLE_HEADERS = ("SCENARIO", "DEDUPE", "SENT", "LOST", "DUP", "SAME ID/INPUT", "OOO", "STATE",
                  "KILLS", "RECOVERY MED/MAX S", "x COLD START", "RSS MB", "FULL", "DRAINED",
                  "GOALS")
 
@@ -1396,7 +1407,8 @@ def table_row(result: FaultResult) -> tuple[str, ...]:
     ratio = "-" if not cold or med is None else f"{med / cold:.1f}/{top / cold:.1f}"
     missed = result.goals_missed()
     return (f"{result.scenario} {result.title}"[:46], result.dedupe, str(result.sent),
-            str(result.lost), str(result.duplicates), str(result.duplicates_same_id),
+            str(result.lost), str(result.duplicates),
+            f"{result.duplicates_same_id}/{result.duplicates_same_input}",
             str(result.out_of_order), "ok" if result.state_consistent else "BAD",
             str(len(result.kills)),
             "-" if med is None else f"{med:.2f}/{top:.2f}"

@@ -64,9 +64,10 @@ def assert_goals(result: FaultResult) -> None:
 # -- the instrument ----------------------------------------------------------------------------
 
 
-def record(n: int, *, id_: str | None = None) -> SinkRecord:
-    """A sink record of number ``n`` (transit id ``id_``); times and counts are not used."""
-    return SinkRecord(n=n, arrived=0.0, forwarded=0.0, count=0, pid=1, id=id_, in_id=None)
+def record(n: int, *, id_: str | None = None, in_id: str | None = None) -> SinkRecord:
+    """A sink record of number ``n`` (transit id ``id_``, forwarded from input ``in_id``);
+    times and counts are not used."""
+    return SinkRecord(n=n, arrived=0.0, forwarded=0.0, count=0, pid=1, id=id_, in_id=in_id)
 
 
 def test_sink_figures_count_lost_duplicates_and_reordering():
@@ -82,11 +83,15 @@ def test_sink_figures_count_lost_duplicates_and_reordering():
     assert figures["last_n"] == 3 and not figures["ids_seen"]
 
 
-def test_sink_figures_tell_resends_of_one_send_and_numbers_never_sent():
-    records = [record(0, id_="a"), record(0, id_="a"), record(1, id_="b"), record(1, id_="c"),
-               record(7, id_="d")]
+def test_sink_figures_tell_resends_inputs_handled_twice_and_numbers_never_sent():
+    # 0 delivered twice from one send; 1 forwarded twice from one input (handled twice);
+    # 7 was never sent
+    records = [record(0, id_="a", in_id="x"), record(0, id_="a", in_id="x"),
+               record(1, id_="b", in_id="y"), record(1, id_="c", in_id="y"),
+               record(7, id_="d", in_id="z")]
     figures = sink_figures(records, sent=2)
-    assert figures["duplicates"] == 2 and figures["duplicates_same_id"] == 1
+    assert figures["duplicates"] == 2
+    assert figures["duplicates_same_id"] == 1 and figures["duplicates_same_input"] == 2
     assert figures["unexpected"] == 1 and figures["lost"] == 0 and figures["ids_seen"]
 
 
