@@ -1012,11 +1012,13 @@ class Pipeline:
     def saved_state(self) -> tuple[dict[str, Any] | None, str | None]:
         """FaultCounter's state file, parsed, and why it is unusable (``None`` if usable)."""
         aside = sorted(self.state_dir.glob(f"{COUNTER}.state.json.corrupt-*"))
+        from multimodule.state import Checkpoint
         try:
-            state = json.loads((self.state_dir / f"{COUNTER}.state.json").read_bytes())
+            saved = json.loads((self.state_dir / f"{COUNTER}.state.json").read_bytes())
+            state = Checkpoint.from_json(saved, True).state  # the state in its checkpoint
         except FileNotFoundError:
             return None, "no state file"
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:
             return None, f"state file unreadable: {exc}"
         if aside:
             return state, f"a state file was set aside as corrupt ({aside[0].name})"
