@@ -188,7 +188,8 @@ class Options:
     its :attr:`Scenario.fault_s` seconds).
     ``rss_cap_bytes``: the unread phase of scenario e ends early once the daemon's resident
     memory passes this (the memory goal is missed by then; this keeps a run from taking the
-    machine's memory).
+    machine's memory). ``outbox_max_bytes``: the daemons' ``--outbox-max-bytes`` (``None``:
+    their default); a short unread phase needs a small one to reach the backpressure.
     """
 
     count: int = 3000
@@ -205,6 +206,7 @@ class Options:
     send_timeout_s: float = 0.5
     rate: float | None = None
     rss_cap_bytes: int = 5 * RSS_LIMIT_BYTES
+    outbox_max_bytes: int | None = None
 
     def check(self, *, unbounded: bool = False) -> None:
         """Raise ``ValueError`` saying what is wrong with these options (``unbounded``: for a
@@ -317,6 +319,13 @@ class FaultResult:
         """The longest of :attr:`recovered` (``None`` if empty)."""
         return max(self.recovered) if self.recovered else None
 
+    @property
+    def duplicates_after_dedupe(self) -> int:
+        """Copies a receiving task with ``dedupe`` would still take: those whose transit id
+        differs from the first copy's (the sink is a plain queue and takes every copy; a
+        copy with the first one's id is what such a task drops)."""
+        return self.duplicates - self.duplicates_same_id
+
     def goals_missed(self, *, dedupe_goal: bool | None = None) -> list[str]:
         """The goals this run missed, one sentence each (empty: all met): 0 lost, state
         consistent, 0 duplicates when dedupe was on (``dedupe_goal`` overrides), daemon RSS
@@ -328,8 +337,9 @@ class FaultResult:
         if not self.state_consistent:
             missed.append(f"state inconsistent: {self.state_problem}")
         check_dupes = self.dedupe != "off" if dedupe_goal is None else dedupe_goal
-        if check_dupes and self.duplicates:
-            missed.append(f"{self.duplicates} duplicates with dedupe {self.dedupe}")
+        if check_dupes and self.duplicates_after_dedupe:
+            missed.append(f"{self.duplicates_after_dedupe} duplicates a receiver with dedupe "
+                          f"{self.dedupe} would take")
         if self.memory_goal:
             if self.rss_peak_bytes >= RSS_LIMIT_BYTES:
                 missed.append(f"daemon RSS peaked at {self.rss_peak_bytes / 2**20:.0f} MB "
@@ -348,7 +358,8 @@ class FaultResult:
                 f"{self.journal}, route {self.route}, stream {pace}\n"
                 f"  sent {self.sent}, received {self.received}, distinct {self.distinct}, lost "
                 f"{self.lost}, duplicates {self.duplicates} (same id {self.duplicates_same_id},"
-                f" same input id {self.duplicates_same_input}),"
+                f" same input id {self.duplicates_same_input}; after dedupe "
+                f"{self.duplicates_after_dedupe}),"
                 f" out of order {self.out_of_order}, unexpected {self.unexpected}, other "
                 f"streams {self.foreign}\n"
                 f"  state: count {self.state_count}, last_n {self.state_last_n}; sink last n "
@@ -792,12 +803,16 @@ class Pipeline:
         return wanted if daemon_supports(flag) else f"{wanted} (not supported: {flag} absent)"
 
     def daemon_flags(self) -> list[str]:
-        """The daemon's journal options for the mode in force (none when unsupported)."""
+        """The daemon's journal options for the mode in force (none when unsupported), and
+        its outbox bound if the options give one."""
+        flags = []
+        if self.options.outbox_max_bytes is not None:
+            flags += ["--outbox-max-bytes", str(self.options.outbox_max_bytes)]
         if self.journal == "off":
-            return ["--no-journal"]
+            return flags + ["--no-journal"]
         if self.journal == "fsync":
-            return ["--journal-fsync"]
-        return []
+            return flags + ["--journal-fsync"]
+        return flags
 
     def write_files(self, *, ballast_bytes: int = 0, save_state_s: float | None = None) -> None:
         """FaultCounter's module and the config: FaultCounter (external or not, its sink,
@@ -957,7 +972,8 @@ class Pipeline:
 
     def idle(self) -> bool:
         """Whether every queue of the pipeline is empty: the System V queues, and (asked of
-        the daemon) its tasks' memory and its overflow."""
+        the daemon) its tasks' memory and its overflow; and FaultCounter's own process, if it
+        has one, runs (while it is down its journal holds what it has not handled)."""
         for qname in (COUNTER, ROUTER, SINK_QUEUE):
             try:
                 if self.transit.stat(qname).messages:
@@ -969,6 +985,9 @@ class Pipeline:
             return False
         if any(status.get("outboxes", {}).values()):
             return False
+        external = (status.get("externals") or {}).get(COUNTER)
+        if external is not None and external.get("state") != "active":
+            return False  # down (restart backoff): what it has not handled is in its journal
         return not any(t.get("queue_depth") for t in status["tasks"].values())
 
     def drain(self) -> bool:

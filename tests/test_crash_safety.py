@@ -363,3 +363,50 @@ async def test_a_stateless_tasks_ticks_are_numbered_on_after_a_restart(inproc, t
     after = await asyncio.to_thread(transit.receive, "beats", timeout=5)
     assert after[META_KEY]["id"] not in {m[META_KEY]["id"] for m in seen}
     assert await inproc.stop() == 0
+
+
+async def test_backpressure_crosses_an_in_memory_hop_to_the_first_sender(inproc, transit):
+    # Given a Feeder whose emits the Router forwards to "unread", a full queue nobody reads,
+    # in a daemon that holds at most 256 KiB for full queues
+    inproc.task("Feeder", """
+        from multimodule import Task
+
+        class Feeder(Task):
+            def message(self, message):
+                self.emit({"kind": "x", "n": message["n"], "pad": "x" * 200})
+    """)
+    inproc.config('[Feeder]\n[Router]\nroutes = [ { match = { kind = "x" }, '
+                  'forwards = [ { qname = "unread" } ] } ]\n')
+    fill(transit, "unread")
+    daemon = await inproc.start(outbox_max_bytes=256 * 1024)
+    # When another process sends to Feeder as fast as it is let
+    refused = asyncio.Event()
+    sent = [0]
+
+    def produce() -> None:
+        while sent[0] < 200_000:
+            try:
+                transit.send("Feeder", {"n": sent[0]}, timeout=0.2)
+            except QueueFull:
+                refused.set()
+                return
+            sent[0] += 1
+
+    producer = asyncio.get_running_loop().run_in_executor(None, produce)
+    await producer
+    # Then the sender is refused in the end: the paused Router's queue stopped growing in
+    # memory (its senders here went through its System V queue, into the bounded overflow,
+    # and were paused in turn), and the daemon holds a bounded number of messages
+    assert refused.is_set(), sent[0]
+    router, feeder = daemon.registry.get("Router"), daemon.registry.get("Feeder")
+    assert daemon.delivery.blocked("Router") and daemon.delivery.blocked("Feeder")
+    assert len(router.queue) <= 1100 and len(feeder.queue) <= 400
+    assert sent[0] < 20_000, sent[0]
+    # And once "unread" is read, every message arrives, in order
+    got = []
+    async with asyncio.timeout(30):
+        while len(got) < sent[0]:  # the daemon sends as room appears: read as it comes
+            got += [m["n"] for m in drain(transit, "unread") if m.get("kind") == "x"]
+            await asyncio.sleep(0.01)
+    assert got == list(range(sent[0]))
+    assert await inproc.stop() == 0

@@ -73,6 +73,7 @@ EXPECTED = {
         "default",
         "declare_local",
         "LocalQueue",
+        "SysvQueue",
         "Overflow",
         "AsyncReceiver",
         "ensure_handler",

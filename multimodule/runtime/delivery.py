@@ -6,6 +6,15 @@ directory), writes the journals that have new records once per turn of the event
 ``write`` per journal, however many messages), writes them all before any checkpoint, and
 tells runners when to pause: a task whose sent messages are held in a full overflow takes no
 input until the overflow has room again (backpressure through its own full queues).
+
+In-memory queues are bounded the same way (:meth:`Delivery.spilling`): once a task here is
+:data:`LOCAL_HIGH_WATER` messages behind, what tasks here send it goes through its System V
+queue instead (its receiver takes from there only while the task is less than 256 behind), so
+the kernel queue and then the bounded overflow fill, and the senders are paused, instead of the
+process's memory growing. Sends stay on that path until the System V queue and the overflow
+hold nothing more for the task and it is back under :data:`LOCAL_LOW_WATER`, so a sender's
+messages never overtake each other. (Tasks that send to each other in a cycle, both far
+behind, can then wait on each other for good, as with any bounded queues.)
 """
 
 from __future__ import annotations
@@ -13,10 +22,16 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from multimodule.errors import StateError
+from multimodule.errors import StateError, TransitError
 from multimodule.journal import Journal
 from multimodule.state import StateStore
-from multimodule.transit.lowlevel import Overflow
+from multimodule.transit.lowlevel import LocalQueue, Overflow, SysvQueue
+
+#: Messages a task here may be behind on its in-memory queue before sends to it from this
+#: process go through its System V queue (see the module docstring).
+LOCAL_HIGH_WATER = 1024
+#: ... and under how many they go in memory again (once nothing of theirs is outside memory).
+LOCAL_LOW_WATER = 256
 
 
 class Delivery:
@@ -32,6 +47,10 @@ class Delivery:
         self.fsync = fsync
         self.report = report
         self.overflow: Overflow | None = None
+        #: ``qname -> (local queue, System V queue)`` of the tasks here that take input from
+        #: their System V queue too: those whose in-memory sends may spill there.
+        self.spillable: dict[str, tuple[LocalQueue, SysvQueue]] = {}
+        self._spilling: set[str] = set()
         self._dirty: set[Journal] = set()
         self._flush_scheduled = False
         self._waiters: list[asyncio.Future] = []
@@ -78,6 +97,41 @@ class Delivery:
         self._dirty.discard(journal)
 
     # -- backpressure ----------------------------------------------------------------------
+
+    def spill_path(self, task: str, local: LocalQueue, sysv: SysvQueue) -> None:
+        """Task ``task`` here takes input from ``local`` and, through its receiver, from
+        ``sysv``: sends to it may spill there."""
+        self.spillable[task] = (local, sysv)
+
+    def forget_task(self, task: str) -> None:
+        """Task ``task`` left this process."""
+        self.spillable.pop(task, None)
+        self._spilling.discard(task)
+
+    def spilling(self, qname: str) -> bool:
+        """Whether sends from this process to task ``qname`` (running here) go through its
+        System V queue now rather than in memory (see the module docstring)."""
+        queues = self.spillable.get(qname)
+        if queues is None:
+            return False
+        local, sysv = queues
+        if qname not in self._spilling:
+            if len(local) < LOCAL_HIGH_WATER:
+                return False
+            # What was sent in memory so far is written before anything goes the other way:
+            # a message on the System V queue survives a kill at once, and must not be found
+            # there after a restart without the ones sent before it.
+            self._flush_dirty()
+            self._spilling.add(qname)
+            return True
+        try:
+            waiting = sysv.stat().messages
+        except TransitError:  # removed under us: nothing of ours waits there
+            waiting = 0
+        if len(local) > LOCAL_LOW_WATER or qname in self.overflow.senders or waiting:
+            return True
+        self._spilling.discard(qname)
+        return False
 
     def on_room(self) -> None:
         """The overflow has room again, or sent a task's last held message (any thread)."""

@@ -9,12 +9,14 @@ thread, so the loop, the other tasks and ``mmctl`` never wait for systemd.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from multimodule.errors import BackendError, MultiModuleError
 from multimodule.oob import Channels
+from multimodule.state import lock_holder
 from multimodule.supervise.base import LaunchSpec, TaskBackend, TaskProcess, choose_backend_name
 from multimodule.supervise.detached import DetachedBackend
 from multimodule.supervise.systemd import SystemdBackend
@@ -85,9 +87,18 @@ class ExternalTasks:
                         if not isinstance(process, str) and process.running}
 
     def runs_outside(self, name: str) -> bool:
-        """Whether task ``name`` was found running in its own process when the daemon
-        started (moved out before, see :meth:`scan`) and is not adopted yet."""
-        return name in self.outside and name not in self.processes
+        """Whether task ``name`` runs in its own process and is not adopted yet: found so when
+        the daemon started (moved out before, see :meth:`scan`), or holding its lock now (a
+        process a killed daemon had just started, which took its lock after the scan)."""
+        if name in self.processes:
+            return False
+        if name in self.outside:
+            return True
+        try:
+            holder = lock_holder(self.state_dir / f"task-{name}.lock")
+        except OSError:
+            return False
+        return holder is not None and holder != os.getpid()
 
     async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, function, *args)

@@ -75,6 +75,10 @@ class HostProcess:
     before and after the tasks (:meth:`stop_services`, :meth:`after_tasks`).
     """
 
+    #: Whether this process holds each of its stateful tasks' ``task-NAME.lock`` (the daemon
+    #: does; a task's own process holds its one as its state lock already).
+    locks_tasks = True
+
     def __init__(self, options: DaemonOptions, *, transit: Transit | None = None,
                  channels: Channels | None = None):
         self.options = options
@@ -105,14 +109,17 @@ class HostProcess:
         else to the System V queue without blocking the loop. ``owned``: see
         :meth:`Task.send`; ``origin``: the sending task (its checkpoint waits while the
         overflow holds what it sent); ``meta``: extra ``.ipc_transit_meta`` keys (a derived
-        ``id``). Raises the transit's usage errors."""
+        ``id``). A task here that is far behind gets its messages through its System V queue
+        (see :meth:`Delivery.spilling`), so that memory stays bounded. Raises the transit's
+        usage errors."""
         transit = self.transit
         if transit.is_local(qname) or self.load_on_demand(qname):
-            if owned:
-                transit.send_owned(qname, message, **meta)
-            else:
-                transit.send(qname, message, **meta)
-            return
+            if not self.delivery.spilling(qname):
+                if owned:
+                    transit.send_owned(qname, message, **meta)
+                else:
+                    transit.send(qname, message, **meta)
+                return
         self.overflow.send(qname, message, origin=origin, **meta)
 
     def send_out(self, qname: str, message: dict[str, Any]) -> None:
@@ -319,7 +326,8 @@ class HostProcess:
                 transit=self.transit, channels=self.channels, store=self.store,
                 send=self.send, send_out=self.send_out, prefixes=self.options.prefixes,
                 task_path=self.options.task_path, slow_handler_s=self.options.slow_handler_s,
-                delivery=self.delivery, watchdog=self.watchdog, failsafe=self.failsafe_hung)
+                delivery=self.delivery, watchdog=self.watchdog, failsafe=self.failsafe_hung,
+                task_locks=self.locks_tasks)
             self._restore_kept()
             on_main_thread = threading.current_thread() is threading.main_thread()
             if not on_main_thread or not ensure_handler():

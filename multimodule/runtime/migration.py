@@ -89,9 +89,10 @@ class Migrations:
             return f"task {name} stays in the daemon: {exc}"
         runner = self.registry.runners[name]
         await runner.stop()
-        # One step of the loop: from here on sends to it go out over System V.
-        starting = self.externals.start(name, limits)
+        # One step of the loop: from here on sends to it go out over System V, and its lock
+        # is free for its own process.
         self.registry.release(name)
+        starting = self.externals.start(name, limits)
         problem = await starting
         if problem is None:
             self.forget(name)

@@ -19,13 +19,13 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
 
-from multimodule.errors import TaskImportFailed, TaskNotFound
+from multimodule.errors import AlreadyRunning, StateError, TaskImportFailed, TaskNotFound
 from multimodule.oob import Channels
 from multimodule.runtime.delivery import Delivery
 from multimodule.runtime.loader import find_task_class
 from multimodule.runtime.runner import STOP_GRACE_S, FailsafeRequest, Send, TaskRunner
 from multimodule.runtime.watchdog import HandlerWatchdog
-from multimodule.state import StateStore
+from multimodule.state import InstanceLock, StateStore
 from multimodule.task import Task
 
 #: Name used for the host's own records.
@@ -44,13 +44,18 @@ class TaskRegistry:
     found (see :func:`~multimodule.runtime.loader.find_task_class`). ``delivery``: the
     journals and backpressure the runners share. ``slow_handler_s``, ``watchdog``,
     ``failsafe``: for the runners (see :class:`~multimodule.runtime.runner.TaskRunner`).
+    ``task_locks``: hold ``task-NAME.lock`` (the lock a task's own process takes) for each
+    stateful task running here, so that no second copy of it runs elsewhere at once (the
+    daemon; an external task's process holds it as its own lock already).
     """
 
     def __init__(self, *, transit: Any, channels: Channels, store: StateStore, send: Send,
                  send_out: SendOut, prefixes: Sequence[str], task_path: Sequence[Path],
                  slow_handler_s: float, delivery: Delivery, watchdog: HandlerWatchdog,
-                 failsafe: FailsafeRequest | None = None):
+                 failsafe: FailsafeRequest | None = None, task_locks: bool = False):
         self.delivery = delivery
+        self.task_locks = task_locks
+        self._locks: dict[str, InstanceLock] = {}
         self.transit = transit
         self.channels = channels
         self.store = store
@@ -118,6 +123,14 @@ class TaskRegistry:
               settings: BaseModel | None) -> TaskRunner | None:
         """Construct and start task ``name`` (state restored, config applied, delivery
         started); ``None`` if it raised (reported, recorded in :attr:`failures`)."""
+        if self.task_locks and cls.is_stateful:
+            lock = InstanceLock(self.store.path, f"task-{name}", status_file=False)
+            try:
+                lock.acquire()
+            except (AlreadyRunning, StateError) as exc:
+                self.fail(name, f"task {name} not loaded here: {exc}")
+                return None
+            self._locks[name] = lock
         try:
             runner = TaskRunner(name, cls, transit=self.transit, send=self.send,
                                 channels=self.channels, store=self.store,
@@ -129,6 +142,7 @@ class TaskRegistry:
         except Exception as exc:
             self.runners.pop(name, None)
             self.transit.undeclare_local(name)
+            self._release_lock(name)
             self.fail(name, f"task {name} failed to start: {type(exc).__name__}: {exc}",
                       traceback=traceback.format_exc())
             return None
@@ -150,6 +164,8 @@ class TaskRegistry:
         checkpoint (delivered first wherever it starts next); without a journal they go to
         its System V queue."""
         runner = self.runners.pop(name, None)
+        self.delivery.forget_task(name)
+        self._release_lock(name)
         leftovers = self.transit.undeclare_local(name)
         if runner is not None and runner.journal is not None:
             runner.close_journal()
@@ -157,6 +173,11 @@ class TaskRegistry:
             return
         for message in leftovers:
             self.send_out(name, message)
+
+    def _release_lock(self, name: str) -> None:
+        lock = self._locks.pop(name, None)
+        if lock is not None:
+            lock.release()
 
     async def stop_all(self, deadline: float) -> list[TaskRunner]:
         """Stop every runner at once, bounded by ``deadline`` (``time.monotonic()``): timers

@@ -90,6 +90,9 @@ class DeliveryGuard(Protocol):
         """``journal`` has buffered records: have them written at the end of this turn of
         the loop."""
 
+    def spill_path(self, task: str, local: Any, sysv: Any) -> None:
+        """``task`` takes input from its in-memory queue ``local`` and from ``sysv``."""
+
 
 #: ``failsafe(name, reason, **fields) -> bool``: put task ``name`` in failsafe because its
 #: handlers keep being cut off (``fields``: ``metric``, ``value`` for the alert); whether it is
@@ -235,6 +238,8 @@ class TaskRunner:
         self._consumer = loop.create_task(self._consume(), name=f"consume:{self.name}")
         if self.receiver is not None:
             self.receiver.start()
+            if self.guard is not None:
+                self.guard.spill_path(self.name, self.queue, self.receiver.queue)
         if self.store is not None and (self.cls.is_stateful or self.journal is not None):
             self._saver = loop.create_task(self._save_periodically(), name=f"save:{self.name}")
 

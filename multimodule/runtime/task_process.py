@@ -67,6 +67,8 @@ class FiguresReporter:
 class TaskProcessHost(HostProcess):
     """Hosts external task ``options.module``; see the module docstring."""
 
+    locks_tasks = False  # its task's lock is its state lock (see lock_names)
+
     def __init__(self, options: DaemonOptions, *, transit: Transit | None = None,
                  channels: Channels | None = None):
         super().__init__(options, transit=transit, channels=channels)

@@ -48,6 +48,13 @@ Report = Callable[[str, str], None]
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 
 
+def _compact(body: bytes) -> bytes:
+    """A copy of ``body`` in a block of its own size. orjson writes into a buffer of a few KiB
+    and shrinks it in place: kept as it is, each held message would pin about 4 KiB of the
+    heap (measured: 4,171 bytes of RSS per held 158-byte message; 255 with the copy)."""
+    return memoryview(body).tobytes()
+
+
 class _CreationBucket:
     """A token bucket: ``rate`` new queues per second, at most ``burst`` at once, on
     ``clock`` (seconds)."""
@@ -207,7 +214,7 @@ class Overflow:
         and :class:`QueueCreationRefused` if it would be created over
         :meth:`limit_creations`."""
         if qname in self.senders:  # without the lock first: most queues never overflow
-            body = _wire.encode_body(message, _wire.meta_for(message, meta))
+            body = _compact(_wire.encode_body(message, _wire.meta_for(message, meta)))
             with self.lock:
                 sender = self.senders.get(qname)
                 if sender is not None and not sender.retired:
@@ -218,11 +225,12 @@ class Overflow:
         if creations is not None and self.transit.sysv_queue_if_exists(qname) is None:
             creations.take(qname)
         try:
-            self.transit.send(qname, message, timeout=0, **meta)
+            self.transit.send_sysv(qname, message, timeout=0, **meta)
             return
         except QueueFull:
             pass
-        self._hold(qname, [(_wire.encode_body(message, _wire.meta_for(message, meta)), origin)])
+        self._hold(qname, [(_compact(_wire.encode_body(message, _wire.meta_for(message, meta))),
+                            origin)])
         self.report("debug", f"queue {qname!r} is full; holding its messages in order")
 
     def _hold(self, qname: str, items: list[tuple[bytes, str | None]],

@@ -134,10 +134,14 @@ class Transit:
         if local is not None:
             local.put(_wire.copy_message(message, _wire.meta_for(message, meta)))
             return
-        self._send_sysv(qname, message, timeout, meta)
+        self.send_sysv(qname, message, timeout=timeout, **meta)
 
-    def _send_sysv(self, qname: str, message: dict[str, Any], timeout: float | None,
-                   meta: dict[str, Any]) -> None:
+    def send_sysv(self, qname: str, message: dict[str, Any], *, timeout: float | None = None,
+                  **meta: Any) -> None:
+        """Like :meth:`send`, but always over the System V queue, even for a name this process
+        declared local (a task here that is far behind takes part of its input from there,
+        see ``runtime.delivery``). Raises as :meth:`send`."""
+        validate_qname(qname)
         queue = self._sysv.get(qname) or self.sysv_queue(qname)
         body = _wire.encode_body(message, _wire.meta_for(message, meta))
         try:

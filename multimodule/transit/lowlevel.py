@@ -7,7 +7,8 @@ package, which no code outside :mod:`multimodule.transit` imports.
 
 - :func:`default`, :func:`declare_local`: the default :class:`~multimodule.transit.Transit`
   of the module-level functions, and serving a name from memory in this process on it;
-- :class:`LocalQueue` (an in-memory FIFO, ``put``, ``get``, ``get_async``) and
+- :class:`LocalQueue` (an in-memory FIFO, ``put``, ``get``, ``get_async``),
+  :class:`SysvQueue` (the System V queue behind one name: ``stat``, sends and receives) and
   :class:`AsyncReceiver` (a thread feeding a System V queue's messages to an asyncio loop);
 - :class:`Overflow`: sends to System V queues that never block an event loop (messages for a
   full queue are held in order and sent by a thread as room appears);
@@ -27,6 +28,7 @@ from multimodule.transit._directory import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
 from multimodule.transit._interrupt import ensure_handler
 from multimodule.transit._local import LocalQueue
 from multimodule.transit._overflow import Overflow
+from multimodule.transit._sysv import SysvQueue
 from multimodule.transit._transit import Transit, get_default
 from multimodule.transit._wire import (
     HEADER_JSON,
@@ -60,6 +62,7 @@ __all__ = [
     "LocalQueue",
     "Overflow",
     "SYSTEM_TRANSIT_DIR",
+    "SysvQueue",
     "copy_message",
     "declare_local",
     "decode_body",
