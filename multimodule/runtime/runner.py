@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import inspect
 import time
 import traceback
@@ -61,7 +62,6 @@ def derived_id(cause: str, index: int) -> str:
     """The id of the ``index``-th message sent while handling message (or tick) ``cause``."""
     out = f"{cause}.{index}"
     if len(out) > MAX_DERIVED_ID_CHARS:
-        import hashlib
         out = "h" + hashlib.blake2b(out.encode(), digest_size=12).hexdigest()
     return out
 
