@@ -410,3 +410,58 @@ async def test_backpressure_crosses_an_in_memory_hop_to_the_first_sender(inproc,
             await asyncio.sleep(0.01)
     assert got == list(range(sent[0]))
     assert await inproc.stop() == 0
+
+
+async def test_a_task_whose_lock_another_process_holds_is_adopted_not_run_twice(
+        inproc, transit, tmp_path):
+    import subprocess
+    import sys
+    # Given a stateful task whose own process (here: a process holding its lock, as one a
+    # daemon killed mid-migration had just started would) runs already
+    inproc.task("Solo", """
+        from multimodule import Task
+
+        class Solo(Task):
+            is_stateful = True
+
+            def message(self, message):
+                pass
+    """)
+    inproc.config("[Solo]\n")
+    inproc.state_dir.mkdir(mode=0o700, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | "
+         "os.O_CREAT, 0o600); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+         "sys.stdin.read()", str(inproc.state_dir / "task-Solo.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
+        # When the daemon starts
+        daemon = await inproc.start()
+        # Then it does not run a second copy: it adopts the one that runs
+        assert "Solo" not in daemon.registry.runners
+        assert ("start", "Solo") in [(m, t) for m, t, _ in inproc.backend.calls]
+        assert inproc.records_of("log", "task Solo runs in its own process")
+        assert await inproc.stop() == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_the_daemon_holds_the_lock_of_a_stateful_task_it_runs(inproc):
+    from multimodule.state import lock_holder
+    inproc.task("Kept", """
+        from multimodule import Task
+
+        class Kept(Task):
+            is_stateful = True
+
+            def message(self, message):
+                pass
+    """)
+    inproc.config("[Kept]\n")
+    await inproc.start()
+    # A process started for it now (a migration's, raced by a killed daemon) cannot take it
+    assert lock_holder(inproc.state_dir / "task-Kept.lock") == os.getpid()
+    assert await inproc.stop() == 0
+    assert lock_holder(inproc.state_dir / "task-Kept.lock") is None
