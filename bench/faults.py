@@ -153,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(format_table(results))
-    if args.dedupe == "both":
-        print("\nduplicates at the sink, before dedupe (off) -> after dedupe (on):")
-        for off, with_dedupe in zip(results[::2], results[1::2]):
-            print(f"  {off.scenario} {off.title}: {off.duplicates} -> {with_dedupe.duplicates}")
+    print("\nduplicates: copies the sink (a plain queue) took -> of them, those a receiving "
+          "task with dedupe would take (a copy with its first copy's id is dropped there):")
+    for result in results:
+        print(f"  {result.scenario} {result.title}, FaultCounter's dedupe {result.dedupe}: "
+              f"{result.duplicates} -> {result.duplicates_after_dedupe}")
     print("\ndetails:")
     for result in results:
         missed = result.goals_missed()

@@ -1414,7 +1414,8 @@ def recovery_time(records: list[SinkRecord], kill: Kill) -> float | None:
 
 # -- reporting -------------------------------------------------------------------------------
 
-TABLE_HEADERS = ("SCENARIO", "DEDUPE", "SENT", "LOST", "DUP", "SAME ID/INPUT", "OOO", "STATE",
+TABLE_HEADERS = ("SCENARIO", "DEDUPE", "SENT", "LOST", "DUP", "SAME ID/INPUT", "AFTER DEDUPE",
+                 "OOO", "STATE",
                  "KILLS", "RECOVERY MED/MAX S", "x COLD START", "RSS MB", "FULL", "DRAINED",
                  "GOALS")
 
@@ -1430,7 +1431,7 @@ def table_row(result: FaultResult) -> tuple[str, ...]:
     return (f"{result.scenario} {result.title}"[:46], result.dedupe, str(result.sent),
             str(result.lost), str(result.duplicates),
             f"{result.duplicates_same_id}/{result.duplicates_same_input}",
-            str(result.out_of_order), "ok" if result.state_consistent else "BAD",
+            str(result.duplicates_after_dedupe), str(result.out_of_order), "ok" if result.state_consistent else "BAD",
             str(len(result.kills)),
             "-" if med is None else f"{med:.2f}/{top:.2f}"
             + ("" if len(result.recovered) == len(result.kills) else
