@@ -67,11 +67,17 @@ class Journal:
         make_private_dirs(self.directory)
         check_directory(self.directory, "journal directory")
         self.fsync = fsync
+        #: Set by the host when it has this journal on its list to write (cleared when
+        #: written): one look instead of a set insertion per message.
+        self.dirty = False
         #: Sequence number the next appended record gets.
         self.next_seq = 1
         #: Last sequence number written to the file (flushed).
         self.written_seq = 0
-        self._buffer: list[bytes] = []
+        # One growing buffer: each record is copied in and orjson's own buffer (a few KiB,
+        # shrunk in place) freed at once for the next record (kept, 300 of them made
+        # append cost 3 µs instead of 0.5).
+        self._buffer = bytearray()
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._segment_bytes = 0
@@ -146,7 +152,9 @@ class Journal:
         return its sequence number. It is on disk after the next :meth:`flush`."""
         record = orjson.dumps(message)
         with self._lock:
-            self._buffer.append(record)
+            buffer = self._buffer
+            buffer += record
+            buffer += b"\n"
             seq = self.next_seq
             self.next_seq = seq + 1
         return seq
@@ -162,7 +170,7 @@ class Journal:
         with self._lock:
             if not self._buffer:
                 return
-            data = b"\n".join(self._buffer) + b"\n"
+            data = self._buffer
             try:
                 if self._fd is None or self._segment_bytes >= SEGMENT_BYTES:
                     self._open_segment(self.written_seq + 1)
@@ -176,7 +184,7 @@ class Journal:
                     from exc
             self._segment_bytes += len(data)
             self.written_seq = self.next_seq - 1
-            self._buffer.clear()
+            self._buffer = bytearray()
 
     def _open_segment(self, first_seq: int) -> None:
         # Under the lock.

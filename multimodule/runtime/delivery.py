@@ -7,11 +7,13 @@ directory), writes the journals that have new records once per turn of the event
 tells runners when to pause: a task whose sent messages are held in a full overflow takes no
 input until the overflow has room again (backpressure through its own full queues).
 
-In-memory queues are bounded the same way (:meth:`Delivery.spilling`): once a task here is
-:data:`LOCAL_HIGH_WATER` messages behind, what tasks here send it goes through its System V
-queue instead (its receiver takes from there only while the task is less than 256 behind), so
-the kernel queue and then the bounded overflow fill, and the senders are paused, instead of the
-process's memory growing. Sends stay on that path until the System V queue and the overflow
+Backpressure crosses in-memory hops too (:meth:`Delivery.spilling`): once a task here that is
+paused is :data:`LOCAL_HIGH_WATER` messages behind, what tasks here send it goes through its
+System V queue instead (its receiver takes from there only while the task is less than 256
+behind), so the kernel queue and then the bounded overflow fill, and the senders are paused
+in turn, instead of the process's memory growing. (A task that is merely slower than its
+senders here, not paused, still gets everything in memory: the System V path is about ten
+times slower, and bounding that case is the scale work's.) Sends stay on that path until the System V queue and the overflow
 hold nothing more for the task and it is back under :data:`LOCAL_LOW_WATER`, so a sender's
 messages never overtake each other. (Tasks that send to each other in a cycle, both far
 behind, can then wait on each other for good, as with any bounded queues.)
@@ -84,9 +86,11 @@ class Delivery:
         dirty, self._dirty = self._dirty, set()
         failed: StateError | None = None
         for journal in dirty:
+            journal.dirty = False
             try:
                 journal.flush()
             except StateError as exc:
+                journal.dirty = True
                 self._dirty.add(journal)
                 failed = exc
         if failed is not None:
@@ -111,12 +115,13 @@ class Delivery:
     def spilling(self, qname: str) -> bool:
         """Whether sends from this process to task ``qname`` (running here) go through its
         System V queue now rather than in memory (see the module docstring)."""
-        queues = self.spillable.get(qname)
-        if queues is None:
-            return False
-        local, sysv = queues
         if qname not in self._spilling:
-            if len(local) < LOCAL_HIGH_WATER:
+            overflow = self.overflow
+            if overflow is None or not overflow.full:  # the common case: nobody is paused
+                return False
+            queues = self.spillable.get(qname)
+            if (queues is None or len(queues[0]) < LOCAL_HIGH_WATER
+                    or not overflow.holds_from(qname)):
                 return False
             # What was sent in memory so far is written before anything goes the other way:
             # a message on the System V queue survives a kill at once, and must not be found
@@ -124,6 +129,7 @@ class Delivery:
             self._flush_dirty()
             self._spilling.add(qname)
             return True
+        local, sysv = self.spillable[qname]
         try:
             waiting = sysv.stat().messages
         except TransitError:  # removed under us: nothing of ours waits there

@@ -248,8 +248,11 @@ class TaskRunner:
         meta = message.get(META_KEY)
         if meta.__class__ is not dict or meta.get("id").__class__ is not str:
             message[META_KEY] = make_meta({})  # from a raw sender: it gets its id here
-        self.journal.append(message)
-        self.guard.journal_written(self.journal)
+        journal = self.journal
+        journal.append(message)
+        if not journal.dirty:
+            journal.dirty = True
+            self.guard.journal_written(journal)
 
     def _commit_received(self) -> None:
         # A batch from the System V queue is on the queue (journaled): write it before the
