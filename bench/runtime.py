@@ -28,9 +28,10 @@ Measured, routed vs a raw baseline (the same producer/consumer coroutines around
 
 Each measurement is repeated (``--repeat``, default 3), routed and raw interleaved; throughput
 takes the best run, latency percentiles the median over runs. The whole set runs once per
-journal mode (``--modes``, default ``on,off,fsync``: the input journal on, off
-(``--no-journal``), and on with ``--journal-fsync``), each in a daemon of its own, and a last
-table compares them: the journal's cost is routed throughput with it against without it. Goals are printed with
+journal mode (``--modes``, default ``on,off,fsync,on,off``: the input journal on, off
+(``--no-journal``), and on with ``--journal-fsync``; on and off twice, interleaved, each keeping
+its best run against its raw baseline), each in a daemon of its own, and a last table compares
+them: the journal's cost is routed throughput with it against without it. Goals are printed with
 PASS/MISS; the exit status is always 0. Every queue of the temporary transit directory is
 removed and the temporary directories are deleted at the end, even on error.
 """
@@ -598,6 +599,11 @@ def report(args, res: dict) -> None:
             print(f"  {secs * 1e6:8.3f} µs  {label}")
 
 
+def _against_raw(res: dict) -> float:
+    routed, raw = res["burst"]
+    return routed["rate"] / raw["rate"]
+
+
 def compare_modes(results: dict) -> None:
     """The journal's cost: each mode's routed figures against the mode without journal (and
     each against its own raw baseline, which absorbs the machine's load at that time)."""
@@ -639,8 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also cProfile one routed burst run and time each component")
     ap.add_argument("--top", type=int, default=30, help="profile rows shown (default 30)")
-    ap.add_argument("--modes", default="on,off,fsync",
-                    help="journal modes to measure, comma-separated (on, off, fsync)")
+    ap.add_argument("--modes", default="on,off,fsync,on,off",
+                    help="journal modes to measure, comma-separated (on, off, fsync), in this "
+                         "order; a mode named twice keeps its best run against its raw "
+                         "baseline")
     args = ap.parse_args(argv)
     if args.n is None:
         args.n = 50_000 if args.quick else 200_000
@@ -667,7 +675,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = asyncio.run(amain(args, tmp, mode, task_dir, config))
             report(args, res)
-            results[mode] = res
+            # A mode named twice (--modes on,off,on,off: interleaved against the machine's
+            # changing load) keeps its best run against its own raw baseline.
+            if mode not in results or _against_raw(res) > _against_raw(results[mode]):
+                results[mode] = res
             errors = tmp / "oob" / "error.out"
             if errors.exists() and errors.stat().st_size:
                 print("\nerror records written by the daemon (first 10 lines):")

@@ -27,7 +27,6 @@ of segments, an offset committed with the consumer's state, at-least-once redeli
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,8 @@ class Journal:
     """The journal of one task in ``directory`` (created 0700; refused like the state
     directory if another user owns it or others may write it: :class:`ConfigError`).
 
-    ``fsync``: sync every flush to the disk. Thread-safe (a lock around the buffer and the
-    file), though the hosts use it from their event loop's thread only.
+    ``fsync``: sync every flush to the disk. Not thread-safe: the hosts use it from their
+    event loop's thread only (a receiver's thread hands its messages to the loop first).
     """
 
     def __init__(self, directory: Path, *, fsync: bool = False):
@@ -78,7 +77,6 @@ class Journal:
         # shrunk in place) freed at once for the next record (kept, 300 of them made
         # append cost 3 µs instead of 0.5).
         self._buffer = bytearray()
-        self._lock = threading.Lock()
         self._fd: int | None = None
         self._segment_bytes = 0
         #: First sequence numbers of the segments on disk, oldest first.
@@ -150,13 +148,11 @@ class Journal:
     def append(self, message: dict[str, Any]) -> int:
         """Buffer ``message`` (a JSON object; raises ``TypeError`` if it cannot be encoded);
         return its sequence number. It is on disk after the next :meth:`flush`."""
-        record = orjson.dumps(message)
-        with self._lock:
-            buffer = self._buffer
-            buffer += record
-            buffer += b"\n"
-            seq = self.next_seq
-            self.next_seq = seq + 1
+        buffer = self._buffer
+        buffer += orjson.dumps(message)
+        buffer += b"\n"
+        seq = self.next_seq
+        self.next_seq = seq + 1
         return seq
 
     @property
@@ -167,27 +163,32 @@ class Journal:
     def flush(self) -> None:
         """Write the buffered records (and sync them if ``fsync``). Raises :class:`StateError`
         if the file cannot be written (the records stay buffered for the next try)."""
-        with self._lock:
-            if not self._buffer:
-                return
-            data = self._buffer
-            try:
-                if self._fd is None or self._segment_bytes >= SEGMENT_BYTES:
-                    self._open_segment(self.written_seq + 1)
-                view = memoryview(data)
+        if not self._buffer:
+            return
+        data = self._buffer
+        try:
+            if self._fd is None or self._segment_bytes >= SEGMENT_BYTES:
+                self._open_segment(self.written_seq + 1)
+            with memoryview(data) as whole:
+                view = whole
                 while view:
                     view = view[os.write(self._fd, view):]
-                if self.fsync:
-                    os.fsync(self._fd)
-            except OSError as exc:
-                raise StateError(f"cannot write the journal in {self.directory}: {exc}") \
-                    from exc
-            self._segment_bytes += len(data)
-            self.written_seq = self.next_seq - 1
-            self._buffer = bytearray()
+                del view
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            if self._fd is not None:  # no part of a record may stay: numbering is by line
+                try:
+                    os.ftruncate(self._fd, self._segment_bytes)
+                except OSError:
+                    pass
+            raise StateError(f"cannot write the journal in {self.directory}: {exc}") \
+                from exc
+        self._segment_bytes += len(data)
+        self.written_seq = self.next_seq - 1
+        self._buffer = bytearray()
 
     def _open_segment(self, first_seq: int) -> None:
-        # Under the lock.
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -211,35 +212,33 @@ class Journal:
         """The task's checkpoint now holds position ``seq``: delete the segments whose records
         are all at or below it, and begin a new segment if the current one is wholly
         checkpointed and large enough (see the module docstring)."""
-        with self._lock:
-            if (self._fd is not None and seq >= self.written_seq and not self._buffer
-                    and self._segment_bytes >= ROTATE_IDLE_BYTES):
-                os.close(self._fd)
-                self._fd = None  # the next flush begins a segment at written_seq + 1
-                self._segment_bytes = 0
-            # The newest segment is kept even when all of it is checkpointed: its last ids
-            # are what a restart needs (see last_ids).
-            segments = self._segments
-            keep_from = 0
-            for index in range(len(segments) - 1):
-                if segments[index + 1] - 1 <= seq:
-                    keep_from = index + 1
-                else:
-                    break
-            for first in segments[:keep_from]:
-                try:
-                    os.unlink(self.directory / _segment_name(first))
-                except FileNotFoundError:
-                    pass
-            del segments[:keep_from]
+        if (self._fd is not None and seq >= self.written_seq and not self._buffer
+                and self._segment_bytes >= ROTATE_IDLE_BYTES):
+            os.close(self._fd)
+            self._fd = None  # the next flush begins a segment at written_seq + 1
+            self._segment_bytes = 0
+        # The newest segment is kept even when all of it is checkpointed: its last ids
+        # are what a restart needs (see last_ids).
+        segments = self._segments
+        keep_from = 0
+        for index in range(len(segments) - 1):
+            if segments[index + 1] - 1 <= seq:
+                keep_from = index + 1
+            else:
+                break
+        for first in segments[:keep_from]:
+            try:
+                os.unlink(self.directory / _segment_name(first))
+            except FileNotFoundError:
+                pass
+        del segments[:keep_from]
 
     def close(self) -> None:
         """Flush what is buffered and close the file (idempotent)."""
         self.flush()
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def segment_count(self) -> int:
         """Segments on disk (for figures and tests)."""
