@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -42,6 +42,9 @@ SEGMENT_BYTES = 4 * 1024 * 1024
 #: A segment whose records are all checkpointed is replaced by a new one past this many bytes
 #: (so an idle journal takes no room, and a busy one is not re-created at every checkpoint).
 ROTATE_IDLE_BYTES = 64 * 1024
+
+_dumps = orjson.dumps
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 #: How many of the last records' ids :meth:`Journal.recover` remembers.
 LAST_IDS = 256
@@ -66,9 +69,11 @@ class Journal:
         make_private_dirs(self.directory)
         check_directory(self.directory, "journal directory")
         self.fsync = fsync
-        #: Set by the host when it has this journal on its list to write (cleared when
-        #: written): one look instead of a set insertion per message.
+        #: Whether records were buffered since the last flush; ``on_dirty(journal)``, if set,
+        #: is called when it becomes true (the host then has it written at the end of the
+        #: loop's turn): one look per record instead of a call.
         self.dirty = False
+        self.on_dirty: Callable[[Journal], None] | None = None
         #: Sequence number the next appended record gets.
         self.next_seq = 1
         #: Last sequence number written to the file (flushed).
@@ -147,12 +152,15 @@ class Journal:
 
     def append(self, message: dict[str, Any]) -> int:
         """Buffer ``message`` (a JSON object; raises ``TypeError`` if it cannot be encoded);
-        return its sequence number. It is on disk after the next :meth:`flush`."""
-        buffer = self._buffer
-        buffer += orjson.dumps(message)
-        buffer += b"\n"
+        return its sequence number. It is on disk after the next :meth:`flush`. The first
+        record after a flush calls :attr:`on_dirty` (if set) with the journal."""
+        self._buffer += _dumps(message, option=_NEWLINE)
         seq = self.next_seq
         self.next_seq = seq + 1
+        if not self.dirty:
+            self.dirty = True
+            if self.on_dirty is not None:
+                self.on_dirty(self)
         return seq
 
     @property
@@ -187,6 +195,7 @@ class Journal:
         self._segment_bytes += len(data)
         self.written_seq = self.next_seq - 1
         self._buffer = bytearray()
+        self.dirty = False
 
     def _open_segment(self, first_seq: int) -> None:
         if self._fd is not None:

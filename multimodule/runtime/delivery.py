@@ -86,11 +86,9 @@ class Delivery:
         dirty, self._dirty = self._dirty, set()
         failed: StateError | None = None
         for journal in dirty:
-            journal.dirty = False
             try:
                 journal.flush()
             except StateError as exc:
-                journal.dirty = True
                 self._dirty.add(journal)
                 failed = exc
         if failed is not None:

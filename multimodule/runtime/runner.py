@@ -161,7 +161,7 @@ class TaskRunner:
         self.task = cls()
         self.task.attach(name, self)
         self.queue = transit.declare_local(name)
-        self.receiver = (transit.receiver(name, self.queue.put,
+        self.receiver = (transit.receiver(name, self._received if journal else self.queue.put,
                                           on_error=self._on_transit_error,
                                           backlog=self.queue.__len__,
                                           commit=self._commit_received if journal else None)
@@ -228,7 +228,8 @@ class TaskRunner:
             if self.receiver is not None:
                 self.receiver.skip_ids = self.journal.last_ids
             self.queue.put_many(again)  # ahead of anything new, and not journaled twice
-            self.queue.recorder = self._journal_put
+            self.journal.on_dirty = self.guard.journal_written
+            self.queue.recorder = self.journal.append
             if again:
                 self.channels.emit("log", self.name, f"delivering {len(again)} messages again "
                                                      "from the journal (not handled before "
@@ -243,16 +244,13 @@ class TaskRunner:
         if self.store is not None and (self.cls.is_stateful or self.journal is not None):
             self._saver = loop.create_task(self._save_periodically(), name=f"save:{self.name}")
 
-    def _journal_put(self, message: dict[str, Any]) -> None:
-        # The queue's recorder: every message put on the queue, before the task sees it.
+    def _received(self, message: dict[str, Any]) -> None:
+        # From the System V queue: a foreign sender's message gets its id here (what this
+        # process sends has one already), then it joins the queue (and the journal).
         meta = message.get(META_KEY)
         if meta.__class__ is not dict or meta.get("id").__class__ is not str:
-            message[META_KEY] = make_meta({})  # from a raw sender: it gets its id here
-        journal = self.journal
-        journal.append(message)
-        if not journal.dirty:
-            journal.dirty = True
-            self.guard.journal_written(journal)
+            message[META_KEY] = make_meta({})
+        self.queue.put(message)
 
     def _commit_received(self) -> None:
         # A batch from the System V queue is on the queue (journaled): write it before the
