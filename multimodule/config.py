@@ -204,7 +204,7 @@ class TaskSection(BaseModel):
         default_factory=dict, description="this task's monitor thresholds per metric")
     dedupe: StrictBool | Annotated[int, Field(ge=1, le=10_000_000)] = Field(
         False, description="drop messages whose id was handled already: true (the last "
-                           "10,000 ids) or the number of ids to remember")
+                           "10,000 ids) or the number of ids to remember (1 to 10,000,000)")
     handler_timeout_s: Annotated[float, Field(ge=0.01, allow_inf_nan=False, strict=True)] = \
         Field(DEFAULT_HANDLER_TIMEOUT_S,
               description="seconds one call of a handler or scheduled work may hold the "
@@ -381,7 +381,7 @@ class DaemonOptions(BaseModel):
     outbox_max_bytes: int = Field(
         16 * 1024 * 1024, ge=4096,
         description="bytes of messages held for full System V queues before the tasks that "
-                    "sent them are paused (backpressure)")
+                    "sent them are paused (backpressure; at least 4096)")
     task_backend: Literal["auto", "systemd", "detached"] = Field(
         "auto", description="how external tasks run: systemd units "
                             "(multimodule-task@NAME.service), detached processes, or auto "

@@ -67,6 +67,7 @@ class Journal:
     def __init__(self, directory: Path, *, fsync: bool = False):
         self.directory = Path(directory)
         make_private_dirs(self.directory)
+        check_directory(self.directory.parent, "journal directory")
         check_directory(self.directory, "journal directory")
         self.fsync = fsync
         #: Whether records were buffered since the last flush; ``on_dirty(journal)``, if set,
@@ -86,8 +87,12 @@ class Journal:
         self._segment_bytes = 0
         #: First sequence numbers of the segments on disk, oldest first.
         self._segments: list[int] = []
-        #: Records skipped at recovery because they were not messages (line numbers).
+        #: Records skipped at recovery because they were not messages (line numbers), and
+        #: what else recovery found amiss (a position past the last record).
         self.bad_records: list[str] = []
+        #: What recovery cut off: a last record written in part (a kill inside ``write``,
+        #: normal after a crash: that message was never handed to the task).
+        self.cut_off: list[str] = []
         #: Ids of the last records found at recovery (at most :data:`LAST_IDS`), handled or
         #: not: a receiver that journals before it takes skips these if it finds them again.
         self.last_ids: set[str] = set()
@@ -119,6 +124,8 @@ class Journal:
                 continue
             if torn:
                 os.truncate(path, len(data) - len(torn))
+                self.cut_off.append(f"{path.name}: a last record of {len(torn)} bytes written "
+                                    "in part, cut off")
             self._segments.append(first)
             tail = lines[-LAST_IDS:]
             for line in tail:
@@ -143,6 +150,11 @@ class Journal:
                     continue
                 out.append(message)
             seq = first + len(lines) - 1
+        if names and after > seq:
+            self.bad_records.append(
+                f"the checkpoint's position {after} is past the journal's last record {seq}: "
+                f"records up to {seq} are taken as handled (a checkpoint from another journal, "
+                "or a journal cut short)")
         self.next_seq = max(seq, after) + 1
         self.written_seq = self.next_seq - 1
         self.last_ids = {i for i in last_ids[-LAST_IDS:] if isinstance(i, str)}

@@ -277,6 +277,9 @@ class Checkpoint:
         naming the field that is wrong."""
         if CHECKPOINT_KEY not in data:
             return cls(state=data if stateful else None)
+        if data[CHECKPOINT_KEY] != 1:
+            raise ValueError(f"unknown checkpoint version {data[CHECKPOINT_KEY]!r} (this "
+                             "version reads 1)")
         state = data.get("state", {}) if stateful else None
         if stateful and not isinstance(state, dict):
             raise ValueError("'state' is not an object")

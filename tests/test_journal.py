@@ -111,3 +111,28 @@ def test_a_journal_directory_writable_by_others_is_refused(tmp_path: Path):
     os.chmod(directory, 0o777)
     with pytest.raises(ConfigError, match="journal directory"):
         Journal(directory)
+
+
+def test_a_checkpoint_past_the_last_record_and_a_cut_record_are_reported(tmp_path: Path):
+    journal = Journal(tmp_path / "j")
+    for n in (1, 2, 3):
+        journal.append(message(n))
+    journal.close()
+    segment = next((tmp_path / "j").iterdir())
+    segment.write_bytes(segment.read_bytes()[:-5])  # the last record cut short
+    again = Journal(tmp_path / "j")
+    assert [m["n"] for m in again.recover(0)] == [1, 2]
+    assert again.cut_off and "written in part" in again.cut_off[0]
+    # A position beyond every record (a checkpoint from elsewhere) is said, not taken silently
+    third = Journal(tmp_path / "j")
+    assert third.recover(100) == []
+    assert any("past the journal's last record 2" in why for why in third.bad_records)
+
+
+def test_a_journal_root_writable_by_others_is_refused(tmp_path: Path):
+    from multimodule.errors import ConfigError
+    root = tmp_path / "journal"
+    root.mkdir()
+    os.chmod(root, 0o777)
+    with pytest.raises(ConfigError, match="journal directory"):
+        Journal(root / "Task")

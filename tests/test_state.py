@@ -279,3 +279,12 @@ def test_only_the_owners_own_temporary_files_are_removed(tmp_path: Path, claimed
     # And an external task's process removes its own only
     assert remove_temp_files(state, "task-Big") == ([f".Big.state.json.tmp-{external}-{rand}"],
                                                     1)
+
+
+def test_a_checkpoint_of_an_unknown_version_is_moved_aside(tmp_path: Path):
+    store = StateStore(tmp_path)
+    store.file_for("T").write_text('{"multimodule.checkpoint": 99, "position": 1, '
+                                   '"incarnation": "a", "ticks": {}, "recent_ids": [], '
+                                   '"state": {"ct": 1}}')
+    checkpoint, problem = store.load("T")
+    assert checkpoint.state == {} and "unknown checkpoint version 99" in problem

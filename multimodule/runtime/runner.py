@@ -225,6 +225,8 @@ class TaskRunner:
                 again = []
             for why in self.journal.bad_records:
                 self.report_error(f"journal record skipped: {why}")
+            for what in self.journal.cut_off:
+                self.channels.emit("log", self.name, f"journal: {what}")
             if self.receiver is not None:
                 self.receiver.skip_ids = self.journal.last_ids
             self.queue.put_many(again)  # ahead of anything new, and not journaled twice
