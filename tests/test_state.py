@@ -63,13 +63,19 @@ def test_state_file_from_before_checkpoints_loads_at_position_zero(tmp_path: Pat
     assert problem is None and checkpoint.state == {"ct": 5} and checkpoint.position == 0
 
 
-def test_checkpoint_with_a_bad_field_is_moved_aside_naming_it(tmp_path: Path):
+@pytest.mark.parametrize("version, position, why", [
+    (1, -3, "'position' is not a non-negative integer"),
+    (99, 1, "unknown checkpoint version 99"),
+])
+def test_a_checkpoint_with_a_bad_field_or_version_is_moved_aside_naming_it(
+        tmp_path: Path, version: int, position: int, why: str):
     store = StateStore(tmp_path)
-    store.file_for("T").write_text('{"multimodule.checkpoint": 1, "position": -3, '
-                                   '"incarnation": "a", "ticks": {}, "recent_ids": [], '
-                                   '"state": {}}')
+    store.file_for("T").write_text(f'{{"multimodule.checkpoint": {version}, "position": '
+                                   f'{position}, "incarnation": "a", "ticks": {{}}, '
+                                   f'"recent_ids": [], "state": {{"ct": 1}}}}')
     checkpoint, problem = store.load("T")
-    assert checkpoint.position == 0 and "'position'" in problem and "moved aside" in problem
+    assert (checkpoint.state, checkpoint.position) == ({}, 0)
+    assert why in problem and "moved aside" in problem
 
 
 def test_missing_state_is_empty_without_a_problem(tmp_path: Path):
@@ -279,12 +285,3 @@ def test_only_the_owners_own_temporary_files_are_removed(tmp_path: Path, claimed
     # And an external task's process removes its own only
     assert remove_temp_files(state, "task-Big") == ([f".Big.state.json.tmp-{external}-{rand}"],
                                                     1)
-
-
-def test_a_checkpoint_of_an_unknown_version_is_moved_aside(tmp_path: Path):
-    store = StateStore(tmp_path)
-    store.file_for("T").write_text('{"multimodule.checkpoint": 99, "position": 1, '
-                                   '"incarnation": "a", "ticks": {}, "recent_ids": [], '
-                                   '"state": {"ct": 1}}')
-    checkpoint, problem = store.load("T")
-    assert checkpoint.state == {} and "unknown checkpoint version 99" in problem
