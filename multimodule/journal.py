@@ -260,7 +260,3 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def segment_count(self) -> int:
-        """Segments on disk (for figures and tests)."""
-        return len(self._segments)

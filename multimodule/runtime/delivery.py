@@ -158,14 +158,15 @@ class Delivery:
 
     async def wait_unblocked(self, task: str) -> None:
         """Return once :meth:`blocked` is false for ``task``."""
-        while self.blocked(task):
-            waiter = self.loop.create_future()
-            self._waiters.append(waiter)
-            await waiter
+        await self._wait_while(self.blocked, task)
 
     async def wait_released(self, task: str) -> None:
         """Return once no message ``task`` sent waits in the overflow."""
-        while self.holds_from(task):
+        await self._wait_while(self.holds_from, task)
+
+    async def _wait_while(self, condition: Callable[[str], bool], task: str) -> None:
+        # Re-checked at every wake-up the overflow sends (see on_room).
+        while condition(task):
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
             await waiter

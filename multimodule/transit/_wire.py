@@ -96,11 +96,6 @@ _ids = _Ids()
 os.register_at_fork(after_in_child=_ids.reset)
 
 
-def new_id() -> str:
-    """A message id unique to this process's run (and, by its random prefix, elsewhere)."""
-    return _ids.prefix + str(next(_ids.counter))
-
-
 def make_meta(extra: dict[str, Any]) -> dict[str, Any]:
     """The ``.ipc_transit_meta`` object for a new message sent now (a fresh ``id`` unless
     ``extra`` gives one), with ``extra`` keys merged in."""
