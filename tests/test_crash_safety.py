@@ -30,6 +30,7 @@ from multimodule.errors import Empty, QueueFull
 from multimodule.transit import META_KEY
 
 COUNTER = """
+    import os
     from multimodule import Task
 
     class Counter(Task):
@@ -38,7 +39,7 @@ COUNTER = """
         def message(self, message):
             self.state["count"] = self.state.get("count", 0) + 1
             self.state["last_n"] = message["n"]
-            self.emit({"n": message["n"], "count": self.state["count"]})
+            self.emit({"n": message["n"], "count": self.state["count"], "pid": os.getpid()})
 """
 
 
@@ -57,6 +58,28 @@ def produce(transit, qname: str, count: int, stop: threading.Event) -> threading
     return thread
 
 
+def stream_with_kills(transit, count: int, kill) -> list[dict]:
+    """Send ``{"n": 0..count-1}`` to Counter; each time "out" has seen the first 1/5, 2/5
+    and 3/5 of the numbers, call ``kill(received)`` (which may read on from "out" itself).
+    Returns every message "out" received, up to the last number's first arrival."""
+    stop = threading.Event()
+    producer = produce(transit, "Counter", count, stop)
+    received: list[dict] = []
+    try:
+        for kill_number in range(3):
+            target = (kill_number + 1) * count // 5
+            while not received or received[-1]["n"] < target:
+                received.append(transit.receive("out", timeout=20))
+            kill(received)
+        producer.join(60)
+        assert not producer.is_alive()
+        last, before = receive_until(transit, "out", lambda m: m["n"] == count - 1,
+                                     timeout=30)
+        return received + before + [last]
+    finally:
+        stop.set()
+
+
 def test_kill_9_of_the_daemon_mid_stream_loses_nothing_and_state_matches(mm, transit):
     # Given a stateful Counter (checkpoint every 0.2 s) whose emits the Router forwards
     # to "out", and a producer sending it 3,000 numbered messages
@@ -64,28 +87,16 @@ def test_kill_9_of_the_daemon_mid_stream_loses_nothing_and_state_matches(mm, tra
     mm.task("Counter", COUNTER)
     mm.config("[Counter]\nintervals = { save_state = 0.2 }\ndedupe = true\n\n"
               + router_section(route("Counter", "out")))
-    daemon = mm.start()
-    stop = threading.Event()
-    producer = produce(transit, "Counter", count, stop)
-    received: list[dict] = []
-    try:
-        # When the daemon is killed with SIGKILL three times mid-stream, restarted each time
-        for kill in range(3):
-            target = (kill + 1) * count // 5
-            while not received or received[-1]["n"] < target:
-                received.append(transit.receive("out", timeout=20))
-            daemon.proc.send_signal(signal.SIGKILL)
-            assert daemon.wait_exit() == -signal.SIGKILL
-            daemon = mm.start()
-        # and the stream ends
-        producer.join(60)
-        assert not producer.is_alive()
-        last, before = receive_until(transit, "out", lambda m: m["n"] == count - 1,
-                                     timeout=30)
-        received += before + [last]
-    finally:
-        stop.set()
-    daemon.stop_ok()
+    daemons = [mm.start()]
+
+    # When the daemon is killed with SIGKILL three times mid-stream, restarted each time
+    def kill(received: list[dict]) -> None:
+        daemons[-1].proc.send_signal(signal.SIGKILL)
+        assert daemons[-1].wait_exit() == -signal.SIGKILL
+        daemons.append(mm.start())
+
+    received = stream_with_kills(transit, count, kill)
+    daemons[-1].stop_ok()
     # Then every number arrived (nothing lost), in order of first arrival (what came twice
     # is what was redone after a kill), every copy of one message with the same id (a
     # deduplicating receiver drops it), and the counts forwarded never skip or repeat
@@ -94,20 +105,6 @@ def test_kill_9_of_the_daemon_mid_stream_loses_nothing_and_state_matches(mm, tra
     # the messages before its position, the rest were handled again after the restart
     state = saved_state(mm.state_file("Counter"))
     assert state == {"count": count, "last_n": count - 1}, state
-
-
-EXTERNAL_COUNTER = """
-    import os
-    from multimodule import Task
-
-    class Counter(Task):
-        is_stateful = True
-
-        def message(self, message):
-            self.state["count"] = self.state.get("count", 0) + 1
-            self.state["last_n"] = message["n"]
-            self.emit({"n": message["n"], "count": self.state["count"], "pid": os.getpid()})
-"""
 
 
 def check_stream(received: list[dict], count: int) -> None:
@@ -129,31 +126,20 @@ def test_kill_9_of_an_external_task_loses_nothing_and_state_matches(mm, transit)
     # Given an external stateful Counter (its own process) whose emits the daemon's Router
     # forwards to "out", and a producer sending it 2,000 numbered messages
     count = 2000
-    mm.task("Counter", EXTERNAL_COUNTER)
+    mm.task("Counter", COUNTER)
     mm.config("[Counter]\nis_external = true\nintervals = { save_state = 0.05 }\n\n"
               + router_section(route("Counter", "out")))
     daemon = mm.start()
-    stop = threading.Event()
-    producer = produce(transit, "Counter", count, stop)
-    received: list[dict] = []
-    try:
-        # When the task's process is killed with SIGKILL three times mid-stream (the daemon
-        # starts it again each time)
-        for kill in range(3):
-            target = (kill + 1) * count // 5
-            while not received or received[-1]["n"] < target:
-                received.append(transit.receive("out", timeout=20))
-            pid = received[-1]["pid"]
-            os.kill(pid, signal.SIGKILL)
-            while received[-1]["pid"] == pid:  # until its successor's messages come
-                received.append(transit.receive("out", timeout=20))
-        producer.join(60)
-        assert not producer.is_alive()
-        last, before = receive_until(transit, "out", lambda m: m["n"] == count - 1,
-                                     timeout=30)
-        received += before + [last]
-    finally:
-        stop.set()
+
+    # When the task's process is killed with SIGKILL three times mid-stream (the daemon
+    # starts it again each time)
+    def kill(received: list[dict]) -> None:
+        pid = received[-1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        while received[-1]["pid"] == pid:  # until its successor's messages come
+            received.append(transit.receive("out", timeout=20))
+
+    received = stream_with_kills(transit, count, kill)
     # Then nothing was lost, in order, and copies carry one id
     check_stream(received, count)
     # and the task's checkpoint counts each message once

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from multimodule.transit import Empty, QueueFull
+from helpers import drain
+from multimodule.transit import QueueFull
 
 PAD = "p" * 500
 
@@ -35,15 +36,6 @@ def top_up(transit, qname: str) -> bool:
     st = transit.stat(qname)
     assert st.bytes == st.max_bytes
     return True
-
-
-def drain(transit, qname: str) -> list[dict]:
-    out = []
-    while True:
-        try:
-            out.append(transit.receive(qname, timeout=0))
-        except Empty:
-            return out
 
 
 def test_full_queue_refuses_and_keeps_everything_accepted(transit):
