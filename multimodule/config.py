@@ -43,9 +43,10 @@ from pydantic import (
     model_validator,
 )
 
-from multimodule.errors import ConfigError, InvalidQueueName
+from multimodule.errors import ConfigError, InvalidDestination, InvalidQueueName
 from multimodule.monitor.levels import DEFAULT_THRESHOLDS, METRICS, Thresholds
 from multimodule.transit import validate_qname
+from multimodule.transit.lowlevel import validate_destination
 
 RESERVED_KEYS = ("is_external", "intervals", "limits", "monitor", "dedupe",
                  "handler_timeout_s")
@@ -67,6 +68,17 @@ def _queue_name(value: str) -> str:
 
 #: A ``str`` field holding a queue name, validated as transit does (pydantic reports the field).
 QueueName = Annotated[str, AfterValidator(_queue_name)]
+
+
+def _host_name(value: str) -> str:
+    try:
+        return validate_destination(value)
+    except InvalidDestination as exc:
+        raise ValueError(str(exc)) from exc
+
+
+#: A ``str`` field naming a host (a ``destination``), validated as transit does.
+HostName = Annotated[str, AfterValidator(_host_name)]
 
 
 def _task_name(value: str) -> str:

@@ -8,6 +8,7 @@ follows trio's and dramatiq's error modules)::
         UsageError (ValueError)         the caller's misuse
             InvalidQueueName            (also a TransitError)
             UnserializableMessage       (also a TransitError)
+            InvalidDestination          (also a TransitError)
         ConfigError                     the operator's configuration does not validate
         TaskError                       a task's code: not found, not importable, or hung
             TaskNotFound                    a name no module provides (misuse)
@@ -19,6 +20,8 @@ follows trio's and dramatiq's error modules)::
             QueueRemoved, TransitBroken     the environment (ipcrm, permissions, kernel limits)
             QueueCreationRefused            a new queue over the daemon's rate (a flood)
             Cancelled                       internal: a receive its owner stopped
+            BridgeError                     the bridge to other hosts could not carry a message
+                MessageTooLarge                 over the bridge's max_message_bytes (misuse)
         StateError                      the state directory (environment)
             AlreadyRunning                  another process holds its lock
         BackendError                    running an external task failed (environment)
@@ -116,6 +119,12 @@ class UnserializableMessage(UsageError, TransitError):
     2**64-1 (the text names where in the message, when it can)."""
 
 
+class InvalidDestination(UsageError, TransitError):
+    """A ``destination`` (another host's name, see ``send(..., destination=HOST)``) is not a
+    non-empty string of at most 253 characters without whitespace, control characters, ``/``,
+    ``*`` or ``>``."""
+
+
 class QueueFull(TransitError):
     """``send`` waited ``timeout`` seconds and the queue still had no room; nothing was sent."""
 
@@ -169,6 +178,27 @@ class Cancelled(TransitError):
     Internal: raised only to a caller that passed a ``should_stop`` callable (the daemon's
     ``AsyncReceiver``, which catches it); the public ``receive`` never raises it.
     """
+
+
+class BridgeError(TransitError):
+    """The bridge to other hosts (the built-in ``Bridge`` task, NATS JetStream) could not
+    carry a message: the server refused it, or its large-message store failed.
+
+    Cause: the environment (the NATS servers) or, for :class:`MessageTooLarge`, the sender.
+    Raised in the Bridge's handler, so it is reported on the ``error`` channel with the
+    message's id and counted as a handler failure.
+    """
+
+
+class MessageTooLarge(BridgeError):
+    """A message for another host is larger, encoded, than the bridge's
+    ``max_message_bytes`` (``size`` and ``limit`` in bytes); it was not sent."""
+
+    def __init__(self, size: int, limit: int):
+        self.size = size
+        self.limit = limit
+        super().__init__(f"message of {size} bytes is over the bridge's max_message_bytes "
+                         f"({limit} bytes): not sent to the other host")
 
 
 # -- the state directory --------------------------------------------------------------------
@@ -239,13 +269,16 @@ __all__ = [
     "AlreadyRunning",
     "BackendError",
     "BadMessage",
+    "BridgeError",
     "Cancelled",
     "CommandError",
     "ConfigError",
     "DetachedProcessError",
     "Empty",
     "HandlerTimeout",
+    "InvalidDestination",
     "InvalidQueueName",
+    "MessageTooLarge",
     "MultiModuleError",
     "QueueCreationRefused",
     "QueueFull",

@@ -45,9 +45,15 @@ class TaskHost(Protocol):
 
     channels: Channels
 
-    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
-        """Send ``message`` to queue ``qname`` without blocking the event loop (``owned``: see
-        :meth:`Task.send`)."""
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False,
+             destination: str | None = None) -> None:
+        """Send ``message`` to queue ``qname`` (on host ``destination``, if another) without
+        blocking the event loop (``owned``, ``destination``: see :meth:`Task.send`)."""
+
+    async def wait_sent(self) -> None:
+        """Return once everything this task sent so far is safe from a kill of this process:
+        written to the receiving task's journal here, or in a System V queue (seconds: as
+        long as a full queue makes it wait)."""
 
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """Schedule ``work`` every ``interval`` seconds under ``name`` for ``task``."""
@@ -142,10 +148,12 @@ class Task:
         self.counters.messages_out += 1
         self._host.send(ROUTER_QNAME, message)
 
-    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False,
+             destination: str | None = None) -> None:
         """Send ``message`` straight to queue ``qname`` (in memory when the receiver is in this
         process, else System V). Never blocks the event loop; never drops the message: if it
         cannot be sent it raises (:class:`~multimodule.errors.InvalidQueueName`,
+        :class:`~multimodule.errors.InvalidDestination`,
         :class:`~multimodule.errors.UnserializableMessage`, or
         :class:`~multimodule.errors.QueueCreationRefused` when ``qname`` has no queue yet and
         the daemon's rate of new queues is spent), and the handler's failure is reported.
@@ -153,8 +161,15 @@ class Task:
         ``owned=True``: the task gives ``message`` and everything in it away and never touches
         it again, so an in-memory receiver may get this very object instead of a copy. Only
         for messages made of JSON values (e.g. one the task received).
+
+        ``destination``: another host's name: the message goes to queue ``qname`` on that
+        host, through the built-in ``Bridge`` task (NATS JetStream, see ``docs/bridge.md``);
+        this host's own name, or ``None``, is a local send.
         """
-        self._host.send(qname, message, owned=owned)
+        if destination is None:
+            self._host.send(qname, message, owned=owned)
+        else:
+            self._host.send(qname, message, owned=owned, destination=destination)
         self.counters.messages_out += 1
 
     def named_recur(self, name: str, interval: float, work: Work) -> None:

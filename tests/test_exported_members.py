@@ -33,6 +33,9 @@ ERRORS = {
     "TransitBroken",
     "QueueCreationRefused",
     "Cancelled",
+    "InvalidDestination",
+    "BridgeError",
+    "MessageTooLarge",
     "StateError",
     "AlreadyRunning",
     "BackendError",
@@ -51,6 +54,7 @@ TRANSIT_ERRORS = {
     "QueueRemoved",
     "QueueCreationRefused",
     "TransitBroken",
+    "InvalidDestination",
 }
 
 EXPECTED = {
@@ -85,6 +89,13 @@ EXPECTED = {
         "HEADER_JSON",
         "ENV_TRANSIT_DIR",
         "SYSTEM_TRANSIT_DIR",
+        "BRIDGE_QNAME",
+        "DESTINATION_KEY",
+        "DESTINATION_QNAME_KEY",
+        "hostname",
+        "is_remote",
+        "remote_send",
+        "validate_destination",
     },
 }
 

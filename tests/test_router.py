@@ -33,9 +33,12 @@ class RecordingHost:
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.owned: list[bool] = []
         self.hops: list[int] = []
+        self.destinations: list[str | None] = []
 
-    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False,
+             destination: str | None = None) -> None:
         # The hop counter is checked by its own tests; the others compare the rest.
+        self.destinations.append(destination)
         hop = message.pop(HOPS_KEY)
         assert type(hop) is int, f"{HOPS_KEY} must be a count, got {hop!r}"
         self.hops.append(hop)
@@ -301,6 +304,10 @@ def test_malformed_static_forwards_reported_not_forwarded(bad):
     ([{"forwards": fwd("x"), "short_circut": True}], "Router.routes.0.short_circut",
      "Extra inputs"),
     ([{"forwards": fwd("x"), "match": "source"}], "Router.routes.0.match", "dict"),
+    ([{"forwards": [{"qname": "x", "destination": "a b"}]}],
+     "Router.routes.0.forwards.0.destination", "not a host name"),
+    ([{"forwards": [{"qname": "x", "destination": ""}]}],
+     "Router.routes.0.forwards.0.destination", "1 to 253"),
 ])
 def test_invalid_routes_refused_with_the_field_named(routes, field, words):
     # When a Router config with a bad route is validated
@@ -311,6 +318,21 @@ def test_invalid_routes_refused_with_the_field_named(routes, field, words):
     assert text.startswith("conf.toml: "), text
     assert field in text, text
     assert words in text, text
+
+
+def test_a_forward_with_a_destination_sends_to_that_host_the_others_stay_local():
+    # Given a route forwarding to a local queue and to a queue on host "b"
+    router, host = make_router([{"match": {"source": "A"},
+                                 "forwards": [{"qname": "Here"},
+                                              {"qname": "There", "destination": "b"},
+                                              {"qname": "StaticThere", "destination": "b"}]}])
+    # When a matching message goes through, and then one with static_forwards to host "c"
+    router.message({"source": "A", "n": 1})
+    router.message({"source": "B", "static_forwards": [
+        [{"forward": {"qname": "Far", "destination": "c"}}]]})
+    # Then each forward names its own destination (None: this host)
+    assert qnames(host) == ["Here", "There", "StaticThere", "Far"]
+    assert host.destinations == [None, "b", "b", "c"]
 
 
 def test_router_config_unknown_key_refused():

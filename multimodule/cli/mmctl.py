@@ -87,12 +87,13 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    """``mmctl send QNAME [JSON]``: send one message (JSON object from the argument or stdin)."""
+    """``mmctl send QNAME [JSON] [--to HOST]``: send one message (JSON object from the argument
+    or stdin), to another host's queue with ``--to``."""
     if args.json is not None:
         message = _parse_object(args.json, "the message argument")
     else:
         message = _parse_object(sys.stdin.read(), "the message on standard input")
-    _open_transit(args).send(args.qname, message, timeout=args.timeout)
+    _open_transit(args).send(args.qname, message, timeout=args.timeout, destination=args.to)
     return EXIT_OK
 
 
@@ -449,6 +450,9 @@ def _add_send(sub, common) -> None:
                    help="the message, a JSON object (default: read from standard input)")
     p.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                    help="seconds to wait for room in a full queue (default: wait for ever)")
+    p.add_argument("--to", metavar="HOST", default=None,
+                   help="send to queue QNAME on another host, through this host's Bridge "
+                        "task (NATS JetStream); this host's own name is a local send")
     p.set_defaults(func=cmd_send)
 
 

@@ -45,7 +45,13 @@ from multimodule.state import (
     write_atomic,
 )
 from multimodule.transit import Transit
-from multimodule.transit.lowlevel import Overflow, decode_body, ensure_handler
+from multimodule.transit.lowlevel import (
+    Overflow,
+    decode_body,
+    ensure_handler,
+    is_remote,
+    remote_send,
+)
 
 #: Name used for the process's own records and messages.
 SOURCE = "MultiModule"
@@ -104,15 +110,19 @@ class HostProcess:
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, qname: str, message: dict[str, Any], *, owned: bool = False,
-             origin: str | None = None, **meta: Any) -> None:
+             origin: str | None = None, destination: str | None = None, **meta: Any) -> None:
         """Send for a task: in memory to a task here (:meth:`load_on_demand` may load one),
         else to the System V queue without blocking the loop. ``owned``: see
         :meth:`Task.send`; ``origin``: the sending task (its checkpoint waits while the
         overflow holds what it sent); ``meta``: extra ``.ipc_transit_meta`` keys (a derived
         ``id``). A task here that is far behind gets its messages through its System V queue
-        (see :meth:`Delivery.spilling`), so that memory stays bounded. Raises the transit's
-        usage errors."""
+        (see :meth:`Delivery.spilling`), so that memory stays bounded. ``destination``:
+        another host's name: the message goes to the ``Bridge`` task's queue, marked for queue
+        ``qname`` on that host (see ``transit._address``). Raises the transit's usage
+        errors."""
         transit = self.transit
+        if destination is not None and is_remote(destination):
+            qname, meta = remote_send(qname, destination, meta)
         if transit.is_local(qname) or self.load_on_demand(qname):
             if not self.delivery.spilling(qname):
                 if owned:

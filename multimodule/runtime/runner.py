@@ -283,7 +283,8 @@ class TaskRunner:
 
     # -- TaskHost --------------------------------------------------------------------------
 
-    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False) -> None:
+    def send(self, qname: str, message: dict[str, Any], *, owned: bool = False,
+             destination: str | None = None) -> None:
         """The task's sends (see :meth:`Task.send`): a message without an id of its own gets
         one derived from what is being handled (see :func:`derived_id`)."""
         meta = message.get(META_KEY)
@@ -292,10 +293,20 @@ class TaskRunner:
                                   or meta.get("id").__class__ is not str):
             index = cause[1]
             cause[1] = index + 1
-            self._send(qname, message, owned=owned, origin=self.name,
+            self._send(qname, message, owned=owned, origin=self.name, destination=destination,
                        id=derived_id(cause[0], index))
         else:
-            self._send(qname, message, owned=owned, origin=self.name)
+            self._send(qname, message, owned=owned, origin=self.name, destination=destination)
+
+    async def wait_sent(self) -> None:
+        """See :meth:`TaskHost.wait_sent`: journals written now, then wait while the overflow
+        holds what this task sent."""
+        guard = self.guard
+        if guard is None:
+            return
+        guard.flush_journals()
+        if guard.holds_from(self.name):
+            await guard.wait_released(self.name)
 
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """Create or change the schedule ``name`` (see :meth:`Task.named_recur`): the same

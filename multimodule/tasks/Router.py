@@ -5,6 +5,7 @@ Config::
     [Router]
     routes = [
       { match = { source = "Example1" }, forwards = [ { qname = "Example2" } ] },
+      { match = { source = "Sensor" }, forwards = [ { qname = "Store", destination = "db1" } ] },
       { match = { tags = "urgent", text = "/disk (full|failing)/" },
         transform = { priority = 1 }, forwards = [ { qname = "pager" }, { qname = "log" } ],
         short_circuit = true },
@@ -16,7 +17,8 @@ Match rules: every key of ``match`` must be present in the message; a scalar mus
 list in the message that contains a matching element; a string ``"/regex/"`` is a regular
 expression searched in a string (or number) value; a list must be equal; ``{}`` matches
 everything. ``transform`` sets top-level fields on that route's forwarded copy. Every forward
-gets its own copy; the message is never modified.
+gets its own copy; the message is never modified. A forward with ``destination`` goes to the
+queue of that name on that host, through the Bridge (see ``multimodule.tasks.Bridge``).
 
 Each pass through a Router counts in the message's ``.router_hops``; after 64 the message is
 reported on ``error`` and not forwarded, which breaks routing loops.
@@ -40,7 +42,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from multimodule.config import QueueName
+from multimodule.config import HostName, QueueName
 from multimodule.errors import QueueCreationRefused
 from multimodule.task import Task
 
@@ -115,10 +117,12 @@ def compile_match(match: dict[str, Any], where: str = "match") -> Callable[[dict
 
 
 class Forward(BaseModel):
-    """One destination: the queue name ``qname``."""
+    """One destination: the queue name ``qname``, on host ``destination`` if given (another
+    host's name: sent there through the Bridge; this host's own name: a local send)."""
 
     model_config = ConfigDict(extra="forbid")
     qname: QueueName
+    destination: HostName | None = None
 
 
 class Route(BaseModel):
@@ -173,10 +177,10 @@ class Router(Task):
     def set_config(self, config: dict[str, Any]) -> None:
         routes = self.settings.routes if self.settings else []
         # Plain tuples for the hot path: pydantic attribute access costs microseconds.
-        self.compiled: list[tuple[Callable[[dict], bool], tuple[str, ...],
+        self.compiled: list[tuple[Callable[[dict], bool], tuple[tuple[str, str | None], ...],
                                   dict[str, Any] | None, bool]] = [
-            (route._matcher, tuple(f.qname for f in route.forwards), route.transform or None,
-             route.short_circuit)
+            (route._matcher, tuple((f.qname, f.destination) for f in route.forwards),
+             route.transform or None, route.short_circuit)
             for route in routes
         ]
         self.unrouted = getattr(self, "unrouted", 0)
@@ -200,11 +204,11 @@ class Router(Task):
         if "static_forwards" in message:
             self._static_forward(message, hops + 1)
             return
-        targets: list[tuple[str, dict[str, Any] | None]] = []
-        for matcher, qnames, transform, short_circuit in self.compiled:
+        targets: list[tuple[tuple[str, str | None], dict[str, Any] | None]] = []
+        for matcher, forwards, transform, short_circuit in self.compiled:
             if matcher(message):
-                for qname in qnames:
-                    targets.append((qname, transform))
+                for forward in forwards:
+                    targets.append((forward, transform))
                 if short_circuit:
                     break
         if not targets:
@@ -214,20 +218,21 @@ class Router(Task):
         self._forward(message, targets, hops + 1)
 
     def _forward(self, message: dict[str, Any],
-                 targets: list[tuple[str, dict[str, Any] | None]], hops: int) -> None:
+                 targets: list[tuple[tuple[str, str | None], dict[str, Any] | None]],
+                 hops: int) -> None:
         # Every destination but the last gets a copy (made by send); the last one gets this
         # message itself, which the Router owns and no longer needs (one copy saved per hop).
         last = len(targets) - 1
-        for i, (qname, transform) in enumerate(targets):
+        for i, ((qname, destination), transform) in enumerate(targets):
             out = dict(message)
             out[HOPS_KEY] = hops
             if transform:
                 out.update(transform)
             try:
                 if i < last or transform:
-                    self.send(qname, out)
+                    self.send(qname, out, destination=destination)
                 else:
-                    self.send(qname, out, owned=True)
+                    self.send(qname, out, owned=True, destination=destination)
             except QueueCreationRefused as exc:
                 self._refused(qname, exc, out)
 
@@ -275,7 +280,8 @@ class Router(Task):
             if entry.transform:
                 out.update(entry.transform)
             try:
-                self.send(entry.forward.qname, out)  # a copy each: the hops list is shared
+                # a copy each: the hops list is shared
+                self.send(entry.forward.qname, out, destination=entry.forward.destination)
             except QueueCreationRefused as exc:
                 self._refused(entry.forward.qname, exc, out)
 

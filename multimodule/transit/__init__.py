@@ -30,6 +30,7 @@ from typing import Any
 from multimodule.errors import (
     BadMessage,
     Empty,
+    InvalidDestination,
     InvalidQueueName,
     QueueFull,
     QueueCreationRefused,
@@ -54,15 +55,17 @@ def configure(transit_dir: str | os.PathLike[str] | None = None,
 
 
 def send(qname: str, message: dict[str, Any], *, timeout: float | None = None,
-         **meta: Any) -> None:
+         destination: str | None = None, **meta: Any) -> None:
     """Send ``message`` (a JSON object) to ``qname`` on the default transit.
 
-    ``timeout``: seconds to wait for room in a full queue (``None``: forever). Extra keyword
-    arguments go into the message's ``.ipc_transit_meta``. Raises :class:`InvalidQueueName`,
-    :class:`UnserializableMessage`, :class:`QueueFull` or :class:`TransitBroken`; see
-    :meth:`Transit.send`.
+    ``timeout``: seconds to wait for room in a full queue (``None``: forever).
+    ``destination``: another host's name, to send to its queue ``qname`` through the Bridge
+    (NATS JetStream; this host's own name is a local send). Extra keyword arguments go into
+    the message's ``.ipc_transit_meta``. Raises :class:`InvalidQueueName`,
+    :class:`InvalidDestination`, :class:`UnserializableMessage`, :class:`QueueFull` or
+    :class:`TransitBroken`; see :meth:`Transit.send`.
     """
-    get_default().send(qname, message, timeout=timeout, **meta)
+    get_default().send(qname, message, timeout=timeout, destination=destination, **meta)
 
 
 def receive(qname: str, *, timeout: float | None = None) -> dict[str, Any]:
@@ -82,6 +85,7 @@ def stat(qname: str) -> QueueStat:
 __all__ = [
     "BadMessage",
     "Empty",
+    "InvalidDestination",
     "InvalidQueueName",
     "MAX_NAME_CHARS",
     "META_KEY",

@@ -11,7 +11,7 @@ from typing import Any
 import sysv_ipc
 
 from multimodule.errors import QueueRemoved, TransitBroken, TransitError
-from multimodule.transit import _wire
+from multimodule.transit import _address, _wire
 from multimodule.transit._async import AsyncReceiver, Deliver, Intercept, OnError
 from multimodule.transit._directory import (
     ENV_TRANSIT_GROUP,
@@ -115,7 +115,7 @@ class Transit:
     # -- the public operations -------------------------------------------------------------
 
     def send(self, qname: str, message: dict[str, Any], *, timeout: float | None = None,
-             **meta: Any) -> None:
+             destination: str | None = None, **meta: Any) -> None:
         """Send ``message`` (a JSON object) to queue ``qname``.
 
         ``timeout``: seconds to wait for room in a full System V queue (``None``: for ever;
@@ -123,9 +123,16 @@ class Transit:
         ``id``, ``send_ts`` and ``source_hostname``, kept from the message's own meta if it
         has one with an ``id``: see ``_wire.meta_for``). The caller's dict is not modified.
 
-        Raises :class:`InvalidQueueName`, :class:`UnserializableMessage`, :class:`QueueFull`
-        (nothing was sent), :class:`TransitBroken`.
+        ``destination``: another host's name: the message goes to queue ``qname`` there,
+        through this host's ``Bridge`` task (see ``_address``); this host's own name, or
+        ``None``, is a local send.
+
+        Raises :class:`InvalidQueueName`, :class:`InvalidDestination`,
+        :class:`UnserializableMessage`, :class:`QueueFull` (nothing was sent),
+        :class:`TransitBroken`.
         """
+        if destination is not None and _address.is_remote(destination):
+            qname, meta = _address.remote_send(qname, destination, meta)
         try:
             local = self._local.get(qname)
         except TypeError:  # unhashable: not a name

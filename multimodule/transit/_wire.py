@@ -65,11 +65,17 @@ _LONG_RUN = b"0" * 20
 _hostname: str | None = None
 
 
+#: Environment variable naming this host for messages (``source_hostname``) and for sends to
+#: another host (``destination``); default: the machine's host name.
+ENV_HOSTNAME = "MULTIMODULE_HOSTNAME"
+
+
 def hostname() -> str:
-    """This machine's host name, looked up once."""
+    """This host's name: ``$MULTIMODULE_HOSTNAME`` if set, else the machine's host name;
+    looked up once per process."""
     global _hostname
     if _hostname is None:
-        _hostname = socket.gethostname()
+        _hostname = os.environ.get(ENV_HOSTNAME) or socket.gethostname()
     return _hostname
 
 
@@ -108,8 +114,8 @@ def make_meta(extra: dict[str, Any]) -> dict[str, Any]:
 
 def meta_for(message: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """The ``.ipc_transit_meta`` for sending ``message`` on: if it carries a meta with a
-    string ``id`` (a message received and sent on), that ``id``, ``send_ts`` and
-    ``source_hostname`` are kept; otherwise as :func:`make_meta`. ``extra`` keys (an ``id``
+    string ``id`` (a message received and sent on), that ``id``, ``send_ts``,
+    ``source_hostname`` and ``route`` (the hosts a message crossed, see the Bridge) are kept; otherwise as :func:`make_meta`. ``extra`` keys (an ``id``
     among them: the caller's choice wins) are merged in. Only those keys are carried: a
     received meta's other keys stay behind."""
     old = message.get(META_KEY) if message.__class__ is dict else None
@@ -122,6 +128,9 @@ def meta_for(message: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
                     "send_ts": sent if sent.__class__ in (float, int) else _time(),
                     "source_hostname": origin if origin.__class__ is str
                     else (_hostname or hostname())}
+            route = old.get("route")
+            if route.__class__ is list:
+                meta["route"] = route
             if extra:
                 meta.update(extra)
             return meta

@@ -17,12 +17,24 @@ package, which no code outside :mod:`multimodule.transit` imports.
 - the wire format: ``HEADER_JSON + encode_body(message, make_meta({}))`` is the bytes of one
   message on a System V queue, :func:`split_header` and :func:`decode_body` read them back,
   :func:`copy_message` is the copy a local receiver gets;
+- sends to other hosts (the Bridge): :func:`hostname` (this host's name,
+  ``$MULTIMODULE_HOSTNAME`` or the machine's), :func:`is_remote`, :func:`remote_send`,
+  :func:`validate_destination`, :data:`BRIDGE_QNAME` and the meta keys
+  :data:`DESTINATION_KEY`, :data:`DESTINATION_QNAME_KEY`;
 - :data:`ENV_TRANSIT_DIR` (``MULTIMODULE_TRANSIT_DIR``) and :data:`SYSTEM_TRANSIT_DIR` (the
   packaged daemon's transit directory), for tools that explain which directory they use.
 """
 
 from __future__ import annotations
 
+from multimodule.transit._address import (
+    BRIDGE_QNAME,
+    DESTINATION_KEY,
+    DESTINATION_QNAME_KEY,
+    is_remote,
+    remote_send,
+    validate_destination,
+)
 from multimodule.transit._async import AsyncReceiver
 from multimodule.transit._directory import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR
 from multimodule.transit._interrupt import ensure_handler
@@ -35,6 +47,7 @@ from multimodule.transit._wire import (
     copy_message,
     decode_body,
     encode_body,
+    hostname,
     make_meta,
     split_header,
 )
@@ -57,6 +70,9 @@ def declare_local(qname: str) -> LocalQueue:
 
 __all__ = [
     "AsyncReceiver",
+    "BRIDGE_QNAME",
+    "DESTINATION_KEY",
+    "DESTINATION_QNAME_KEY",
     "ENV_TRANSIT_DIR",
     "HEADER_JSON",
     "LocalQueue",
@@ -69,6 +85,10 @@ __all__ = [
     "default",
     "encode_body",
     "ensure_handler",
+    "hostname",
+    "is_remote",
     "make_meta",
+    "remote_send",
     "split_header",
+    "validate_destination",
 ]
