@@ -1,7 +1,7 @@
 """Sends to another host: ``send(qname, message, destination="HOST")``.
 
 A message for a queue on another host goes to the local queue of the built-in ``Bridge`` task
-(:data:`BRIDGE_QNAME`), with two keys in its ``.ipc_transit_meta``: ``destination`` (the host)
+(:data:`BRIDGE_QNAME`), with two keys in its ``.ipc_transit_meta``: ``destination_host``
 and ``destination_qname`` (the queue there). The Bridge publishes it to NATS JetStream; the
 Bridge on that host delivers it into its local queue ``destination_qname`` (see
 ``multimodule.tasks.Bridge``). A destination equal to this host's own name
@@ -21,7 +21,7 @@ from multimodule.transit._wire import hostname
 #: The queue of the built-in Bridge task: every message for another host goes through it.
 BRIDGE_QNAME = "Bridge"
 #: ``.ipc_transit_meta`` keys of a message on its way to another host.
-DESTINATION_KEY = "destination"
+DESTINATION_KEY = "destination_host"
 DESTINATION_QNAME_KEY = "destination_qname"
 #: Longest host name accepted (a DNS name's limit).
 MAX_DESTINATION_CHARS = 253
