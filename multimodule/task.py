@@ -27,6 +27,7 @@ touches queues directly: it uses :meth:`Task.emit` and :meth:`Task.send`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Protocol
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ class TaskHost(Protocol):
 
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """Schedule ``work`` every ``interval`` seconds under ``name`` for ``task``."""
+
+    def private_path(self, suffix: str) -> Path | None:
+        """See :meth:`Task.private_path`."""
 
 
 @dataclass
@@ -133,6 +137,15 @@ class Task:
         """Task-specific counters for ``mmctl status`` (e.g. the Router's ``unrouted``)."""
         return {}
 
+    def stopping(self) -> None:
+        """Called once when the task is being stopped (daemon exit, unload, failsafe,
+        migration), before its last messages are delivered and its state saved. A task that
+        started asyncio work of its own (not through :meth:`named_recur`) stops it here."""
+
+    def stopped(self) -> None:
+        """Called once when the task has handled its last message, before its state is saved
+        for the last time: release what it holds (connections, files)."""
+
     # -- what a task calls -----------------------------------------------------------------
 
     def emit(self, message: dict[str, Any]) -> None:
@@ -171,6 +184,19 @@ class Task:
         else:
             self._host.send(qname, message, owned=owned, destination=destination)
         self.counters.messages_out += 1
+
+    async def wait_sent(self) -> None:
+        """Wait until every message this task sent so far is safe from a kill of this
+        process: in the receiving task's journal (a task in this process) or in a System V
+        queue. For a task that confirms to an outside system what it passed on (the Bridge
+        acknowledges NATS only after this). Returns at once without journals."""
+        await self._host.wait_sent()
+
+    def private_path(self, suffix: str) -> Path | None:
+        """``STATE_DIR/NAME.SUFFIX``: a file of this task's own in the state directory, for
+        what its checkpoint cannot hold (``None`` when the task runs without one). ``suffix``
+        is letters, digits, ``-`` and ``_``; raises ``ValueError`` otherwise."""
+        return self._host.private_path(suffix)
 
     def named_recur(self, name: str, interval: float, work: Work) -> None:
         """Run ``work`` (sync or async, no arguments) every ``interval`` seconds.

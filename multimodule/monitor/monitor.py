@@ -374,6 +374,8 @@ class Monitor:
             "messages_in": counters.get("messages_in"),
             "messages_out": counters.get("messages_out"),
             "last_error": view.last_error or counters.get("last_error"),
+            # The Bridge's own figures (published, delivered, lag...), as its counters give.
+            **{key: value for key, value in counters.items() if key.startswith("bridge_")},
             "windows": {
                 "cpu_percent": {"short": _round(cpu_short * 100) if cpu_short is not None
                                 else None,

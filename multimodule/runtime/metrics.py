@@ -55,6 +55,19 @@ PROMETHEUS_GAUGES = {
     "message_failures": ("multimodule_task_message_failures", "Handler failures"),
 }
 
+#: Help of the Bridge's figures (row fields ``bridge_*``, exported as ``multimodule_bridge_*``).
+BRIDGE_HELP = {
+    "bridge_connected": "1 while the Bridge is connected to a NATS server",
+    "bridge_published": "Messages published to other hosts and acknowledged by JetStream",
+    "bridge_delivered": "Messages from other hosts delivered into local queues",
+    "bridge_pending_acks": "Publishes waiting for JetStream's acknowledgement",
+    "bridge_redeliveries_dropped": "Messages JetStream delivered again, dropped by sequence",
+    "bridge_reconnects": "Reconnections to NATS since the Bridge started",
+    "bridge_lag": "Messages for this host in the stream not yet delivered",
+    "bridge_publish_retries": "Publishes tried again after a failure or timeout",
+    "bridge_refused": "Messages refused (too large, no destination, not decodable)",
+}
+
 LEVEL_NUMBER = {"ok": 0, "warn": 1, "severe": 2, "failsafe": 3}
 
 
@@ -88,13 +101,22 @@ class PrometheusCollector:
         failsafe = GaugeMetricFamily("multimodule_task_failsafe",
                                      "1 while the task is held in failsafe",
                                      labels=["task", "kind"])
+        bridge: dict[str, Any] = {}
         for row in rows:
             labels = [row["name"], row["kind"]]
             for field, family in families.items():
                 if row.get(field) is not None:
                     family.add_metric(labels, float(row[field]))
+            for field, value in row.items():
+                if field.startswith("bridge_") and isinstance(value, (int, float)):
+                    if field not in bridge:
+                        bridge[field] = GaugeMetricFamily(
+                            f"multimodule_{field}", BRIDGE_HELP.get(field, field),
+                            labels=["task", "kind"])
+                    bridge[field].add_metric(labels, float(value))
             level.add_metric(labels, LEVEL_NUMBER.get(row["level"], 0))
             running.add_metric(labels, 1 if row["state"] == "running" else 0)
             failsafe.add_metric(labels, 1 if row["state"] == "failsafe" else 0)
         yield from families.values()
         yield from (level, running, failsafe)
+        yield from bridge.values()
