@@ -448,8 +448,9 @@ if check:
             tls.load_cert_chain(check["cert"], check["key"])
         async def quiet(e):
             pass
+        # max_reconnect_attempts=0 would mean "retry forever", even for the first connect.
         nc = await nats.connect(check["urls"], tls=tls, connect_timeout=2, allow_reconnect=False,
-                                error_cb=quiet)
+                                max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quiet)
         try:
             js = nc.jetstream(timeout=5)
             await js.add_stream(name=check["stream"], subjects=[check["stream"] + ".x"],
@@ -461,7 +462,7 @@ if check:
     error = None
     while True:
         try:
-            asyncio.run(attempt())
+            asyncio.run(asyncio.wait_for(attempt(), max(1.0, deadline - time.monotonic())))
             break
         except Exception as e:
             error = e

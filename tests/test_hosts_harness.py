@@ -7,6 +7,8 @@ import json
 import os
 import select
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -31,8 +33,11 @@ CONNECT = """
             tls = ssl.create_default_context(cafile=tls_files["ca"])
             if tls_files.get("cert"):
                 tls.load_cert_chain(tls_files["cert"], tls_files["key"])
+        # nats-py: max_reconnect_attempts=0 means unlimited, even for the first connect; with
+        # 1 it tries each server twice, reconnect_time_wait apart, then NoServersError.
         nc = await nats.connect(urls, connect_timeout=timeout, allow_reconnect=False,
-                                max_reconnect_attempts=0, tls=tls, error_cb=quiet)
+                                max_reconnect_attempts=1, reconnect_time_wait=0.1, tls=tls,
+                                error_cb=quiet)
         try:
             await nc.flush(timeout=timeout)
         finally:
@@ -41,7 +46,7 @@ CONNECT = """
     deadline = time.monotonic() + timeout
     while True:
         try:
-            asyncio.run(asyncio.wait_for(attempt(), timeout + 1))
+            asyncio.run(asyncio.wait_for(attempt(), 3 * timeout + 1))
             print("ok")
             break
         except Exception as e:
@@ -116,9 +121,14 @@ SURVIVOR = """
         await retry(lambda: js.add_stream(name="R", subjects=["r.>"], num_replicas=3), deadline)
         ack = await retry(lambda: js.publish("r.1", b"before", headers={"Nats-Msg-Id": "b"}),
                           deadline)
-        info = await retry(lambda: js.stream_info("R"), deadline)
+        while True:  # until the leader reports both followers
+            info = await retry(lambda: js.stream_info("R"), deadline)
+            if len(info.cluster.replicas or []) == 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
         print(json.dumps({"seq": ack.seq, "leader": info.cluster.leader,
-                          "replicas": [r.name for r in info.cluster.replicas]}), flush=True)
+                          "replicas": [r.name for r in info.cluster.replicas or []]}),
+              flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         started = time.monotonic()
         deadline = started + 30
@@ -141,6 +151,7 @@ R_HEALED = """
         nc = await nats.connect(json.loads(sys.argv[1]), connect_timeout=2)
         js = nc.jetstream(timeout=2)
         deadline = time.monotonic() + 30
+        info = None
         while True:
             try:
                 info = await js.stream_info("R")
@@ -173,6 +184,15 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
             raise AssertionError(f"pid {proc.pid} closed stdout (status {proc.poll()}): {data!r}")
         data += chunk
     return data.decode()
+
+
+def _dead(pid: int) -> bool:
+    """Whether process ``pid`` has exited (gone, or a zombie not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def test_require_root_skips_locally_and_fails_on_ci(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +262,7 @@ def test_jetstream_between_hosts_and_link_down(network: Network) -> None:
 
     # Only the hub end down: the host still has its route, the connect times out.
     a.link_down(hub_side_only=True)
-    assert a.python(CONNECT, urls, "1", "once").stdout.startswith("error")
+    assert a.python(CONNECT, urls, "0.5", "once").stdout.startswith("error")
     a.link_up()
     assert a.python(CONNECT, urls, "10", "until-ok").stdout == "ok\n"
 
@@ -261,8 +281,9 @@ def test_tls_requires_a_client_certificate(network: Network) -> None:
 
     no_cert = json.dumps({"ca": str(cluster.ca)})
     out = a.python(CONNECT, json.dumps(urls), "3", "once", no_cert).stdout
+    # The client sees an SSLError or a broken pipe, depending on timing; the server says why.
     assert out.startswith("error"), out
-    assert "TLS handshake error" in cluster.log(0) or "certificate" in cluster.log(0)
+    assert "client didn't provide a certificate" in cluster.log(0)
     # The same client with its certificate gets in (the refusal was about the certificate).
     assert a.python(CONNECT, json.dumps(urls), "3", "once", json.dumps(files)).stdout == "ok\n"
 
@@ -273,7 +294,7 @@ def test_cluster_keeps_accepting_publishes_after_a_node_is_killed(network: Netwo
     cluster = network.start_nats(cluster_size=3)
     assert cluster.urls_for(a) == [f"nats://10.213.1.1:{p}" for p in (4222, 4223, 4224)]
 
-    proc = a.popen(hosts.sys.executable, "-c", hosts.textwrap.dedent(SURVIVOR),
+    proc = a.popen(sys.executable, "-c", textwrap.dedent(SURVIVOR),
                    json.dumps(cluster.urls_for(a)), stdin=subprocess.PIPE,
                    stdout=subprocess.PIPE)
     before = json.loads(_readline(proc, 40))
@@ -300,15 +321,21 @@ def test_close_leaves_nothing_behind(network: Network) -> None:
     network.start_nats()
     a.python("import sysv_ipc; sysv_ipc.MessageQueue(4242, sysv_ipc.IPC_CREX).send(b'x')")
     sleeper = a.popen("sleep", "300")
-    # A daemon that leaves the process group (setsid) must be found through its namespaces.
-    a.run("sh", "-c", "setsid sleep 301 </dev/null >/dev/null 2>&1 &")
+    # A daemon that leaves its process group (setsid) must be found through its namespaces.
+    daemon = int(a.run("sh", "-c", "setsid sleep 301 </dev/null >/dev/null 2>&1 & echo $!").stdout)
+    deadline = time.monotonic() + 10
+    while os.getsid(daemon) != daemon:
+        assert time.monotonic() < deadline, "the daemon did not start its own session"
+        time.sleep(0.01)
     ipc = hosts._ns_inode(a.anchor.pid, "ipc")
     members = set(network.processes())
-    assert {a.anchor.pid, sleeper.pid} <= members and len(members) >= 4  # + nats, daemon
+    assert {a.anchor.pid, sleeper.pid, daemon} <= members
+    assert len(members) == 4  # + the nats-server in the hub
 
     network.close()
 
     assert sleeper.returncode == -9
+    assert _dead(daemon)  # killed (init reaps it in its own time)
     assert network.processes() == []
     assert hosts._pids_in_namespaces({"ipc": {ipc}}) == []
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -59,7 +59,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from multimodule.config import HostName
 from multimodule.errors import (
@@ -172,12 +179,11 @@ class Bridge(Task):
                     raise ValueError(f"{redact(url)!r} is not a nats:// or tls:// URL")
             return value
 
-        @field_validator("key")
-        @classmethod
-        def _key_with_cert(cls, value: Path | None, info: Any) -> Path | None:
-            if (value is None) != (info.data.get("cert") is None):
-                raise ValueError("cert and key go together")
-            return value
+        @model_validator(mode="after")
+        def _key_with_cert(self) -> Bridge.Config:
+            if (self.key is None) != (self.cert is None):
+                raise ValueError("cert and key go together: give both or neither")
+            return self
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -204,6 +210,7 @@ class Bridge(Task):
         self.objects: Any = None
         self.connected = asyncio.Event()
         self._restart = False
+        self._unreachable = False
         self._seq_fd: int | None = None
         self.published = self.delivered = self.pending_acks = 0
         self.redeliveries_dropped = self.reconnects = self.publish_retries = 0
@@ -272,24 +279,22 @@ class Bridge(Task):
         import nats
 
         delay = 0.1
-        reported = False
         while True:
             self._restart = False
             try:
+                # Tries for ever (max_reconnect_attempts -1), each failure through
+                # _nats_error, which alerts once.
                 self.nc = await nats.connect(**self._connect_options())
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any failure to connect: try again
-                if not reported:
-                    self.alert(f"cannot reach the NATS servers ({self._servers_text()}): "
-                               f"{_describe(exc)}; trying again", servers=self._servers_text())
-                    reported = True
+            except Exception as exc:  # noqa: BLE001 - e.g. a bad certificate file
+                await self._nats_error(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
-            if reported:
+            if self._unreachable:
                 self.alert("NATS servers reached again", servers=self._servers_text())
-            reported, delay = False, 0.1
+            self._unreachable, delay = False, 0.1
             self.js = self.nc.jetstream(timeout=self.settings_in_use.publish_timeout_s)
             self.log(f"connected to NATS ({self._servers_text()}) as host {self.host!r}, "
                      f"stream {self.stream!r}")
@@ -359,7 +364,12 @@ class Bridge(Task):
         self._resubscribe.set()
 
     async def _nats_error(self, exc: Exception) -> None:
-        self.debug(f"NATS client: {_describe(exc)}")
+        if not self.connected.is_set() and not self._unreachable:
+            self._unreachable = True
+            self.alert(f"cannot reach the NATS servers ({self._servers_text()}): "
+                       f"{_describe(exc)}; trying again", servers=self._servers_text())
+        else:
+            self.debug(f"NATS client: {_describe(exc)}")
 
     async def _closed(self) -> None:
         self.connected.clear()

@@ -1,0 +1,180 @@
+"""The Bridge between two daemons (two "hosts": each its own transit and state directories and
+``$MULTIMODULE_HOSTNAME``) through a real ``nats-server`` with JetStream on loopback.
+
+What needs hosts with their own System V queues, links and a NATS cluster is in
+``test_bridge_hosts.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from multimodule.tasks.Bridge import escape_token, message_id_for, redact, unescape_token
+from multimodule.transit import META_KEY
+from natsserver import NatsServer, free_port, nats_server, two_hosts  # noqa: F401
+
+WAIT_S = 30.0
+
+
+def start(host, url: str, extra: str = "", bridge: str = "") -> None:
+    host.config(url, extra, bridge)
+    daemon = host.mm.start()
+    daemon.expect("stdout", "connected to NATS", timeout=WAIT_S)
+
+
+def test_a_message_crosses_with_its_id_origin_and_route(nats_server, two_hosts):
+    a, b = two_hosts["a"], two_hosts["b"]
+    start(a, nats_server.url)
+    start(b, nats_server.url)
+    # When a process on host A sends to queue "Out" on host B
+    a.transit.send("Out", {"n": 1, "text": "héllo"}, destination="hostB", id="msg-1")
+    # Then it arrives on B's queue "Out" whole, with its id and origin, and its route
+    got = b.transit.receive("Out", timeout=WAIT_S)
+    meta = got.pop(META_KEY)
+    assert got == {"n": 1, "text": "héllo"}
+    assert meta["id"] == "msg-1"
+    assert meta["source_hostname"] == socket.gethostname()  # the sending process's host
+    assert meta["route"] == [socket.gethostname(), "hostB"]
+    # And A's queue "Out" never existed, and A's Bridge counts it as published
+    assert not a.transit.exists("Out")
+    status = json.loads(a.mmctl("status", "--json").stdout)
+    figures = status["tasks"]["Bridge"]
+    assert figures["bridge_published"] == 1 and figures["bridge_connected"] == 1
+
+
+def test_order_is_kept_per_queue_and_a_queue_name_with_dots_stars_spaces_and_unicode(
+        nats_server, two_hosts):
+    a, b = two_hosts["a"], two_hosts["b"]
+    start(a, nats_server.url)
+    start(b, nats_server.url)
+    odd = "orders.eu *> spaced ünïcode %41"
+    for n in range(200):
+        a.transit.send(odd, {"n": n}, destination="hostB")
+    got = [b.transit.receive(odd, timeout=WAIT_S)["n"] for _ in range(200)]
+    assert got == list(range(200))
+
+
+def test_a_message_larger_than_max_payload_crosses_whole_through_the_object_store(
+        tmp_path, two_hosts):
+    server = NatsServer(tmp_path / "nats-small", max_payload=256 * 1024).start()
+    try:
+        a, b = two_hosts["a"], two_hosts["b"]
+        start(a, server.url)
+        start(b, server.url)
+        # A 5 MiB message (20 times the server's max_payload), and a small one after it
+        big = {"blob": "x" * (5 << 20), "n": 1}
+        a.transit.send("Big", big, destination="hostB")
+        a.transit.send("Big", {"n": 2}, destination="hostB")
+        got = b.transit.receive("Big", timeout=WAIT_S)
+        assert got["n"] == 1 and got["blob"] == big["blob"]
+        assert b.transit.receive("Big", timeout=WAIT_S)["n"] == 2
+    finally:
+        server.stop()
+
+
+def test_a_message_over_max_message_bytes_is_refused_with_a_clear_error(
+        nats_server, two_hosts):
+    a, b = two_hosts["a"], two_hosts["b"]
+    start(a, nats_server.url, bridge="max_message_bytes = 100000")
+    start(b, nats_server.url)
+    daemon = a.mm.daemons[0]
+    # When a message of about 200 kB and then a small one are sent to host B
+    a.transit.send("Out", {"blob": "y" * 200_000}, destination="hostB")
+    a.transit.send("Out", {"n": 2}, destination="hostB")
+    # Then the large one is reported on A, naming the limit; the small one arrives
+    daemon.expect("stderr", "over the bridge's max_message_bytes (100000 bytes)",
+                  timeout=WAIT_S)
+    assert b.transit.receive("Out", timeout=WAIT_S)["n"] == 2
+    status = json.loads(a.mmctl("status", "--json").stdout)
+    assert status["tasks"]["Bridge"]["bridge_refused"] == 1
+
+
+def test_servers_away_at_start_then_up_the_bridge_connects_and_delivers(tmp_path, two_hosts):
+    a, b = two_hosts["a"], two_hosts["b"]
+    port = free_port()
+    server = NatsServer(tmp_path / "nats-late", port=port)
+    a.config(server.url)
+    b.config(server.url)
+    daemon_a = a.mm.start()
+    daemon_b = b.mm.start()
+    # While no server runs, A says so on the alert channel, and a send waits
+    daemon_a.expect("stderr", "cannot reach the NATS servers", timeout=WAIT_S)
+    a.transit.send("Out", {"n": 1}, destination="hostB")
+    try:
+        server.start()
+        # Then both connect and the message waiting on A arrives on B
+        daemon_a.expect("stderr", "NATS servers reached again", timeout=WAIT_S)
+        daemon_b.expect("stdout", "connected to NATS", timeout=WAIT_S)
+        assert b.transit.receive("Out", timeout=WAIT_S)["n"] == 1
+    finally:
+        server.stop()
+
+
+def test_a_server_restart_loses_nothing_and_the_alerts_say_so(tmp_path, two_hosts):
+    a, b = two_hosts["a"], two_hosts["b"]
+    server = NatsServer(tmp_path / "nats-restart").start()
+    try:
+        start(a, server.url)
+        start(b, server.url)
+        daemon_a = a.mm.daemons[0]
+        for n in range(50):
+            a.transit.send("Out", {"n": n}, destination="hostB")
+        assert [b.transit.receive("Out", timeout=WAIT_S)["n"] for _ in range(50)] \
+            == list(range(50))
+        # When the server stops, messages are sent meanwhile, and it starts again
+        server.stop()
+        daemon_a.expect("stderr", "lost the connection to NATS", timeout=WAIT_S)
+        for n in range(50, 100):
+            a.transit.send("Out", {"n": n}, destination="hostB")
+        server.start()
+        daemon_a.expect("stderr", "reconnected to NATS", timeout=WAIT_S)
+        # Then everything arrives, in order, once (the pull consumer was made again)
+        assert [b.transit.receive("Out", timeout=WAIT_S)["n"] for _ in range(50)] \
+            == list(range(50, 100))
+        status = json.loads(b.mmctl("status", "--json").stdout)
+        assert status["tasks"]["Bridge"]["bridge_delivered"] == 100
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("table, field", [
+    ("replicas = 2", "Bridge.replicas"),
+    ('servers = ["http://example.invalid"]', "Bridge.servers"),
+    ('stream = "a.b"', "Bridge.stream"),
+    ('host = "two words"', "Bridge.host"),
+    ('cert = "c.pem"', "cert and key go together"),
+    ("batchh = 3", "Bridge.batchh"),
+])
+def test_a_bad_bridge_config_is_refused_naming_the_field(mm, table, field):
+    mm.config(f"[Bridge]\n{table}\n")
+    result = mm.run_daemon()
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr
+
+
+def test_a_password_in_a_server_url_never_shows(nats_server, two_hosts):
+    a = two_hosts["a"]
+    url = nats_server.url.replace("nats://", "nats://user:s3cret@")
+    a.config(url)
+    daemon = a.mm.start()
+    line = daemon.expect("stdout", "connected to NATS", timeout=WAIT_S)
+    assert "user:***@" in line
+    status = a.mmctl("status", "--json").stdout
+    assert "s3cret" not in daemon.output() and "s3cret" not in status
+    assert redact(url) == url.replace("s3cret", "***")
+
+
+@pytest.mark.parametrize("text", ["plain", "a.b", "*", ">", "sp ace", "tab\t", "ünï", "%41",
+                                  "-_~", ""])
+def test_subject_tokens_are_reversible_and_never_hold_separators(text):
+    token = escape_token(text)
+    assert unescape_token(token) == text
+    assert not any(c in token for c in ".*> \t") and token.isascii()
+
+
+def test_the_publish_id_differs_per_destination_and_is_stable():
+    assert message_id_for("m1", "mm.S.b.q") == message_id_for("m1", "mm.S.b.q")
+    assert message_id_for("m1", "mm.S.b.q") != message_id_for("m1", "mm.S.c.q")
