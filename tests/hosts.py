@@ -467,7 +467,8 @@ if check:
         except Exception as e:
             error = e
         if time.monotonic() > deadline:
-            sys.exit(f"R{check['replicas']} stream not possible within {spec['timeout']} s: {error!r}")
+            sys.exit(f"R{check['replicas']} stream not possible within {spec['timeout']} s: "
+                     f"{error!r}")
         time.sleep(0.2)
 '''
 
@@ -548,8 +549,9 @@ class NatsCluster:
             lines.append(f"max_payload: {int(self.max_payload)}")
         if self.tls:
             lines.append(
-                f"tls {{ cert_file: {q(str(self._server_cert))}, key_file: {q(str(self._server_key))}, "
-                f"ca_file: {q(str(self.ca))}, verify: true, timeout: 5 }}"
+                f"tls {{ cert_file: {q(str(self._server_cert))}, "
+                f"key_file: {q(str(self._server_key))}, ca_file: {q(str(self.ca))}, "
+                "verify: true, timeout: 5 }"
             )
         if self.size > 1:
             routes = ", ".join(f"nats-route://127.0.0.1:{port}"

@@ -471,9 +471,15 @@ class Bridge(Task):
 
         durable = f"mm-{escape_token(self.host)}"
         try:
-            await self.js.delete_consumer(self.stream, durable)
+            info = await self.js.consumer_info(self.stream, durable)
         except NotFoundError:
-            pass
+            info = None
+        if info is not None:
+            if self._seq_fd is None or self.delivered_seq == 0:
+                # No record of ours (a new state directory): go on from what the consumer
+                # saw acknowledged, not from the start of the stream.
+                self.delivered_seq = max(self.delivered_seq, info.ack_floor.stream_seq or 0)
+            await self.js.delete_consumer(self.stream, durable)
         start = self.delivered_seq + 1
         config = ConsumerConfig(
             durable_name=durable, ack_policy=AckPolicy.ALL,
@@ -529,7 +535,7 @@ class Bridge(Task):
             return
         await self.wait_sent()
         self._record_seq(self.delivered_seq)
-        await last.ack_sync()
+        await last.ack()  # our record, not the ack, says where to go on from: no round trip
         for name in large:
             try:
                 await (await self._objects()).delete(name)
