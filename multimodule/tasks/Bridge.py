@@ -259,6 +259,8 @@ class Bridge(Task):
         options: dict[str, Any] = {
             "servers": settings.servers, "name": f"multimodule-bridge-{self.host}",
             "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5, "connect_timeout": 2,
+            # A link that drops packets is noticed within about 15 s (nats-py: 2 minutes).
+            "ping_interval": 5, "max_outstanding_pings": 3,
             "allow_reconnect": True, "disconnected_cb": self._disconnected,
             "reconnected_cb": self._reconnected, "error_cb": self._nats_error,
             "closed_cb": self._closed,
