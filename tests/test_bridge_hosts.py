@@ -221,6 +221,13 @@ def sent_at_least(producer: subprocess.Popen, n: int) -> None:
     raise AssertionError(f"the producer ended before {n} messages (status {producer.wait()})")
 
 
+def bridge_figures(host: Host) -> dict:
+    """The Bridge's figures on ``host`` (``mmctl status --json``)."""
+    status = host.run(sys.executable, "-m", "multimodule.cli.mmctl", "status", "--json")
+    figures = json.loads(status.stdout)["tasks"]["Bridge"]
+    return {k: v for k, v in figures.items() if k.startswith("bridge_")}
+
+
 def assert_tally(done: dict, count: int) -> None:
     assert done.get("again", 0) == 0, f"delivered twice: {done}"
     assert done.get("skipped", 0) == 0, f"lost or out of order: {done}"
@@ -286,6 +293,9 @@ def test_host_b_cut_off_for_30_s_then_everything_arrives(network):
         daemon_b.wait_for("reconnected to NATS", timeout=60)
         done = receive(b, "TallyDone", timeout=300)
         assert producer.wait(60) == 0
+        figures = bridge_figures(b)
+        print(f"link down 30 s: tally {done}, b's bridge {figures}")
+        assert figures["bridge_reconnects"] >= 1
         assert_tally(done, count)
     finally:
         daemon_a.stop()

@@ -66,6 +66,7 @@ BRIDGE_HELP = {
     "bridge_lag": "Messages for this host in the stream not yet delivered",
     "bridge_publish_retries": "Publishes tried again after a failure or timeout",
     "bridge_refused": "Messages refused (too large, no destination, not decodable)",
+    "bridge_deliveries_missed": "Deliveries that never reached the Bridge (taken again)",
 }
 
 LEVEL_NUMBER = {"ok": 0, "warn": 1, "severe": 2, "failsafe": 3}

@@ -44,7 +44,8 @@ Connection lost: an alert, the client reconnects for ever (a log line and an ale
 back), outbound publishes wait. Figures (``mmctl status --json``, Prometheus
 ``multimodule_bridge_*``): ``bridge_connected``, ``bridge_published``, ``bridge_delivered``,
 ``bridge_pending_acks``, ``bridge_redeliveries_dropped``, ``bridge_reconnects``, ``bridge_lag``
-(messages for this host still in the stream), ``bridge_publish_retries``, ``bridge_refused``.
+(messages for this host still in the stream), ``bridge_publish_retries``, ``bridge_refused``,
+``bridge_deliveries_missed`` (deliveries that never reached the Bridge, taken again).
 Passwords and tokens in server URLs are never logged or reported. See ``docs/bridge.md``.
 """
 
@@ -215,6 +216,8 @@ class Bridge(Task):
         self.published = self.delivered = self.pending_acks = 0
         self.redeliveries_dropped = self.reconnects = self.publish_retries = 0
         self.refused = 0
+        self.deliveries_missed = 0
+        self._consumer_seq = 0
         self.lag = 0
         self._resubscribe = asyncio.Event()
 
@@ -247,7 +250,8 @@ class Bridge(Task):
                 "bridge_redeliveries_dropped": self.redeliveries_dropped,
                 "bridge_reconnects": self.reconnects, "bridge_lag": self.lag,
                 "bridge_publish_retries": self.publish_retries,
-                "bridge_refused": self.refused}
+                "bridge_refused": self.refused,
+                "bridge_deliveries_missed": self.deliveries_missed}
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -489,8 +493,10 @@ class Bridge(Task):
             filter_subject=f"{SUBJECT_ROOT}.{self.stream}.{escape_token(self.host)}.>",
             max_ack_pending=self.settings_in_use.batch * 4, ack_wait=60.0,
             num_replicas=self.settings_in_use.replicas)
-        return await self.js.pull_subscribe(
+        subscription = await self.js.pull_subscribe(
             config.filter_subject, durable=durable, stream=self.stream, config=config)
+        self._consumer_seq = 0
+        return subscription
 
     async def _take_inbound(self) -> None:
         from nats.errors import TimeoutError as NatsTimeout
@@ -520,10 +526,28 @@ class Bridge(Task):
                 pass
 
     async def _deliver(self, messages: list[Any]) -> None:
-        """Deliver a batch in stream order, make it safe, record it, acknowledge it."""
+        """Deliver a batch in stream order, make it safe, record it, acknowledge it.
+
+        Deliveries are numbered by the consumer (1, 2, 3... from its creation, redeliveries
+        included): a number skipped is a delivery that never reached us (a late answer to a
+        fetch that had timed out, or one lost with a connection). Acknowledging past it would
+        acknowledge it too (policy *all*), so the batch stops there and the consumer is made
+        again from the last sequence delivered."""
         last = None
         large: list[str] = []
         for msg in messages:
+            numbered = msg.metadata.sequence.consumer
+            if numbered <= self._consumer_seq:
+                self.redeliveries_dropped += 1  # an old delivery, seen already
+                continue
+            if numbered != self._consumer_seq + 1:
+                self.deliveries_missed += 1
+                self.debug(f"delivery {self._consumer_seq + 1} never arrived (got "
+                           f"{numbered}): taking this host's messages again from stream "
+                           f"sequence {self.delivered_seq + 1}")
+                self._resubscribe.set()
+                break
+            self._consumer_seq = numbered
             seq = msg.metadata.sequence.stream
             last = msg
             if seq <= self.delivered_seq:
