@@ -97,14 +97,35 @@ class HostDaemon:
     def out(self) -> Path:
         return self.dir / f"out-{self.starts}.log"
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
+        """Start (again), with ``extra`` arguments; wait until the Bridge is connected."""
         self.starts += 1
+        self.extra = extra or getattr(self, "extra", ())
         with open(self.out, "wb") as out:
             self.proc = self.host.popen(
                 sys.executable, "-m", "multimodule.cli.daemon", "-c", self.dir / "config.toml",
-                "--task-path", self.dir / "tasks", "-s", self.dir / "state",
+                "--task-path", self.dir / "tasks", "-s", self.dir / "state", *self.extra,
                 stdout=out, stderr=subprocess.STDOUT)
-        self.wait_for("connected to NATS")
+        if "is_external = true" in (self.dir / "config.toml").read_text():
+            self.wait_for("running")
+            self.external_bridge_pid()
+        else:
+            self.wait_for("connected to NATS")
+
+    def external_bridge_pid(self, timeout: float = WAIT_S, other_than: int | None = None
+                            ) -> int:
+        """The pid of the Bridge's own process once it is connected (from ``mmctl status``;
+        polled: the figures come from that process's counters file)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = {row["name"]: row for row in mmctl_status(self.host)["rows"]}
+            row = rows.get("Bridge", {})
+            if row.get("bridge_connected") == 1 and row.get("pid") not in (None, other_than):
+                return row["pid"]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.host.name}: the external Bridge is not "
+                                     f"connected: {row}\n{self.output()}")
+            time.sleep(0.2)
 
     def output(self) -> str:
         return "\n".join(f"--- start {i} ---\n" + (self.dir / f"out-{i}.log").read_text(
@@ -198,13 +219,16 @@ def test_tls_with_client_certificates(network):
             daemon.stop()
 
 
-def tally_hosts(network: Network, *, cluster_size: int = 1, replicas: int = 1):
-    """Hosts a (a producer process sends to Tally on b) and b (Tally), a NATS cluster."""
+def tally_hosts(network: Network, *, cluster_size: int = 1, replicas: int = 1,
+                external: bool = False):
+    """Hosts a (a producer process sends to Tally on b) and b (Tally), a NATS cluster;
+    ``external``: each Bridge in its own process."""
     a, b = network.add_host("a"), network.add_host("b")
     nats = network.start_nats(cluster_size=cluster_size)
-    daemon_a = HostDaemon(a, bridge_table(nats.urls_for(a), replicas=replicas))
-    daemon_b = HostDaemon(b, bridge_table(nats.urls_for(b), replicas=replicas) + "[Tally]\n",
-                          {"Tally": TALLY})
+    more = {"is_external": True} if external else {}
+    daemon_a = HostDaemon(a, bridge_table(nats.urls_for(a), replicas=replicas, **more))
+    daemon_b = HostDaemon(b, bridge_table(nats.urls_for(b), replicas=replicas, **more)
+                          + "[Tally]\n", {"Tally": TALLY})
     return a, b, nats, daemon_a, daemon_b
 
 
@@ -221,11 +245,20 @@ def sent_at_least(producer: subprocess.Popen, n: int) -> None:
     raise AssertionError(f"the producer ended before {n} messages (status {producer.wait()})")
 
 
+def mmctl_status(host: Host) -> dict:
+    status = host.run(sys.executable, "-m", "multimodule.cli.mmctl", "status", "--json")
+    return json.loads(status.stdout)
+
+
 def bridge_figures(host: Host) -> dict:
     """The Bridge's figures on ``host`` (``mmctl status --json``)."""
-    status = host.run(sys.executable, "-m", "multimodule.cli.mmctl", "status", "--json")
-    figures = json.loads(status.stdout)["tasks"]["Bridge"]
+    figures = mmctl_status(host)["tasks"]["Bridge"]
     return {k: v for k, v in figures.items() if k.startswith("bridge_")}
+
+
+def summary(done: dict) -> str:
+    return (f"handled {done.get('count')}, next {done.get('next')}, delivered twice "
+            f"{done.get('again', 0)}, lost or out of order {done.get('skipped', 0)}")
 
 
 def assert_tally(done: dict, count: int) -> None:
@@ -244,12 +277,44 @@ def test_100000_messages_with_either_side_killed_9_three_times(network):
         producer = produce(a, count)
         # kill -9 of b's daemon (its Bridge and Tally), then a's (its Bridge, with messages
         # on its way), then b's again; each restarted at once, as systemd would
+        recovery = []
         for at, daemon in ((20_000, daemon_b), (45_000, daemon_a), (70_000, daemon_b)):
             sent_at_least(producer, at)
             daemon.kill9()
+            killed = time.monotonic()
             daemon.start()
+            recovery.append(round(time.monotonic() - killed, 2))
         done = receive(b, "TallyDone", timeout=300)
         assert producer.wait(60) == 0
+        print(f"daemons killed -9: tally {summary(done)}, seconds from kill to the Bridge "
+              f"connected again {recovery}, b's bridge {bridge_figures(b)}")
+        assert_tally(done, count)
+    finally:
+        daemon_a.stop()
+        daemon_b.stop()
+
+
+@pytest.mark.slow
+def test_external_bridges_killed_9_three_times(network):
+    count = 30_000
+    a, b, nats, daemon_a, daemon_b = tally_hosts(network, external=True)
+    try:
+        daemon_a.start("--task-backend", "detached")
+        daemon_b.start("--task-backend", "detached")
+        producer = produce(a, count)
+        recovery = []
+        # kill -9 of b's Bridge process, a's, then b's again; their daemons start them again
+        for at, daemon in ((6_000, daemon_b), (14_000, daemon_a), (22_000, daemon_b)):
+            sent_at_least(producer, at)
+            pid = daemon.external_bridge_pid()
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            daemon.external_bridge_pid(other_than=pid)
+            recovery.append(round(time.monotonic() - killed, 2))
+        done = receive(b, "TallyDone", timeout=300)
+        assert producer.wait(60) == 0
+        print(f"external Bridges killed -9: tally {summary(done)}, seconds from kill to the "
+              f"new process connected {recovery}")
         assert_tally(done, count)
     finally:
         daemon_a.stop()
@@ -270,6 +335,8 @@ def test_one_nats_node_of_three_killed_mid_stream(network):
         nats.start(0)
         done = receive(b, "TallyDone", timeout=300)
         assert producer.wait(60) == 0
+        print(f"one NATS node of three killed: tally {summary(done)}, a's bridge "
+              f"{bridge_figures(a)}")
         assert_tally(done, count)
     finally:
         daemon_a.stop()
@@ -294,7 +361,7 @@ def test_host_b_cut_off_for_30_s_then_everything_arrives(network):
         done = receive(b, "TallyDone", timeout=300)
         assert producer.wait(60) == 0
         figures = bridge_figures(b)
-        print(f"link down 30 s: tally {done}, b's bridge {figures}")
+        print(f"link down 30 s: tally {summary(done)}, b's bridge {figures}")
         assert figures["bridge_reconnects"] >= 1
         assert_tally(done, count)
     finally:

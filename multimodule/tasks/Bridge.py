@@ -136,9 +136,11 @@ def redact(url: str) -> str:
 
 
 class Bridge(Task):
-    """See the module docstring."""
+    """See the module docstring. Stateful, so that it may run in its own process
+    (``is_external = true``); its state shows the last stream sequence delivered here
+    (``inbound_seq``), whose record of truth is ``STATE_DIR/Bridge.inbound``."""
 
-    is_stateful = False
+    is_stateful = True
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -467,6 +469,7 @@ class Bridge(Task):
     def _record_seq(self, seq: int) -> None:
         """One ``pwrite`` of a fixed-size record: what a kill leaves is the old or the new."""
         self.delivered_seq = seq
+        self.state["inbound_seq"] = seq
         if self._seq_fd is not None:
             os.pwrite(self._seq_fd, f"{seq:<31d}\n".encode("ascii"), 0)
 
