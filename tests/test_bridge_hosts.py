@@ -72,6 +72,19 @@ for n in range(count):
         print(n + 1, flush=True)
 """
 
+STREAM_LEADER = """
+import asyncio, sys
+import nats
+
+async def main():
+    nc = await nats.connect(sys.argv[1:])
+    info = await nc.jetstream().stream_info("MULTIMODULE")
+    print(info.cluster.leader)
+    await nc.close()
+
+asyncio.run(main())
+"""
+
 RECEIVE = """
 import json, sys
 from multimodule.transit import Transit
@@ -330,13 +343,16 @@ def test_one_nats_node_of_three_killed_mid_stream(network):
         daemon_b.start()
         producer = produce(a, count)
         sent_at_least(producer, 5_000)
-        nats.kill(0)
+        # The node leading the stream: its loss forces an election mid-stream
+        leader = a.python(STREAM_LEADER, *nats.urls_for(a)).stdout.strip()
+        victim = int(leader.removeprefix("n")) - 1
+        nats.kill(victim)
         sent_at_least(producer, 12_000)
-        nats.start(0)
+        nats.start(victim)
         done = receive(b, "TallyDone", timeout=300)
         assert producer.wait(60) == 0
-        print(f"one NATS node of three killed: tally {summary(done)}, a's bridge "
-              f"{bridge_figures(a)}")
+        print(f"the stream's leader ({leader}) of three NATS nodes killed: tally "
+              f"{summary(done)}, a's bridge {bridge_figures(a)}, b's {bridge_figures(b)}")
         assert_tally(done, count)
     finally:
         daemon_a.stop()
