@@ -62,6 +62,9 @@ class TaskHost(Protocol):
     def private_path(self, suffix: str) -> Path | None:
         """See :meth:`Task.private_path`."""
 
+    def set_stalled(self, stalled: bool) -> None:
+        """See :meth:`Task.set_stalled`."""
+
 
 @dataclass
 class TaskCounters:
@@ -191,6 +194,14 @@ class Task:
         queue. For a task that confirms to an outside system what it passed on (the Bridge
         acknowledges NATS only after this). Returns at once without journals."""
         await self._host.wait_sent()
+
+    def set_stalled(self, stalled: bool) -> None:
+        """Say that this task cannot keep up for now (``True``: its handler waits on
+        something outside, such as a server that is away) or that it can again (``False``).
+        While stalled and 1,024 messages behind, what tasks in this process send it goes
+        through its System V queue, whose fill holds them back in turn, so memory stays
+        bounded (as for a task whose own sends wait in full queues)."""
+        self._host.set_stalled(stalled)
 
     def private_path(self, suffix: str) -> Path | None:
         """``STATE_DIR/NAME.SUFFIX``: a file of this task's own in the state directory, for

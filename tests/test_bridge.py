@@ -140,6 +140,66 @@ def test_a_server_restart_loses_nothing_and_the_alerts_say_so(tmp_path, two_host
         server.stop()
 
 
+FLOOD = """
+from multimodule import Task
+
+class Flood(Task):
+    def message(self, message):
+        self.send("Out", {"n": message["n"]}, destination="hostB")
+"""
+
+HELD_BACK_PRODUCER = """
+import sys
+from multimodule.errors import QueueFull
+from multimodule.transit import Transit
+t = Transit(sys.argv[1])
+held = False
+for n in range(int(sys.argv[2])):
+    while True:
+        try:
+            t.send("Flood", {"n": n}, timeout=2)
+            break
+        except QueueFull:
+            if not held:
+                print("held back at", n, flush=True)
+                held = True
+print("sent all", flush=True)
+"""
+
+
+def test_servers_away_hold_senders_in_the_daemon_back_and_memory_stays_bounded(
+        tmp_path, two_hosts, spawn):
+    a, b = two_hosts["a"], two_hosts["b"]
+    server = NatsServer(tmp_path / "nats-away")
+    a.mm.task("Flood", FLOOD)
+    a.config(server.url, "[Flood]\n")
+    b.config(server.url)
+    daemon_a = a.mm.start()
+    b.mm.start()
+    count = 20_000
+    try:
+        # Given the NATS servers away, and a producer sending to Flood on host a, which sends
+        # each message on to host b (through a's Bridge, in the same daemon)
+        daemon_a.expect("stderr", "cannot reach the NATS servers", timeout=WAIT_S)
+        producer = spawn(HELD_BACK_PRODUCER, a.transit.path, count)
+        # Then the producer is held back (Bridge stalled -> its System V queue -> Flood
+        # paused -> Flood's queue full) long before it sent everything
+        line = producer.readline(timeout=WAIT_S)
+        assert line.startswith("held back at"), line
+        held_at = int(line.split()[-1])
+        assert held_at < count // 2
+        # And the Bridge holds at most about its high-water mark in memory
+        status = json.loads(a.mmctl("status", "--json").stdout)
+        assert status["tasks"]["Bridge"]["queue_depth"] <= 1024 + 256, status["tasks"]
+        # When the servers come: everything arrives on b, once, in order
+        server.start()
+        got = [b.transit.receive("Out", timeout=WAIT_S)["n"] for _ in range(count)]
+        assert got == list(range(count))
+        assert producer.readline(timeout=WAIT_S).startswith("sent all")
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("table, field", [
     ("replicas = 2", "Bridge.replicas"),
     ('servers = ["http://example.invalid"]', "Bridge.servers"),

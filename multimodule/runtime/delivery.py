@@ -8,7 +8,8 @@ tells runners when to pause: a task whose sent messages are held in a full overf
 input until the overflow has room again (backpressure through its own full queues).
 
 Backpressure crosses in-memory hops too (:meth:`Delivery.spilling`): once a task here that is
-paused is :data:`LOCAL_HIGH_WATER` messages behind, what tasks here send it goes through its
+paused (or that says it is stalled, :meth:`Delivery.stall`: the Bridge while NATS is away) is
+:data:`LOCAL_HIGH_WATER` messages behind, what tasks here send it goes through its
 System V queue instead (its receiver takes from there only while the task is less than 256
 behind), so the kernel queue and then the bounded overflow fill, and the senders are paused
 in turn, instead of the process's memory growing. (A task that is merely slower than its
@@ -53,6 +54,8 @@ class Delivery:
         #: their System V queue too: those whose in-memory sends may spill there.
         self.spillable: dict[str, tuple[LocalQueue, SysvQueue]] = {}
         self._spilling: set[str] = set()
+        #: Tasks that said they cannot keep up for now (:meth:`stall`).
+        self.stalled: set[str] = set()
         self._dirty: set[Journal] = set()
         self._flush_scheduled = False
         self._waiters: list[asyncio.Future] = []
@@ -109,17 +112,21 @@ class Delivery:
         """Task ``task`` left this process."""
         self.spillable.pop(task, None)
         self._spilling.discard(task)
+        self.stalled.discard(task)
 
     def spilling(self, qname: str) -> bool:
         """Whether sends from this process to task ``qname`` (running here) go through its
         System V queue now rather than in memory (see the module docstring)."""
         if qname not in self._spilling:
             overflow = self.overflow
-            if overflow is None or not overflow.full:  # the common case: nobody is paused
-                return False
+            if (overflow is None or not overflow.full) and not self.stalled:
+                return False  # the common case: nobody is paused
             queues = self.spillable.get(qname)
-            if (queues is None or len(queues[0]) < LOCAL_HIGH_WATER
-                    or not overflow.holds_from(qname)):
+            if queues is None or len(queues[0]) < LOCAL_HIGH_WATER:
+                return False
+            if qname not in self.stalled and not (overflow is not None
+                                                  and overflow.full
+                                                  and overflow.holds_from(qname)):
                 return False
             # What was sent in memory so far is written before anything goes the other way:
             # a message on the System V queue survives a kill at once, and must not be found
@@ -136,6 +143,15 @@ class Delivery:
             return True
         self._spilling.discard(qname)
         return False
+
+    def stall(self, task: str, stalled: bool) -> None:
+        """Task ``task`` says it cannot keep up for now (``stalled``: its handler waits on
+        something outside, such as the Bridge on NATS servers that are away), or that it can
+        again: while stalled it is treated as paused (see :meth:`spilling`)."""
+        if stalled:
+            self.stalled.add(task)
+        else:
+            self.stalled.discard(task)
 
     def on_room(self) -> None:
         """The overflow has room again, or sent a task's last held message (any thread)."""

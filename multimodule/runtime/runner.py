@@ -98,6 +98,9 @@ class DeliveryGuard(Protocol):
     def spill_path(self, task: str, local: Any, sysv: Any) -> None:
         """``task`` takes input from its in-memory queue ``local`` and from ``sysv``."""
 
+    def stall(self, task: str, stalled: bool) -> None:
+        """``task`` cannot keep up for now (or can again): hold its senders back."""
+
 
 #: ``failsafe(name, reason, **fields) -> bool``: put task ``name`` in failsafe because its
 #: handlers keep being cut off (``fields``: ``metric``, ``value`` for the alert); whether it is
@@ -352,6 +355,11 @@ class TaskRunner:
         except TASK_FAILURES as exc:
             self.report_error(f"{hook}() raised {type(exc).__name__}: {exc}",
                               traceback=traceback.format_exc())
+
+    def set_stalled(self, stalled: bool) -> None:
+        """See :meth:`Task.set_stalled`."""
+        if self.guard is not None:
+            self.guard.stall(self.name, stalled)
 
     def private_path(self, suffix: str) -> Path | None:
         """See :meth:`Task.private_path`."""

@@ -418,6 +418,8 @@ class Bridge(Task):
         attempts = 0
         while True:
             if not self.connected.is_set():
+                self.set_stalled(True)
+                attempts = max(attempts, 1)
                 await self.connected.wait()
             self.pending_acks += 1
             try:
@@ -431,11 +433,14 @@ class Bridge(Task):
                     await self.js.publish(subject, payload, stream=self.stream,
                                           headers=headers)
                 self.published += 1
+                if attempts:
+                    self.set_stalled(False)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the servers, not the message
                 attempts += 1
+                self.set_stalled(True)  # senders here are held back once 1,024 wait
                 self.publish_retries += 1
                 if attempts in (1, 10) or attempts % 100 == 0:
                     self.error(f"publish to {subject!r} failed ({attempts} attempts): "
