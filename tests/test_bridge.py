@@ -43,6 +43,9 @@ def test_a_message_crosses_with_its_id_origin_and_route(nats_server, two_hosts):
     status = json.loads(a.mmctl("status", "--json").stdout)
     figures = status["tasks"]["Bridge"]
     assert figures["bridge_published"] == 1 and figures["bridge_connected"] == 1
+    # And mmctl status says so in words, on both hosts
+    assert "bridge Bridge: connected; published 1, delivered 0" in a.mmctl("status").stdout
+    assert "published 0, delivered 1" in b.mmctl("status").stdout
 
 
 def test_order_is_kept_per_queue_and_a_queue_name_with_dots_stars_spaces_and_unicode(

@@ -309,6 +309,17 @@ def status_table(status: dict[str, Any]) -> list[str]:
                      "-" if fill is None else f"{100 * fill:.0f}%",
                      _num(r["restarts"], "{}"), error[:60]))
     lines += _columns(STATUS_HEADERS, rows)
+    for r in status["rows"]:
+        # A Bridge's own figures: its counters now if it runs here, else the last sample's.
+        figures = status.get("tasks", {}).get(r["name"]) or r
+        if "bridge_connected" in figures:
+            lines.append(
+                f"bridge {r['name']}: {'connected' if figures['bridge_connected'] else 'NOT CONNECTED'}"
+                f"; published {figures['bridge_published']}, delivered "
+                f"{figures['bridge_delivered']}, lag {figures['bridge_lag']}, pending acks "
+                f"{figures['bridge_pending_acks']}, reconnects {figures['bridge_reconnects']}, "
+                f"redeliveries dropped {figures['bridge_redeliveries_dropped']}, refused "
+                f"{figures['bridge_refused']}")
     for q in status.get("queues", []):
         if q["level"] != "ok":
             lines.append(f"queue {q['name']}: {100 * (q['queue_fill'] or 0):.0f}% full "
