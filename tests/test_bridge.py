@@ -203,6 +203,25 @@ def test_servers_away_hold_senders_in_the_daemon_back_and_memory_stays_bounded(
         server.stop()
 
 
+def test_a_new_servers_list_in_the_config_is_applied_without_a_restart(tmp_path, two_hosts):
+    first = NatsServer(tmp_path / "nats-1").start()
+    second = NatsServer(tmp_path / "nats-2").start()
+    try:
+        a, b = two_hosts["a"], two_hosts["b"]
+        start(a, first.url)
+        start(b, second.url)
+        daemon_a = a.mm.daemons[0]
+        # When a's config is changed to b's server (the daemon re-reads it)
+        a.mm.config(f'[Bridge]\nservers = ["{second.url}"]\n', atomic=True)
+        daemon_a.expect("stdout", f"connected to NATS ({second.url})", timeout=WAIT_S)
+        # Then a's sends reach b through it
+        a.transit.send("Out", {"n": 1}, destination="hostB")
+        assert b.transit.receive("Out", timeout=WAIT_S)["n"] == 1
+    finally:
+        first.stop()
+        second.stop()
+
+
 @pytest.mark.parametrize("table, field", [
     ("replicas = 2", "Bridge.replicas"),
     ('servers = ["http://example.invalid"]', "Bridge.servers"),

@@ -186,12 +186,14 @@ def test_a_message_goes_a_to_b_and_back_through_the_routers(network):
     # Router sends Pong's back to queue Back on host a
     daemon_a = HostDaemon(a, bridge_table(nats.urls_for(a)) + textwrap.dedent("""
         [Router]
-        routes = [ { match = { source = "Ping" }, forwards = [ { qname = "Pong", destination = "b" } ] },
-                   { match = { source = "Pong" }, forwards = [ { qname = "Back" } ] } ]
+        routes = [
+          { match = { source = "Ping" }, forwards = [ { qname = "Pong", destination = "b" } ] },
+          { match = { source = "Pong" }, forwards = [ { qname = "Back" } ] } ]
         """))
     daemon_b = HostDaemon(b, bridge_table(nats.urls_for(b)) + textwrap.dedent("""
         [Router]
-        routes = [ { match = { source = "Pong" }, forwards = [ { qname = "Router", destination = "a" } ] } ]
+        routes = [
+          { match = { source = "Pong" }, forwards = [ { qname = "Router", destination = "a" } ] } ]
         [Pong]
         """), {"Pong": ROUTED_PONG})
     try:

@@ -313,9 +313,9 @@ def status_table(status: dict[str, Any]) -> list[str]:
         # A Bridge's own figures: its counters now if it runs here, else the last sample's.
         figures = status.get("tasks", {}).get(r["name"]) or r
         if "bridge_connected" in figures:
+            connected = "connected" if figures["bridge_connected"] else "NOT CONNECTED"
             lines.append(
-                f"bridge {r['name']}: {'connected' if figures['bridge_connected'] else 'NOT CONNECTED'}"
-                f"; published {figures['bridge_published']}, delivered "
+                f"bridge {r['name']}: {connected}; published {figures['bridge_published']}, delivered "
                 f"{figures['bridge_delivered']}, lag {figures['bridge_lag']}, pending acks "
                 f"{figures['bridge_pending_acks']}, reconnects {figures['bridge_reconnects']}, "
                 f"redeliveries dropped {figures['bridge_redeliveries_dropped']}, refused "

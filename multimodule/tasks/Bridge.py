@@ -15,7 +15,7 @@ policy *all*) takes the messages for this host in stream order. Each batch is de
 the local queues they name (the message keeps its id, send time and origin, and gains this
 host in ``.ipc_transit_meta.route``), the Bridge waits until they are safe from a kill (in the
 receiving tasks' journals or System V queues, :meth:`Task.wait_sent`), records the batch's last
-stream sequence in ``STATE_DIR/Bridge.inbound`` and only then acknowledges it. When it starts
+stream sequence in ``STATE_DIR/Bridge.inbound-STREAM`` and only then acknowledges it. When it starts
 and after every reconnection the consumer is made again from the recorded sequence on (so a
 pull subscription never goes silent after a server restart, and nothing delivered is taken
 again); a message JetStream delivers again anyway (its sequence is not above the recorded one)
@@ -93,6 +93,9 @@ SUBJECT_ROOT = "mm"
 OBJECT_HEADER = "Mm-Object"
 #: Bytes kept free under ``max_payload`` for headers when deciding what is "large".
 HEADER_ROOM = 1024
+#: Size of the record of the last stream sequence delivered (a sequence and an escaped host
+#: name, at most 3 * 253 characters), written in one ``pwrite``.
+RECORD_BYTES = 1024
 #: Seconds between two attempts to reach the servers at start, at most.
 MAX_BACKOFF_S = 2.0
 
@@ -138,7 +141,7 @@ def redact(url: str) -> str:
 class Bridge(Task):
     """See the module docstring. Stateful, so that it may run in its own process
     (``is_external = true``); its state shows the last stream sequence delivered here
-    (``inbound_seq``), whose record of truth is ``STATE_DIR/Bridge.inbound``."""
+    (``inbound_seq``), whose record of truth is ``STATE_DIR/Bridge.inbound-STREAM``."""
 
     is_stateful = True
 
@@ -192,27 +195,33 @@ class Bridge(Task):
 
     def set_config(self, config: dict[str, Any]) -> None:
         settings = self.settings or self.Config()
-        first = getattr(self, "settings_in_use", None) is None
+        if getattr(self, "settings_in_use", None) is None:
+            self._init_figures()
+        elif settings == self.settings_in_use:
+            return
+        else:
+            self._generation += 1
+            # A new config (servers, TLS, host, stream): start again with it.
+            self._runner.cancel()
+            self.connected.clear()
+            if self.nc is not None:
+                asyncio.get_running_loop().create_task(self._close(self.nc))
+                self.nc = self.js = self.objects = None
+            self._close_record()
         self.settings_in_use = settings
         self.host = settings.host or hostname()
         self.stream = settings.stream
-        if first:
-            self._init_figures()
-            self._seq_path = self.private_path("inbound")
-            self.delivered_seq = self._read_seq()
-            self._runner = asyncio.get_running_loop().create_task(
-                self._run(), name="bridge")
-        elif self.nc is not None:
-            # New servers, TLS or stream: connect again with them.
-            self._restart = True
-            asyncio.get_running_loop().create_task(self.nc.close())
+        self._seq_path = self.private_path(f"inbound-{self.stream}")
+        self.delivered_seq = self._read_seq()
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="bridge")
 
     def _init_figures(self) -> None:
         self.nc: Any = None
         self.js: Any = None
         self.objects: Any = None
         self.connected = asyncio.Event()
-        self._restart = False
+        #: Changes with every new config and at the stop (see :meth:`_run`).
+        self._generation = 0
         self._unreachable = False
         self._seq_fd: int | None = None
         self.published = self.delivered = self.pending_acks = 0
@@ -228,18 +237,23 @@ class Bridge(Task):
         # connection stays for the outbound messages still to be handled.
         runner = getattr(self, "_runner", None)
         if runner is not None:
+            self._generation += 1
             runner.cancel()
 
     def stopped(self) -> None:
         if getattr(self, "nc", None) is not None:
-            asyncio.get_running_loop().create_task(self._close())
+            asyncio.get_running_loop().create_task(self._close(self.nc))
+        self._close_record()
+
+    def _close_record(self) -> None:
         if getattr(self, "_seq_fd", None) is not None:
             os.close(self._seq_fd)
             self._seq_fd = None
 
-    async def _close(self) -> None:
+    @staticmethod
+    async def _close(nc: Any) -> None:
         try:
-            await self.nc.close()
+            await nc.close()
         except Exception:  # noqa: BLE001 - closing a connection that already failed
             pass
 
@@ -260,16 +274,25 @@ class Bridge(Task):
     def _servers_text(self) -> str:
         return ", ".join(redact(url) for url in self.settings_in_use.servers)
 
-    def _connect_options(self) -> dict[str, Any]:
+    def _connect_options(self, generation: int) -> dict[str, Any]:
         settings = self.settings_in_use
+
+        def current(handler: Any) -> Any:
+            # A connection of an earlier generation (a config since replaced, closing in
+            # the background) must not touch the state of the current one.
+            async def callback(*args: Any) -> None:
+                if generation == self._generation:
+                    await handler(*args)
+            return callback
+
         options: dict[str, Any] = {
             "servers": settings.servers, "name": f"multimodule-bridge-{self.host}",
             "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5, "connect_timeout": 2,
             # A link that drops packets is noticed within about 15 s (nats-py: 2 minutes).
             "ping_interval": 5, "max_outstanding_pings": 3,
-            "allow_reconnect": True, "disconnected_cb": self._disconnected,
-            "reconnected_cb": self._reconnected, "error_cb": self._nats_error,
-            "closed_cb": self._closed,
+            "allow_reconnect": True, "disconnected_cb": current(self._disconnected),
+            "reconnected_cb": current(self._reconnected), "error_cb": current(self._nats_error),
+            "closed_cb": current(self._closed),
         }
         if settings.ca or settings.cert or any(u.startswith("tls:") for u in settings.servers):
             context = ssl.create_default_context(
@@ -283,16 +306,17 @@ class Bridge(Task):
 
     async def _run(self) -> None:
         """Connect (again and again, until connected), set up the stream, then take this
-        host's messages until cancelled."""
+        host's messages until cancelled or superseded (a new config, a stop: the generation
+        changes, so a cancellation the client library swallows still ends this loop)."""
         import nats
 
+        generation = self._generation
         delay = 0.1
-        while True:
-            self._restart = False
+        while generation == self._generation:
             try:
                 # Tries for ever (max_reconnect_attempts -1), each failure through
                 # _nats_error, which alerts once.
-                self.nc = await nats.connect(**self._connect_options())
+                nc = await nats.connect(**self._connect_options(generation))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - e.g. a bad certificate file
@@ -300,10 +324,14 @@ class Bridge(Task):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
+            if generation != self._generation:
+                await self._close(nc)
+                return
+            self.nc = nc
             if self._unreachable:
                 self.alert("NATS servers reached again", servers=self._servers_text())
             self._unreachable, delay = False, 0.1
-            self.js = self.nc.jetstream(timeout=self.settings_in_use.publish_timeout_s)
+            self.js = nc.jetstream(timeout=self.settings_in_use.publish_timeout_s)
             self.log(f"connected to NATS ({self._servers_text()}) as host {self.host!r}, "
                      f"stream {self.stream!r}")
             try:
@@ -313,9 +341,12 @@ class Bridge(Task):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - start again from a fresh connection
-                self.error(f"bridge connection failed: {_describe(exc)}; connecting again")
-            self.connected.clear()
-            await self._close()
+                if generation == self._generation:
+                    self.error(f"bridge connection failed: {_describe(exc)}; connecting "
+                               "again")
+            if generation == self._generation:
+                self.connected.clear()
+            await self._close(nc)
             await asyncio.sleep(delay)
 
     async def _ensure_stream(self) -> None:
@@ -409,7 +440,10 @@ class Bridge(Task):
             self.refused += 1
             raise MessageTooLarge(len(payload), limit)
         subject = subject_for(self.stream, host, qname)
-        headers = {"Nats-Msg-Id": message_id_for(str(out_meta.get("id")), subject)}
+        message_id = out_meta.get("id")
+        if message_id.__class__ is not str:  # not dropped as a duplicate of another
+            message_id = out_meta["id"] = os.urandom(16).hex()
+        headers = {"Nats-Msg-Id": message_id_for(message_id, subject)}
         await self._publish(subject, payload, headers)
 
     async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
@@ -454,6 +488,8 @@ class Bridge(Task):
     # -- inbound -----------------------------------------------------------------------------
 
     def _read_seq(self) -> int:
+        """The last stream sequence delivered here, from ``STATE_DIR/Bridge.inbound-STREAM``
+        (``SEQ HOST``, the host escaped), 0 if none or recorded for another host name."""
         path = self._seq_path
         if path is None:
             return 0
@@ -463,20 +499,24 @@ class Bridge(Task):
             raise BridgeError(f"cannot open {path}: {exc}") from exc
         os.fchmod(fd, 0o600)
         self._seq_fd = fd
-        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-        try:
-            return int(text) if text else 0
-        except ValueError:
-            self.error(f"{path} holds {text!r}, not a stream sequence: taking this host's "
-                       "messages from the start of the stream")
+        text = os.pread(fd, RECORD_BYTES, 0).decode("ascii", "replace").strip()
+        if not text:
             return 0
+        seq, _, host = text.partition(" ")
+        if host != escape_token(self.host) or not seq.isdigit():
+            self.log(f"{path} is not a record of host {self.host!r}: going on from what "
+                     "the stream's consumer for this host acknowledged")
+            return 0
+        return int(seq)
 
     def _record_seq(self, seq: int) -> None:
-        """One ``pwrite`` of a fixed-size record: what a kill leaves is the old or the new."""
+        """One ``pwrite`` of a fixed-size record within one page: what a kill leaves is the
+        old record or the new."""
         self.delivered_seq = seq
         self.state["inbound_seq"] = seq
         if self._seq_fd is not None:
-            os.pwrite(self._seq_fd, f"{seq:<31d}\n".encode("ascii"), 0)
+            record = f"{seq} {escape_token(self.host)}".ljust(RECORD_BYTES - 1) + "\n"
+            os.pwrite(self._seq_fd, record.encode("ascii"), 0)
 
     async def _subscribe(self) -> Any:
         """The host's durable pull consumer, made again from the next undelivered sequence."""
@@ -510,11 +550,11 @@ class Bridge(Task):
         from nats.errors import TimeoutError as NatsTimeout
 
         batch = self.settings_in_use.batch
-        while not self._restart:
+        while True:
             self._resubscribe.clear()
             subscription = await self._subscribe()
             checked = 0.0
-            while not self._resubscribe.is_set() and not self._restart:
+            while not self._resubscribe.is_set():
                 try:
                     messages = await subscription.fetch(batch, timeout=1.0)
                 except (TimeoutError, NatsTimeout):
