@@ -27,6 +27,7 @@ names the file and the field (``Router.routes.0.forwards``) or the line and colu
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -229,17 +230,48 @@ class TaskSection(BaseModel):
         return value
 
 
+#: ``scheme://user:password@`` in a URL: what :func:`redact` hides.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*)"
+                           r"(?::[^/@\s]*)?@")
+#: Keys of a config table whose values are never shown.
+SECRET_KEYS = frozenset({"password", "token", "secret", "pass", "passwd"})
+
+
+def redact(value: Any) -> Any:
+    """``value`` (a config value or table, or a text) with secrets hidden: the password or
+    token of every URL (``nats://u:pw@h`` -> ``nats://u:***@h``, ``nats://tok@h`` ->
+    ``nats://***@h``) and the values of keys named like a password (:data:`SECRET_KEYS`).
+    For logs, status, ``mmctl config`` and error messages."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(_hide, value) if "@" in value else value
+    if isinstance(value, dict):
+        return {k: "***" if isinstance(k, str) and k.lower() in SECRET_KEYS else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def _hide(match: re.Match[str]) -> str:
+    whole = match.group(0)
+    user = match.group("user")
+    if ":" in whole[len(match.group("scheme")):]:
+        return f"{match.group('scheme')}{user}:***@"
+    return f"{match.group('scheme')}***@"
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per pydantic error: ``field.path: message (got value)``."""
+    """One line per pydantic error: ``field.path: message (got value)``, with secrets
+    hidden (see :func:`redact`)."""
     lines = []
     for err in exc.errors():
         # pydantic marks a bad dict key with a "[key]" step after it; the key names it.
         loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p not in ("", "[key]"))
-        got = err.get("input")
+        got = redact(err.get("input"))
         shown = repr(got)
         if len(shown) > 60:
             shown = shown[:57] + "..."
-        lines.append(f"{loc or '(top level)'}: {err['msg']} (got {shown})")
+        lines.append(f"{loc or '(top level)'}: {redact(err['msg'])} (got {shown})")
     return "; ".join(lines)
 
 

@@ -51,10 +51,13 @@ class TaskHost(Protocol):
         """Send ``message`` to queue ``qname`` (on host ``destination``, if another) without
         blocking the event loop (``owned``, ``destination``: see :meth:`Task.send`)."""
 
-    async def wait_sent(self) -> None:
+    async def wait_sent(self, written: Callable[[], None] | None = None) -> None:
         """Return once everything this task sent so far is safe from a kill of this process:
         written to the receiving task's journal here, or in a System V queue (seconds: as
-        long as a full queue makes it wait)."""
+        long as a full queue makes it wait); ``written``: see :meth:`Task.wait_sent`."""
+
+    def sends_held(self) -> bool:
+        """See :meth:`Task.sends_held`."""
 
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """Schedule ``work`` every ``interval`` seconds under ``name`` for ``task``."""
@@ -188,12 +191,20 @@ class Task:
             self._host.send(qname, message, owned=owned, destination=destination)
         self.counters.messages_out += 1
 
-    async def wait_sent(self) -> None:
+    async def wait_sent(self, written: Callable[[], None] | None = None) -> None:
         """Wait until every message this task sent so far is safe from a kill of this
         process: in the receiving task's journal (a task in this process) or in a System V
         queue. For a task that confirms to an outside system what it passed on (the Bridge
-        acknowledges NATS only after this). Returns at once without journals."""
-        await self._host.wait_sent()
+        acknowledges NATS only after this). ``written``: called once the journals are
+        written, before waiting for messages held back by full queues (so everything sent
+        before the first of those is safe when it runs). Returns at once without journals.
+        """
+        await self._host.wait_sent(written)
+
+    def sends_held(self) -> bool:
+        """Whether messages this task sent wait for room in a full queue (they are not safe
+        from a kill of this process yet; :meth:`wait_sent` waits for them)."""
+        return self._host.sends_held()
 
     def set_stalled(self, stalled: bool) -> None:
         """Say that this task cannot keep up for now (``True``: its handler waits on

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
-from multimodule.tasks.Bridge import escape_token, message_id_for, redact, unescape_token
+from multimodule.config import redact
+from multimodule.tasks.Bridge import escape_token, message_id_for, unescape_token
 from multimodule.transit import META_KEY
 from natsserver import NatsServer, free_port, nats_server, two_hosts  # noqa: F401
 
@@ -37,7 +39,7 @@ def test_a_message_crosses_with_its_id_origin_and_route(nats_server, two_hosts):
     assert got == {"n": 1, "text": "héllo"}
     assert meta["id"] == "msg-1"
     assert meta["source_hostname"] == socket.gethostname()  # the sending process's host
-    assert meta["route"] == [socket.gethostname(), "hostB"]
+    assert meta["route"] == [socket.gethostname(), "hostb"]  # host names without case
     # And A's queue "Out" never existed, and A's Bridge counts it as published
     assert not a.transit.exists("Out")
     status = json.loads(a.mmctl("status", "--json").stdout)
@@ -222,31 +224,72 @@ def test_a_new_servers_list_in_the_config_is_applied_without_a_restart(tmp_path,
         second.stop()
 
 
+def test_a_kill_while_the_destination_queue_is_full_delivers_nothing_twice(
+        nats_server, two_hosts):
+    a, b = two_hosts["a"], two_hosts["b"]
+    start(a, nats_server.url)
+    b.config(nats_server.url)
+    count = 2000
+    # Given 2,000 messages waiting in the stream for host b's queue Inbox, nobody reading it
+    for n in range(count):
+        a.transit.send("Inbox", {"n": n}, destination="hostB")
+    daemon_b = b.mm.start()
+    daemon_b.expect("stdout", "connected to NATS", timeout=WAIT_S)
+    # When b's Bridge has filled Inbox (its next message waits for room) and b is killed -9
+    deadline = time.monotonic() + WAIT_S
+    while not (b.transit.exists("Inbox") and b.transit.stat("Inbox").messages >= 100
+               and json.loads(b.mmctl("status", "--json").stdout)["outboxes"]):
+        assert time.monotonic() < deadline, "b's Bridge never filled Inbox"
+        time.sleep(0.05)
+    daemon_b.proc.kill()
+    daemon_b.wait_exit()
+    b.mm.start().expect("stdout", "connected to NATS", timeout=WAIT_S)
+    # Then Inbox gets each of the 2,000 once, in order
+    got = [b.transit.receive("Inbox", timeout=WAIT_S)["n"] for _ in range(count)]
+    assert got == list(range(count))
+    assert b.transit.stat("Inbox").messages == 0
+
+
 @pytest.mark.parametrize("table, field", [
     ("replicas = 2", "Bridge.replicas"),
     ('servers = ["http://example.invalid"]', "Bridge.servers"),
     ('stream = "a.b"', "Bridge.stream"),
     ('host = "two words"', "Bridge.host"),
-    ('cert = "c.pem"', "cert and key go together"),
+    ('cert = "{config}"', "cert and key go together"),
+    ('ca = "missing.pem"', "Bridge.ca"),
+    ('credentials = "missing.creds"', "Bridge.credentials"),
+    ('servers = ["nats://127.0.0.1:99999"]', "Bridge.servers"),
+    ("replicas = true", "Bridge.replicas"),
+    ("max_age_s = inf", "Bridge.max_age_s"),
     ("batchh = 3", "Bridge.batchh"),
 ])
 def test_a_bad_bridge_config_is_refused_naming_the_field(mm, table, field):
-    mm.config(f"[Bridge]\n{table}\n")
+    mm.config(f"[Bridge]\n{table.format(config=mm.config_path)}\n")
     result = mm.run_daemon()
     assert result.returncode != 0
     assert field in result.stderr, result.stderr
 
 
-def test_a_password_in_a_server_url_never_shows(nats_server, two_hosts):
+def test_a_password_in_a_server_url_never_shows(nats_server, two_hosts, mm):
     a = two_hosts["a"]
     url = nats_server.url.replace("nats://", "nats://user:s3cret@")
     a.config(url)
     daemon = a.mm.start()
     line = daemon.expect("stdout", "connected to NATS", timeout=WAIT_S)
     assert "user:***@" in line
-    status = a.mmctl("status", "--json").stdout
-    assert "s3cret" not in daemon.output() and "s3cret" not in status
+    # Not in the status, the config the daemon shows, nor the daemon's output
+    shown = [a.mmctl("status", "--json").stdout, a.mmctl("status").stdout,
+             a.mmctl("config", "Bridge").stdout, daemon.output()]
+    assert "s3cret" not in "".join(shown)
+    assert "user:***@" in shown[2]
+    # Nor in the error a bad config gets
+    mm.config(f'[Bridge]\nservers = ["{url}", "ftp://x"]\ncert = "{mm.config_path}"\n')
+    result = mm.run_daemon()
+    assert result.returncode != 0 and "Bridge.servers" in result.stderr
+    assert "s3cret" not in result.stderr, result.stderr
     assert redact(url) == url.replace("s3cret", "***")
+    assert redact({"token": "t0k", "urls": ["nats://t0k@h"]}) == {"token": "***",
+                                                                  "urls": ["nats://***@h"]}
 
 
 @pytest.mark.parametrize("text", ["plain", "a.b", "*", ">", "sp ace", "tab\t", "ünï", "%41",

@@ -44,14 +44,18 @@ import os, sys
 os.environ["MULTIMODULE_HOSTNAME"] = "hostA"
 from multimodule import transit
 transit.send("Here", {"n": 1}, destination="hostA")
+transit.send("Here", {"n": 3}, destination="HOSTa")
 transit.send("There", {"n": 2}, destination="hostB")
 """)
     assert child.finish() == 0
     # Then a send to hostA stayed local and one to hostB went to the Bridge
     here = transit.receive("Here", timeout=5)
     assert here[META_KEY]["source_hostname"] == "hostA"
+    assert transit.receive("Here", timeout=5)["n"] == 3
     there = transit.receive("Bridge", timeout=5)
-    assert there[META_KEY]["destination_host"] == "hostB"
+    assert there[META_KEY]["destination_host"] == "hostb"  # carried in lower case
+    # And this host's own name in another case is a local send too
+
 
 
 @pytest.mark.parametrize("destination, words", [

@@ -319,7 +319,9 @@ def status_table(status: dict[str, Any]) -> list[str]:
                 f"{figures['bridge_delivered']}, lag {figures['bridge_lag']}, pending acks "
                 f"{figures['bridge_pending_acks']}, reconnects {figures['bridge_reconnects']}, "
                 f"redeliveries dropped {figures['bridge_redeliveries_dropped']}, refused "
-                f"{figures['bridge_refused']}")
+                f"{figures['bridge_refused']}, publish retries "
+                f"{figures['bridge_publish_retries']}, deliveries missed "
+                f"{figures.get('bridge_deliveries_missed', 0)}")
     for q in status.get("queues", []):
         if q["level"] != "ok":
             lines.append(f"queue {q['name']}: {100 * (q['queue_fill'] or 0):.0f}% full "

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from multimodule.config import (DaemonOptions, check_config, options_path, parse_limits,
+from multimodule.config import (DaemonOptions, check_config, options_path, parse_limits, redact,
                                 published_options)
 from multimodule.errors import (
     ConfigError,
@@ -301,7 +301,7 @@ class Daemon(HostProcess):
             # Not running here: its config in force, and its state as last saved.
             reply["where"] = "failsafe" if name in self.failsafe.marks else "external"
             if what == "config":
-                reply["config"] = self.configs.effective(name)
+                reply["config"] = redact(self.configs.effective(name))
                 return reply
             try:
                 reply["state"] = self.store.saved(name)
@@ -314,7 +314,7 @@ class Daemon(HostProcess):
             reply["state"] = runner.task.state if runner.cls.is_stateful else None
             reply["stateful"] = runner.cls.is_stateful
         else:
-            reply["config"] = runner.task.config
+            reply["config"] = redact(runner.task.config)
         return reply
 
     # -- failsafe's stop/start pair --------------------------------------------------------

@@ -55,7 +55,10 @@ PROMETHEUS_GAUGES = {
     "message_failures": ("multimodule_task_message_failures", "Handler failures"),
 }
 
-#: Help of the Bridge's figures (row fields ``bridge_*``, exported as ``multimodule_bridge_*``).
+#: The Bridge's figures that go up and down; the others are counters (``..._total``).
+BRIDGE_GAUGES = frozenset({"bridge_connected", "bridge_pending_acks", "bridge_lag"})
+#: Help of the Bridge's figures (row fields ``bridge_*``, exported as ``multimodule_bridge_*``;
+#: counters get prometheus_client's ``_total`` suffix).
 BRIDGE_HELP = {
     "bridge_connected": "1 while the Bridge is connected to a NATS server",
     "bridge_published": "Messages published to other hosts and acknowledged by JetStream",
@@ -67,6 +70,7 @@ BRIDGE_HELP = {
     "bridge_publish_retries": "Publishes tried again after a failure or timeout",
     "bridge_refused": "Messages refused (too large, no destination, not decodable)",
     "bridge_deliveries_missed": "Deliveries that never reached the Bridge (taken again)",
+    "bridge_publish_duplicates": "Publishes JetStream had already (same Nats-Msg-Id)",
 }
 
 LEVEL_NUMBER = {"ok": 0, "warn": 1, "severe": 2, "failsafe": 3}
@@ -85,7 +89,7 @@ class PrometheusCollector:
         self.loop = loop
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         async def rows() -> list[dict[str, Any]]:
             return self.rows()
@@ -111,9 +115,11 @@ class PrometheusCollector:
             for field, value in row.items():
                 if field.startswith("bridge_") and isinstance(value, (int, float)):
                     if field not in bridge:
-                        bridge[field] = GaugeMetricFamily(
-                            f"multimodule_{field}", BRIDGE_HELP.get(field, field),
-                            labels=["task", "kind"])
+                        kind = GaugeMetricFamily if field in BRIDGE_GAUGES \
+                            else CounterMetricFamily  # counts since the Bridge started
+                        bridge[field] = kind(f"multimodule_{field}",
+                                             BRIDGE_HELP.get(field, field),
+                                             labels=["task", "kind"])
                     bridge[field].add_metric(labels, float(value))
             level.add_metric(labels, LEVEL_NUMBER.get(row["level"], 0))
             running.add_metric(labels, 1 if row["state"] == "running" else 0)

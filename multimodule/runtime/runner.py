@@ -307,15 +307,21 @@ class TaskRunner:
         else:
             self._send(qname, message, owned=owned, origin=self.name, destination=destination)
 
-    async def wait_sent(self) -> None:
-        """See :meth:`TaskHost.wait_sent`: journals written now, then wait while the overflow
+    async def wait_sent(self, written: Callable[[], None] | None = None) -> None:
+        """See :meth:`Task.wait_sent`: journals written now, then wait while the overflow
         holds what this task sent."""
         guard = self.guard
         if guard is None:
             return
         guard.flush_journals()
+        if written is not None:
+            written()
         if guard.holds_from(self.name):
             await guard.wait_released(self.name)
+
+    def sends_held(self) -> bool:
+        """See :meth:`Task.sends_held`."""
+        return self.guard is not None and self.guard.holds_from(self.name)
 
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """Create or change the schedule ``name`` (see :meth:`Task.named_recur`): the same

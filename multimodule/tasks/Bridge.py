@@ -58,18 +58,19 @@ import ssl
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     StringConstraints,
     field_validator,
     model_validator,
 )
 
-from multimodule.config import HostName
+from multimodule.config import HostName, redact
 from multimodule.errors import (
     BadMessage,
     BridgeError,
@@ -96,6 +97,10 @@ HEADER_ROOM = 1024
 #: Size of the record of the last stream sequence delivered (a sequence and an escaped host
 #: name, at most 3 * 253 characters), written in one ``pwrite``.
 RECORD_BYTES = 1024
+#: Failures to make or read the stream before an alert (an election takes a few).
+STREAM_ALERT_AFTER = 10
+#: Seconds between two readings of the consumer's backlog (``bridge_lag``).
+LAG_INTERVAL_S = 1.0
 #: Seconds between two attempts to reach the servers at start, at most.
 MAX_BACKOFF_S = 2.0
 
@@ -128,16 +133,6 @@ def message_id_for(message_id: str, subject: str) -> str:
     return hashlib.blake2b(f"{message_id}\0{subject}".encode(), digest_size=16).hexdigest()
 
 
-def redact(url: str) -> str:
-    """``url`` with any password or token replaced by ``***`` (for logs and status)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    user = "***" if parts.password is None else f"{parts.username}:***"
-    netloc = f"{user}@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class Bridge(Task):
     """See the module docstring. Stateful, so that it may run in its own process
     (``is_external = true``); its state shows the last stream sequence delivered here
@@ -146,7 +141,7 @@ class Bridge(Task):
     is_stateful = True
 
     class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         servers: list[str] = Field(
             default_factory=lambda: ["nats://127.0.0.1:4222"], min_length=1,
             description="NATS server URLs (nats:// or tls://)")
@@ -156,10 +151,11 @@ class Bridge(Task):
         stream: StreamName = Field("MULTIMODULE", description="the JetStream stream")
         replicas: Literal[1, 3] = Field(1, description="copies of the stream (3 on a "
                                                        "three-node cluster)")
-        ca: Path | None = Field(None, description="CA certificate of the servers (PEM)")
-        cert: Path | None = Field(None, description="client certificate (PEM)")
-        key: Path | None = Field(None, description="client certificate's key (PEM)")
-        credentials: Path | None = Field(None, description="NATS user credentials file")
+        ca: FilePath | None = Field(None, description="CA certificate of the servers (PEM)")
+        cert: FilePath | None = Field(None, description="client certificate (PEM)")
+        key: FilePath | None = Field(None, description="client certificate's key (PEM)")
+        credentials: FilePath | None = Field(None,
+                                             description="NATS user credentials file")
         max_message_bytes: int = Field(64 << 20, ge=1024, le=1 << 30,
                                        description="largest message carried, bytes")
         batch: int = Field(256, ge=1, le=10_000, description="messages taken per fetch")
@@ -168,7 +164,7 @@ class Bridge(Task):
         duplicate_window_s: float = Field(600.0, ge=1, le=86_400,
                                           description="seconds JetStream drops a message "
                                                       "published again with the same id")
-        max_age_s: float = Field(7 * 86_400.0, ge=60,
+        max_age_s: float = Field(7 * 86_400.0, ge=60, le=10 * 366 * 86_400,
                                  description="seconds a message waits in the stream for a "
                                              "host that does not take it")
 
@@ -181,8 +177,20 @@ class Bridge(Task):
         @classmethod
         def _urls(cls, value: list[str]) -> list[str]:
             for url in value:
-                if urlsplit(url).scheme not in ("nats", "tls") or not urlsplit(url).hostname:
+                parts = urlsplit(url)
+                try:
+                    parts.port  # noqa: B018 - raises ValueError when out of range
+                except ValueError as exc:
+                    raise ValueError(f"{redact(url)!r}: {exc}") from None
+                if parts.scheme not in ("nats", "tls") or not parts.hostname:
                     raise ValueError(f"{redact(url)!r} is not a nats:// or tls:// URL")
+            return value
+
+        @field_validator("replicas", mode="before")
+        @classmethod
+        def _not_a_bool(cls, value: Any) -> Any:
+            if isinstance(value, bool):
+                raise ValueError("replicas is a number, 1 or 3, not true or false")
             return value
 
         @model_validator(mode="after")
@@ -209,7 +217,7 @@ class Bridge(Task):
                 self.nc = self.js = self.objects = None
             self._close_record()
         self.settings_in_use = settings
-        self.host = settings.host or hostname()
+        self.host = (settings.host or hostname()).lower()
         self.stream = settings.stream
         self._seq_path = self.private_path(f"inbound-{self.stream}")
         self.delivered_seq = self._read_seq()
@@ -228,6 +236,7 @@ class Bridge(Task):
         self.redeliveries_dropped = self.reconnects = self.publish_retries = 0
         self.refused = 0
         self.deliveries_missed = 0
+        self.publish_duplicates = 0
         self._consumer_seq = 0
         self.lag = 0
         self._resubscribe = asyncio.Event()
@@ -267,7 +276,8 @@ class Bridge(Task):
                 "bridge_reconnects": self.reconnects, "bridge_lag": self.lag,
                 "bridge_publish_retries": self.publish_retries,
                 "bridge_refused": self.refused,
-                "bridge_deliveries_missed": self.deliveries_missed}
+                "bridge_deliveries_missed": self.deliveries_missed,
+                "bridge_publish_duplicates": self.publish_duplicates}
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -359,6 +369,7 @@ class Bridge(Task):
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             num_replicas=settings.replicas, duplicate_window=settings.duplicate_window_s,
             max_age=settings.max_age_s)
+        failures = 0
         while True:
             try:
                 try:
@@ -371,8 +382,14 @@ class Bridge(Task):
             except Exception as exc:  # noqa: BLE001 - e.g. no JetStream leader yet
                 if not self.nc.is_connected:
                     raise
-                self.debug(f"stream {self.stream!r} not ready: {_describe(exc)}")
-                await asyncio.sleep(0.2)
+                failures += 1
+                if failures == STREAM_ALERT_AFTER:  # not an election: say why, once
+                    self.alert(f"stream {self.stream!r} cannot be made or read: "
+                               f"{_describe(exc)}; trying again (replicas = "
+                               f"{settings.replicas}: a cluster of at least that many nodes?)")
+                else:
+                    self.debug(f"stream {self.stream!r} not ready: {_describe(exc)}")
+                await asyncio.sleep(min(0.2 * failures, MAX_BACKOFF_S))
 
     async def _objects(self) -> Any:
         if self.objects is None:
@@ -461,12 +478,19 @@ class Bridge(Task):
                     objects = await self._objects()
                     name = headers["Nats-Msg-Id"]
                     await objects.put(name, payload)
-                    await self.js.publish(subject, b"", stream=self.stream,
-                                          headers={**headers, OBJECT_HEADER: name})
+                    ack = await self.js.publish(subject, b"", stream=self.stream,
+                                                headers={**headers, OBJECT_HEADER: name})
                 else:
-                    await self.js.publish(subject, payload, stream=self.stream,
-                                          headers=headers)
-                self.published += 1
+                    ack = await self.js.publish(subject, payload, stream=self.stream,
+                                                headers=headers)
+                if ack.duplicate:
+                    # Published before (a crash replayed it), or another message given the
+                    # same id within duplicate_window_s: JetStream keeps the first.
+                    self.publish_duplicates += 1
+                    self.debug(f"JetStream already had message {headers['Nats-Msg-Id']} for "
+                               f"{subject!r}: kept the first", subject=subject)
+                else:
+                    self.published += 1
                 if attempts:
                     self.set_stalled(False)
                 return
@@ -553,25 +577,35 @@ class Bridge(Task):
         while True:
             self._resubscribe.clear()
             subscription = await self._subscribe()
-            checked = 0.0
-            while not self._resubscribe.is_set():
-                try:
-                    messages = await subscription.fetch(batch, timeout=1.0)
-                except (TimeoutError, NatsTimeout):
-                    messages = []
-                if messages:
-                    # Shielded: a stop does not cut a batch between delivery and record.
-                    await asyncio.shield(self._deliver(messages))
-                if time.monotonic() - checked > 1.0 and self.nc.is_connected:
-                    checked = time.monotonic()
+            watcher = asyncio.get_running_loop().create_task(self._watch_lag(subscription))
+            try:
+                while not self._resubscribe.is_set():
                     try:
-                        self.lag = (await subscription.consumer_info()).num_pending or 0
+                        messages = await subscription.fetch(batch, timeout=1.0)
                     except (TimeoutError, NatsTimeout):
-                        pass
+                        messages = []
+                    if messages:
+                        # Shielded: a stop does not cut a batch between delivery and record.
+                        await asyncio.shield(self._deliver(messages))
+            finally:
+                watcher.cancel()
             try:
                 await subscription.unsubscribe()
             except Exception:  # noqa: BLE001 - the old connection's subscription
                 pass
+
+    async def _watch_lag(self, subscription: Any) -> None:
+        """Every second: how many messages for this host the stream still holds (also while
+        a batch waits for room in a full queue here)."""
+        while True:
+            try:
+                info = await subscription.consumer_info()
+                self.lag = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a figure: try again at the next second
+                pass
+            await asyncio.sleep(LAG_INTERVAL_S)
 
     async def _deliver(self, messages: list[Any]) -> None:
         """Deliver a batch in stream order, make it safe, record it, acknowledge it.
@@ -601,10 +635,17 @@ class Bridge(Task):
             if seq <= self.delivered_seq:
                 self.redeliveries_dropped += 1
                 continue
+            before = self.delivered_seq
             qname = await self._deliver_one(msg, await self._payload(msg, large))
             if qname is not None:
                 self.delivered += 1
             self.delivered_seq = seq
+            if self.sends_held():
+                # This one waits for room in a full queue; every one before it is safe once
+                # the journals are written: record them, so that a kill while this one
+                # waits (maybe for long) takes none of them again.
+                await self.wait_sent(written=lambda: self._record_seq(before))
+                self._record_seq(seq)
         if last is None:
             return
         await self.wait_sent()

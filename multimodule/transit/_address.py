@@ -6,7 +6,8 @@ and ``destination_qname`` (the queue there). The Bridge publishes it to NATS Jet
 Bridge on that host delivers it into its local queue ``destination_qname`` (see
 ``multimodule.tasks.Bridge``). A destination equal to this host's own name
 (:func:`~multimodule.transit._wire.hostname`, ``$MULTIMODULE_HOSTNAME`` or the machine's host
-name) is a local send. This plays the part of IPC::Transit's ``destination =>``, without its
+name) is a local send. Host names are compared without case, as DNS does: a destination is
+carried in lower case. This plays the part of IPC::Transit's ``destination =>``, without its
 HTTP daemon.
 """
 
@@ -48,10 +49,10 @@ def validate_destination(destination: Any) -> str:
 
 def is_remote(destination: str | None) -> bool:
     """Whether a send with ``destination`` must cross to another host (``None`` or this
-    host's own name: no). Raises :class:`InvalidDestination` for a malformed one."""
+    host's own name, in any case: no). Raises :class:`InvalidDestination` for a malformed one."""
     if destination is None:
         return False
-    return validate_destination(destination) != hostname()
+    return validate_destination(destination).lower() != hostname().lower()
 
 
 def remote_send(qname: str, destination: str, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -60,6 +61,6 @@ def remote_send(qname: str, destination: str, meta: dict[str, Any]) -> tuple[str
     for a malformed ``qname`` (checked here, since the queue is made on the other host)."""
     validate_qname(qname)
     meta = dict(meta)
-    meta[DESTINATION_KEY] = destination
+    meta[DESTINATION_KEY] = destination.lower()
     meta[DESTINATION_QNAME_KEY] = qname
     return BRIDGE_QNAME, meta
