@@ -315,8 +315,8 @@ def status_table(status: dict[str, Any]) -> list[str]:
         if "bridge_connected" in figures:
             connected = "connected" if figures["bridge_connected"] else "NOT CONNECTED"
             lines.append(
-                f"bridge {r['name']}: {connected}; published {figures['bridge_published']}, delivered "
-                f"{figures['bridge_delivered']}, lag {figures['bridge_lag']}, pending acks "
+                f"bridge {r['name']}: {connected}; published {figures['bridge_published']}, "
+                f"delivered {figures['bridge_delivered']}, lag {figures['bridge_lag']}, pending acks "
                 f"{figures['bridge_pending_acks']}, reconnects {figures['bridge_reconnects']}, "
                 f"redeliveries dropped {figures['bridge_redeliveries_dropped']}, refused "
                 f"{figures['bridge_refused']}, publish retries "
