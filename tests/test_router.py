@@ -365,3 +365,70 @@ def test_a_routing_loop_is_broken_and_reported():
     assert host.hops[-1] == MAX_HOPS
     assert router.loops_broken == 1
     assert any("routing loop" in text for _, _, text, _ in host.channels.records)
+
+
+# -- the route index: same semantics and order as trying every route ----------------------
+
+
+def _linear_targets(router: Router, message: dict[str, Any]) -> list[str]:
+    """What the Router would forward trying every route in turn (the semantics)."""
+    out = []
+    for matcher, forwards, _transform, short_circuit in router.compiled:
+        if matcher(message):
+            out += [qname for qname, _ in forwards]
+            if short_circuit:
+                break
+    return out
+
+
+def test_the_index_forwards_exactly_what_trying_every_route_would():
+    import random
+
+    rng = random.Random(15)
+    values = ["a", "b", 1, 1.0, 2, True, False, None, "/^a/", [1, 2], {"x": 1}, "1"]
+    keys = ["source", "kind", "n", "tags"]
+    routes = []
+    for i in range(60):
+        match = {k: rng.choice(values) for k in rng.sample(keys, rng.randint(0, 2))}
+        routes.append({"match": match, "forwards": fwd(f"q{i}"),
+                       "short_circuit": rng.random() < 0.1})
+    router, host = make_router(routes)
+    checked = 0
+    for _ in range(3000):
+        message = {k: rng.choice(values + [["a", True], [None, "b", 2.0]])
+                   for k in rng.sample(keys, rng.randint(0, 4))}
+        expected = _linear_targets(router, message)
+        host.sent.clear()
+        router.message(dict(message))
+        assert qnames(host) == expected, (message, expected)
+        checked += bool(expected)
+    assert checked > 500  # most messages matched something: the comparison means something
+
+
+@pytest.mark.parametrize("pattern, value, matches", [
+    ("a", ["b", "a"], True),     # a scalar pattern matches a list holding it
+    ("a", ["b"], False),
+    (1, 1.0, True),              # 1 is 1.0
+    (1, True, False),            # true is not 1
+    (True, 1, False),
+    (True, [0, True], True),
+    (None, None, True),
+    (None, [None], True),
+    ("1", 1, False),
+])
+def test_the_index_keeps_the_equality_rules(pattern, value, matches):
+    router, host = make_router([{"match": {"k": pattern}, "forwards": fwd("hit")},
+                                {"match": {"other": "x"}, "forwards": fwd("miss")}])
+    router.message({"k": value})
+    assert qnames(host) == (["hit"] if matches else [])
+
+
+def test_the_index_tries_only_routes_that_can_match():
+    # 1,000 routes on distinct sources and one catch-all: a message from one source is
+    # matched against two routes, not 1,001
+    routes = [{"match": {"source": f"S{i}"}, "forwards": fwd(f"q{i}")} for i in range(1000)]
+    routes.append({"match": {"kind": "/./"}, "forwards": fwd("all")})
+    router, host = make_router(routes)
+    assert router.index.candidates({"source": "S500", "kind": "k"}) == [500, 1000]
+    router.message({"source": "S500", "kind": "k"})
+    assert qnames(host) == ["q500", "all"]
