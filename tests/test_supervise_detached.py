@@ -133,6 +133,36 @@ def test_a_crashed_task_is_restarted_and_continues_from_saved_state(spec, transi
     asyncio.run(scenario())
 
 
+def test_a_watched_running_task_is_known_without_reading_proc_locks(spec, transit, cleanup,
+                                                                     monkeypatch):
+    import multimodule.supervise.detached as detached
+
+    async def scenario():
+        backend = DetachedBackend(spec, loop=asyncio.get_running_loop())
+        cleanup(backend)
+        started = backend.start("Ticker")
+        await asyncio.to_thread(counts, transit, 2)  # it runs, so it holds its lock
+        assert backend.status("Ticker").state is ActiveState.ACTIVE  # one read, remembered
+        reads = []
+        real = detached.lock_holder
+        monkeypatch.setattr(detached, "lock_holder", lambda path: reads.append(path) or
+                            real(path))
+        # When the monitor asks again and again: no read of /proc/locks (linear in tasks)
+        for _ in range(50):
+            status = backend.status("Ticker")
+            assert status.state is ActiveState.ACTIVE and status.main_pid == started.main_pid
+        assert reads == []
+        # And once the process is gone, the backend reads the locks again (and sees none)
+        os.kill(started.main_pid, signal.SIGKILL)
+        while "Ticker" in backend._watched_pids:  # the pidfd's event, on this loop
+            await asyncio.sleep(0.01)
+        backend._wanted.discard("Ticker")  # no restart: this test is about status
+        assert backend.status("Ticker").state is ActiveState.INACTIVE
+        assert reads
+
+    asyncio.run(scenario())
+
+
 def test_backend_choice():
     assert choose_backend_name(None, {}) == "detached"
     assert choose_backend_name("auto", {}) == "detached"

@@ -66,6 +66,8 @@ class DetachedBackend:
         self._started_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._pending_restart: dict[str, asyncio.TimerHandle] = {}
+        self._watched_pids: dict[str, int] = {}  # task -> the pid its pidfd watches
+        self._holding: dict[str, int] = {}  # task -> watched pid seen holding the lock
 
     # -- files -----------------------------------------------------------------------------
 
@@ -88,8 +90,17 @@ class DetachedBackend:
     # -- the interface ---------------------------------------------------------------------
 
     def status(self, task: str) -> TaskProcess:
-        """The task's state: ``active`` while its process holds the lock."""
+        """The task's state: ``active`` while its process holds the lock. A process this
+        backend watches (its pidfd) and once saw holding the lock is known to hold it until
+        it exits: only other tasks cost a read of ``/proc/locks`` (which grows with the number
+        of tasks: reading it per task per sample made monitoring quadratic)."""
+        held = self._holding.get(task)
+        if held is not None and self._watched_pids.get(task) == held:
+            return TaskProcess(task, ActiveState.ACTIVE, held, self.restarts.get(task, 0),
+                               str(self._lock_path(task)))
         pid = self._holder_pid(task)
+        if pid is not None and self._watched_pids.get(task) == pid:
+            self._holding[task] = pid
         child = self._children.get(task)
         if pid is None and child is not None and child.poll() is None:
             state = ActiveState.ACTIVATING  # started, lock not taken yet
@@ -200,6 +211,7 @@ class DetachedBackend:
             self.loop.call_soon(self._exited, task)
             return
         self._watched[task] = pidfd
+        self._watched_pids[task] = pid
         self.loop.add_reader(pidfd, self._exited, task)
 
     def _unwatch(self, task: str) -> None:
@@ -207,6 +219,8 @@ class DetachedBackend:
             self._on_loop(self._unwatch_now, task)
 
     def _unwatch_now(self, task: str) -> None:
+        self._watched_pids.pop(task, None)
+        self._holding.pop(task, None)
         pidfd = self._watched.pop(task, None)
         if pidfd is not None and self.loop is not None:
             self.loop.remove_reader(pidfd)
