@@ -115,3 +115,25 @@ def test_fills_and_queues_read_every_queue_without_creating_one(transit):
     assert fills["empty"] == 0.0 and "gone" not in fills
     assert {s.name for s in transit.queues()} == {"half", "empty"}
     assert not transit.exists("gone")
+
+
+def test_fills_open_no_queue_once_seen_and_see_a_queue_made_anew(transit, monkeypatch):
+    # Given two queues the monitor has seen once
+    transit.send("a", {"pad": "x" * 100})
+    transit.sysv_queue("b")
+    first = transit.fills()
+    opened = []
+    real = transit._open_existing
+    monkeypatch.setattr(transit, "_open_existing", lambda name: opened.append(name) or
+                        real(name))
+    # When it asks again, after more was sent
+    transit.send("a", {"pad": "y" * 100})
+    again = transit.fills()
+    # Then the fill is current, and no queue was opened to know it (one read of the kernel's
+    # table and one listing of the directory, however many queues: issue 15)
+    assert again["a"] > first["a"] and again["b"] == 0.0
+    assert opened == []
+    # And a queue removed and made anew (a new id) is looked at again
+    transit.remove("b")
+    transit.send("b", {"pad": "z" * 50})
+    assert transit.fills()["b"] > 0 and opened == ["b"]

@@ -119,16 +119,16 @@ class QueueStat:
         return self.bytes / self.max_bytes
 
 
-def proc_waiting_bytes() -> dict[int, int]:
-    """Queue id -> bytes waiting, for every System V queue, in one read of
-    ``/proc/sysvipc/msg`` (empty if it cannot be read)."""
+def proc_queue_table() -> dict[int, tuple[int, int]]:
+    """Key -> (queue id, bytes waiting), for every System V queue of this IPC namespace, in
+    one read of ``/proc/sysvipc/msg`` (empty if it cannot be read)."""
     out = {}
     try:
         with open("/proc/sysvipc/msg") as f:
             next(f)
             for line in f:
                 fields = line.split()
-                out[int(fields[1])] = int(fields[3])
+                out[int(fields[0])] = (int(fields[1]), int(fields[3]))
     except (OSError, ValueError, IndexError, StopIteration):
         return {}
     return out

@@ -21,7 +21,7 @@ from multimodule.transit._directory import (
     validate_qname,
 )
 from multimodule.transit._local import LocalQueue
-from multimodule.transit._sysv import QueueStat, SysvQueue, kernel_msgmax, proc_waiting_bytes
+from multimodule.transit._sysv import QueueStat, SysvQueue, kernel_msgmax, proc_queue_table
 
 
 class Transit:
@@ -46,6 +46,8 @@ class Transit:
         self._sysv: dict[str, SysvQueue] = {}
         self._local: dict[str, LocalQueue] = {}
         self._lock = threading.Lock()
+        #: :meth:`fills`' memory: name -> (key, queue id, capacity in bytes).
+        self._fill_cache: dict[str, tuple[int, int, int]] = {}
 
     @property
     def path(self) -> Path:
@@ -227,22 +229,39 @@ class Transit:
 
     def fills(self) -> dict[str, float | None]:
         """Name -> fill (bytes waiting / capacity, 0.0 to 1.0) of every System V queue
-        registered in the transit directory; one read of the kernel's table for all, no
-        queue created or kept open (for the resource monitor)."""
-        waiting = proc_waiting_bytes()
+        registered in the transit directory (for the resource monitor): one listing of the
+        directory and one read of the kernel's table for all. A name's key and its queue's
+        capacity are remembered (per queue id, so a queue made anew is looked at again):
+        nothing is opened or read per queue once seen, and no queue is created."""
+        table = proc_queue_table()
+        cache = self._fill_cache
         out: dict[str, float | None] = {}
-        for name in self.directory.names():
-            try:
-                validate_qname(name)
+        names = self.directory.names()
+        for name in names:
+            known = cache.get(name)
+            key = known[0] if known is not None else None
+            if key not in table:  # not seen yet, or registered anew under another key
+                key = self._registered_key(name)
+                if key is None or key not in table:
+                    continue  # not a queue name, or its queue is gone
+            queue_id, cbytes = table[key]
+            if known is None or known[1] != queue_id:
                 queue = self._open_existing(name)
-            except TransitError:
-                continue
-            if queue is None:
-                continue
-            cbytes = waiting.get(queue.id)
-            out[name] = cbytes / queue.max_size if cbytes is not None and queue.max_size \
-                else None
+                if queue is None or queue.id != queue_id:
+                    continue  # removed (and maybe made anew) between the two reads
+                known = cache[name] = (key, queue_id, queue.max_size)
+            out[name] = cbytes / known[2] if known[2] else None
+        if len(cache) > len(out):
+            for name in set(cache) - set(out):
+                del cache[name]
         return out
+
+    def _registered_key(self, name: str) -> int | None:
+        try:
+            validate_qname(name)
+            return self.directory.lookup_key(name)
+        except TransitError:
+            return None
 
     def receiver(self, qname: str, deliver: Deliver, *, on_error: OnError | None = None,
                  max_pending: int = 64, backlog=None, high_water: int = 256,
