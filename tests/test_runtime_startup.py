@@ -224,3 +224,25 @@ def test_the_process_of_a_stateless_task_is_refused(mm):
     result = mm.run_daemon("-m", "Plain")
     assert result.returncode == 1, result
     assert "stateless" in result.stderr and "running (pid" not in result.stdout, result
+
+
+async def test_what_start_up_made_is_out_of_the_collectors_reach_until_the_stop(inproc):
+    import gc
+
+    inproc.task("Idle", """
+        from multimodule import Task
+        class Idle(Task):
+            def message(self, message):
+                pass
+    """)
+    inproc.config("[Idle]\n")
+    before = gc.get_freeze_count()
+    daemon = await inproc.start()
+    # Then the task and everything else made at start-up is frozen (not walked by full
+    # collections), and a message handled afterwards is collected as usual
+    frozen = gc.get_freeze_count()
+    assert frozen > before + 1000
+    task = daemon.registry.runners["Idle"].task
+    assert all(obj is not task for obj in gc.get_objects())  # not walked by a collection
+    assert await inproc.stop() == 0
+    assert gc.get_freeze_count() == 0
