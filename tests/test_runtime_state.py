@@ -336,3 +336,39 @@ def test_an_external_tasks_process_removes_its_own_temporary_files_only(mm, tran
     # Then it removed its own, said so, and left the daemon's
     assert not own.exists() and daemons.read_bytes() == b"y"
     assert "removed 1 temporary file (5000 bytes)" in process.output()
+
+
+async def test_one_timer_takes_every_tasks_periodic_checkpoint(inproc):
+    import asyncio
+
+    from helpers import saved_state
+
+    # Given 50 stateful tasks that save every 0.05 s
+    source = """
+        from multimodule import Task
+        class {name}(Task):
+            is_stateful = True
+            def message(self, message):
+                self.state["n"] = message["n"]
+    """
+    names = [f"Keep{i}" for i in range(50)]
+    for name in names:
+        inproc.task(name, source.format(name=name))
+    inproc.config("".join(f"[{name}]\nintervals = {{ save_state = 0.05 }}\n" for name in names))
+    await inproc.start()
+    # Then one timer serves them all (no task per runner waking every interval)
+    running = [t.get_name() for t in asyncio.all_tasks()]
+    assert running.count("checkpoints") == 1
+    assert not [name for name in running if name.startswith("save:")]
+    # And each task's checkpoint still follows its state while the daemon runs
+    for name in names:
+        inproc.send(name, {"n": 7})
+    await inproc.quiet()
+    deadline = asyncio.get_running_loop().time() + 5
+    def saved(name: str) -> int | None:
+        path = inproc.state_dir / f"{name}.state.json"  # replaced whole, never half-written
+        return saved_state(path).get("n") if path.exists() else None
+
+    while any(saved(name) != 7 for name in names):
+        assert asyncio.get_running_loop().time() < deadline, "checkpoints not taken"
+        await asyncio.sleep(0.02)

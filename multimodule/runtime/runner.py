@@ -20,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import heapq
 import inspect
+import itertools
 import re
 import time
 import traceback
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -69,6 +72,100 @@ def derived_id(cause: str, index: int) -> str:
     if len(out) > MAX_DERIVED_ID_CHARS:
         out = "h" + hashlib.blake2b(out.encode(), digest_size=12).hexdigest()
     return out
+
+
+class _Due:
+    """One runner's place in a :class:`CheckpointTimer` (``cancel()`` takes it out)."""
+
+    __slots__ = ("runner", "cancelled")
+
+    def __init__(self, runner: TaskRunner):
+        self.runner = runner
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class CheckpointTimer:
+    """One timer for the periodic checkpoints of every task of a process (per event loop).
+
+    A task per runner sleeping ``save_state`` seconds in a loop made 1,000 idle tasks wake
+    the process 1,000 times a second, each through a task of its own; here one asyncio task
+    sleeps until the next checkpoint due (a heap of due times, each runner at its own
+    interval) and takes every one due by then, never one before its time.
+    """
+
+    _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CheckpointTimer] = \
+        weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._heap: list[tuple[float, int, _Due]] = []
+        self._order = itertools.count()
+        self._task: asyncio.Task | None = None
+        self._waiter: asyncio.Future | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> CheckpointTimer:
+        """The timer of ``loop`` (made on first use)."""
+        timer = cls._timers.get(loop)
+        if timer is None:
+            timer = cls._timers[loop] = cls(loop)
+        return timer
+
+    def add(self, runner: TaskRunner) -> _Due:
+        """Checkpoint ``runner`` every ``runner.save_interval`` seconds, the first one
+        interval after the next turn of the loop (after the task's own schedules, started
+        with it, have begun their first interval: its first checkpoint follows their first
+        tick, as when each runner slept in a task of its own)."""
+        due = _Due(runner)
+        self.loop.call_soon(self._begin, due)
+        return due
+
+    def _begin(self, due: _Due) -> None:
+        if due.cancelled:
+            return
+        self._push(due)
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._run(), name="checkpoints")
+
+    def _push(self, due: _Due) -> None:
+        at = self.loop.time() + due.runner.save_interval
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and self._heap and at < self._heap[0][0]:
+            waiter.set_result(None)  # sooner than what the timer sleeps for
+        heapq.heappush(self._heap, (at, next(self._order), due))
+
+    async def _run(self) -> None:
+        heap = self._heap
+        loop = self.loop
+        while heap:
+            delay = heap[0][0] - loop.time()
+            if delay > 0:  # always sleep until the first due: never a busy loop
+                waiter = self._waiter = loop.create_future()
+                handle = loop.call_later(delay, _settle, waiter)
+                try:
+                    await waiter
+                finally:
+                    handle.cancel()
+                continue
+            now = loop.time()
+            due_now = []
+            while heap and heap[0][0] <= now:  # never before a task's own due time
+                due_now.append(heapq.heappop(heap)[2])
+            for due in due_now:
+                if due.cancelled:
+                    continue
+                try:
+                    due.runner.periodic_checkpoint()
+                finally:
+                    self._push(due)
 
 
 class DeliveryGuard(Protocol):
@@ -186,7 +283,8 @@ class TaskRunner:
         self._recent_set: set[str] = set()
         self.duplicates_dropped = 0
         self._consumer: asyncio.Task | None = None
-        self._saver: asyncio.Task | None = None
+        self._saver: _Due | None = None
+        self._barrier: asyncio.Task | None = None
         #: Cleared while a checkpoint waits for the messages the task sent to leave the
         #: overflow: no input is taken and no timer runs meanwhile.
         self._intake = asyncio.Event()
@@ -253,7 +351,7 @@ class TaskRunner:
             if self.guard is not None:
                 self.guard.spill_path(self.name, self.queue, self.receiver.queue)
         if self.store is not None and (self.cls.is_stateful or self.journal is not None):
-            self._saver = loop.create_task(self._save_periodically(), name=f"save:{self.name}")
+            self._saver = CheckpointTimer.of(loop).add(self)
 
     def _received(self, message: dict[str, Any]) -> None:
         # From the System V queue: a foreign sender's message gets its id here (what this
@@ -409,6 +507,8 @@ class TaskRunner:
         sent still wait in the overflow, the host takes it once they are sent)."""
         if self._saver is not None:
             self._saver.cancel()
+        if self._barrier is not None:
+            self._barrier.cancel()
         if not self._told_stopped:
             self._told_stopped = True
             self._tell("stopped")
@@ -634,21 +734,25 @@ class TaskRunner:
     def save_interval(self) -> float:
         return float(self.intervals.get("save_state", DEFAULT_SAVE_STATE_S))
 
-    async def _save_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.save_interval)
-            if self.checkpoint() or self.guard is None or not self.guard.holds_from(self.name):
-                continue
-            # Messages it sent wait in the overflow (a full queue downstream): under a steady
-            # stream that could put the checkpoint off for ever. Take no input until they
-            # are sent, then checkpoint (a barrier, once per interval).
-            # (An async handler still awaiting then puts it off to the next interval.)
-            self._intake.clear()
-            try:
-                await self.guard.wait_released(self.name)
-                self.checkpoint()
-            finally:
-                self._intake.set()
+    def periodic_checkpoint(self) -> None:
+        """The checkpoint taken every ``save_state`` seconds (called by the process's
+        :class:`CheckpointTimer`). If messages it sent wait in the overflow (a full queue
+        downstream), a steady stream could put it off for ever: then the task takes no input
+        until they are sent, and checkpoints (a barrier, at most one at a time)."""
+        if self.checkpoint() or self.guard is None or not self.guard.holds_from(self.name):
+            return
+        if self._barrier is None or self._barrier.done():
+            self._barrier = asyncio.get_running_loop().create_task(
+                self._checkpoint_when_released(), name=f"checkpoint:{self.name}")
+
+    async def _checkpoint_when_released(self) -> None:
+        # (An async handler still awaiting then puts it off to the next interval.)
+        self._intake.clear()
+        try:
+            await self.guard.wait_released(self.name)
+            self.checkpoint()
+        finally:
+            self._intake.set()
 
     @property
     def in_progress(self) -> bool:
