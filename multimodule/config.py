@@ -30,7 +30,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import (
     AfterValidator,
@@ -60,26 +60,21 @@ DEFAULT_SAVE_STATE_S = 1.0
 DEFAULT_HANDLER_TIMEOUT_S = 10.0
 
 
-def _queue_name(value: str) -> str:
-    try:
-        return validate_qname(value)
-    except InvalidQueueName as exc:
-        raise ValueError(str(exc)) from exc
+def _field_check(check: Callable[[str], str], error: type[Exception]) -> AfterValidator:
+    """A pydantic validator from a transit check: its ``error`` becomes the ``ValueError``
+    pydantic reports with the field."""
+    def validate(value: str) -> str:
+        try:
+            return check(value)
+        except error as exc:
+            raise ValueError(str(exc)) from exc
+    return AfterValidator(validate)
 
 
 #: A ``str`` field holding a queue name, validated as transit does (pydantic reports the field).
-QueueName = Annotated[str, AfterValidator(_queue_name)]
-
-
-def _host_name(value: str) -> str:
-    try:
-        return validate_destination(value)
-    except InvalidDestination as exc:
-        raise ValueError(str(exc)) from exc
-
-
+QueueName = Annotated[str, _field_check(validate_qname, InvalidQueueName)]
 #: A ``str`` field naming a host (a ``destination``), validated as transit does.
-HostName = Annotated[str, AfterValidator(_host_name)]
+HostName = Annotated[str, _field_check(validate_destination, InvalidDestination)]
 
 
 def _task_name(value: str) -> str:

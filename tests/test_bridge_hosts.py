@@ -9,6 +9,7 @@ whatever was killed; the state is the framework's, restored from its checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -168,6 +170,18 @@ class HostDaemon:
                 self.proc.wait(10)
 
 
+@contextlib.contextmanager
+def running(*daemons: HostDaemon, extra: tuple[str, ...] = ()) -> Iterator[None]:
+    """Start ``daemons`` (with ``extra`` arguments) in order; stop every one at the end."""
+    try:
+        for daemon in daemons:
+            daemon.start(*extra)
+        yield
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
 def receive(host: Host, qname: str, timeout: float = WAIT_S) -> dict:
     """The next message of ``qname`` on ``host``'s own System V queues."""
     result = host.python(RECEIVE, qname, timeout, timeout=timeout + 30)
@@ -196,9 +210,7 @@ def test_a_message_goes_a_to_b_and_back_through_the_routers(network):
           { match = { source = "Pong" }, forwards = [ { qname = "Router", destination = "a" } ] } ]
         [Pong]
         """), {"Pong": ROUTED_PONG})
-    try:
-        daemon_a.start()
-        daemon_b.start()
+    with running(daemon_a, daemon_b):
         # When a message from "Ping" enters a's Router
         a.python("from multimodule.transit import Transit\n"
                  "Transit().send('Router', {'source': 'Ping', 'n': 1}, id='ping-1')")
@@ -211,9 +223,6 @@ def test_a_message_goes_a_to_b_and_back_through_the_routers(network):
         assert meta["route"] == ["a", "b", "a"]
         # And queue Pong exists on b only (each host its own System V queues)
         assert "Pong" not in a.run("ls", a.root / "transit").stdout
-    finally:
-        daemon_a.stop()
-        daemon_b.stop()
 
 
 def test_tls_with_client_certificates(network):
@@ -222,16 +231,11 @@ def test_tls_with_client_certificates(network):
     nats = network.start_nats(tls=True)
     tls = {"ca": str(nats.ca), "cert": str(nats.client_cert), "key": str(nats.client_key)}
     daemons = [HostDaemon(h, bridge_table(nats.urls_for(h), **tls)) for h in (a, b)]
-    try:
-        for daemon in daemons:
-            daemon.start()
+    with running(*daemons):
         a.python("from multimodule.transit import Transit\n"
                  "Transit().send('Inbox', {'secret': 'over TLS'}, destination='b')")
         assert receive(b, "Inbox")["secret"] == "over TLS"
         assert all(url.startswith("tls://") for url in nats.urls_for(a))
-    finally:
-        for daemon in daemons:
-            daemon.stop()
 
 
 def tally_hosts(network: Network, *, cluster_size: int = 1, replicas: int = 1,
@@ -290,9 +294,7 @@ def assert_tally(done: dict, count: int) -> None:
 def test_100000_messages_with_either_side_killed_9_three_times(network):
     count = 100_000
     a, b, nats, daemon_a, daemon_b = tally_hosts(network)
-    try:
-        daemon_a.start()
-        daemon_b.start()
+    with running(daemon_a, daemon_b):
         producer = produce(a, count)
         # kill -9 of b's daemon (its Bridge and Tally), then a's (its Bridge, with messages
         # on its way), then b's again; each restarted at once, as systemd would
@@ -308,18 +310,13 @@ def test_100000_messages_with_either_side_killed_9_three_times(network):
         print(f"daemons killed -9: tally {summary(done)}, seconds from kill to the Bridge "
               f"connected again {recovery}, b's bridge {bridge_figures(b)}")
         assert_tally(done, count)
-    finally:
-        daemon_a.stop()
-        daemon_b.stop()
 
 
 @pytest.mark.slow
 def test_external_bridges_killed_9_three_times(network):
     count = 30_000
     a, b, nats, daemon_a, daemon_b = tally_hosts(network, external=True)
-    try:
-        daemon_a.start("--task-backend", "detached")
-        daemon_b.start("--task-backend", "detached")
+    with running(daemon_a, daemon_b, extra=("--task-backend", "detached")):
         producer = produce(a, count)
         recovery = []
         # kill -9 of b's Bridge process, a's, then b's again; their daemons start them again
@@ -336,18 +333,13 @@ def test_external_bridges_killed_9_three_times(network):
         print(f"external Bridges killed -9: tally {summary(done)}, dropped by Tally's dedupe "
               f"{dropped}, seconds from kill to the new process connected {recovery}")
         assert_tally(done, count)
-    finally:
-        daemon_a.stop()
-        daemon_b.stop()
 
 
 @pytest.mark.slow
 def test_one_nats_node_of_three_killed_mid_stream(network):
     count = 20_000
     a, b, nats, daemon_a, daemon_b = tally_hosts(network, cluster_size=3, replicas=3)
-    try:
-        daemon_a.start()
-        daemon_b.start()
+    with running(daemon_a, daemon_b):
         producer = produce(a, count)
         sent_at_least(producer, 5_000)
         # The node leading the stream: its loss forces an election mid-stream
@@ -361,18 +353,13 @@ def test_one_nats_node_of_three_killed_mid_stream(network):
         print(f"the stream's leader ({leader}) of three NATS nodes killed: tally "
               f"{summary(done)}, a's bridge {bridge_figures(a)}, b's {bridge_figures(b)}")
         assert_tally(done, count)
-    finally:
-        daemon_a.stop()
-        daemon_b.stop()
 
 
 @pytest.mark.slow
 def test_host_b_cut_off_for_30_s_then_everything_arrives(network):
     count = 6_000
     a, b, nats, daemon_a, daemon_b = tally_hosts(network)
-    try:
-        daemon_a.start()
-        daemon_b.start()
+    with running(daemon_a, daemon_b):
         producer = produce(a, count, rate=100)   # a minute of traffic
         sent_at_least(producer, 1_000)
         b.link_down()
@@ -387,6 +374,3 @@ def test_host_b_cut_off_for_30_s_then_everything_arrives(network):
         print(f"link down 30 s: tally {summary(done)}, b's bridge {figures}")
         assert figures["bridge_reconnects"] >= 1
         assert_tally(done, count)
-    finally:
-        daemon_a.stop()
-        daemon_b.stop()

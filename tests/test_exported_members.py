@@ -94,7 +94,7 @@ EXPECTED = {
         "DESTINATION_QNAME_KEY",
         "hostname",
         "is_remote",
-        "remote_send",
+        "addressed",
         "validate_destination",
     },
 }

@@ -124,9 +124,7 @@ class Delivery:
             queues = self.spillable.get(qname)
             if queues is None or len(queues[0]) < LOCAL_HIGH_WATER:
                 return False
-            if qname not in self.stalled and not (overflow is not None
-                                                  and overflow.full
-                                                  and overflow.holds_from(qname)):
+            if qname not in self.stalled and not self.blocked(qname):
                 return False
             # What was sent in memory so far is written before anything goes the other way:
             # a message on the System V queue survives a kill at once, and must not be found

@@ -48,10 +48,9 @@ from multimodule.state import (
 from multimodule.transit import Transit
 from multimodule.transit.lowlevel import (
     Overflow,
+    addressed,
     decode_body,
     ensure_handler,
-    is_remote,
-    remote_send,
 )
 
 #: Name used for the process's own records and messages.
@@ -122,8 +121,8 @@ class HostProcess:
         ``qname`` on that host (see ``transit._address``). Raises the transit's usage
         errors."""
         transit = self.transit
-        if destination is not None and is_remote(destination):
-            qname, meta = remote_send(qname, destination, meta)
+        if destination is not None:
+            qname, meta = addressed(qname, destination, meta)
         if transit.is_local(qname) or self.load_on_demand(qname):
             if not self.delivery.spilling(qname):
                 if owned:

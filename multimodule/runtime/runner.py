@@ -414,7 +414,7 @@ class TaskRunner:
         guard.flush_journals()
         if written is not None:
             written()
-        if guard.holds_from(self.name):
+        if self.sends_held():
             await guard.wait_released(self.name)
 
     def sends_held(self) -> bool:

@@ -55,10 +55,15 @@ def is_remote(destination: str | None) -> bool:
     return validate_destination(destination).lower() != hostname().lower()
 
 
-def remote_send(qname: str, destination: str, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Where a send of ``qname`` to ``destination`` (another host) goes here: the Bridge's
-    queue, with ``meta`` extended by the destination keys. Raises :class:`InvalidQueueName`
-    for a malformed ``qname`` (checked here, since the queue is made on the other host)."""
+def addressed(qname: str, destination: str, meta: dict[str, Any]
+              ) -> tuple[str, dict[str, Any]]:
+    """Where a send of ``qname`` to ``destination`` goes here: ``(qname, meta)`` unchanged for
+    this host's own name, else the Bridge's queue, with ``meta`` extended by the destination
+    keys. Raises :class:`InvalidDestination` (see :func:`is_remote`), and
+    :class:`InvalidQueueName` for a malformed ``qname`` bound for another host (checked
+    here, since the queue is made there)."""
+    if not is_remote(destination):
+        return qname, meta
     validate_qname(qname)
     meta = dict(meta)
     meta[DESTINATION_KEY] = destination.lower()

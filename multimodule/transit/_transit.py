@@ -133,8 +133,8 @@ class Transit:
         :class:`UnserializableMessage`, :class:`QueueFull` (nothing was sent),
         :class:`TransitBroken`.
         """
-        if destination is not None and _address.is_remote(destination):
-            qname, meta = _address.remote_send(qname, destination, meta)
+        if destination is not None:
+            qname, meta = _address.addressed(qname, destination, meta)
         try:
             local = self._local.get(qname)
         except TypeError:  # unhashable: not a name

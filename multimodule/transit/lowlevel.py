@@ -18,7 +18,7 @@ package, which no code outside :mod:`multimodule.transit` imports.
   message on a System V queue, :func:`split_header` and :func:`decode_body` read them back,
   :func:`copy_message` is the copy a local receiver gets;
 - sends to other hosts (the Bridge): :func:`hostname` (this host's name,
-  ``$MULTIMODULE_HOSTNAME`` or the machine's), :func:`is_remote`, :func:`remote_send`,
+  ``$MULTIMODULE_HOSTNAME`` or the machine's), :func:`is_remote`, :func:`addressed`,
   :func:`validate_destination`, :data:`BRIDGE_QNAME` and the meta keys
   :data:`DESTINATION_KEY`, :data:`DESTINATION_QNAME_KEY`;
 - :data:`ENV_TRANSIT_DIR` (``MULTIMODULE_TRANSIT_DIR``) and :data:`SYSTEM_TRANSIT_DIR` (the
@@ -31,8 +31,8 @@ from multimodule.transit._address import (
     BRIDGE_QNAME,
     DESTINATION_KEY,
     DESTINATION_QNAME_KEY,
+    addressed,
     is_remote,
-    remote_send,
     validate_destination,
 )
 from multimodule.transit._async import AsyncReceiver
@@ -73,6 +73,7 @@ __all__ = [
     "BRIDGE_QNAME",
     "DESTINATION_KEY",
     "DESTINATION_QNAME_KEY",
+    "addressed",
     "ENV_TRANSIT_DIR",
     "HEADER_JSON",
     "LocalQueue",
@@ -88,7 +89,6 @@ __all__ = [
     "hostname",
     "is_remote",
     "make_meta",
-    "remote_send",
     "split_header",
     "validate_destination",
 ]
