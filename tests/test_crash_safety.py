@@ -308,7 +308,7 @@ async def test_what_a_handler_or_a_tick_sends_gets_ids_derived_from_its_cause(in
     # Then their ids are the cause's id and their index among its sends
     assert [first[META_KEY]["id"], second[META_KEY]["id"]] == ["cause-7.0", "cause-7.1"]
     # and a tick's send is named after the task's incarnation, the schedule and the tick
-    incarnation = daemon.registry.get("Twice").checkpoint_data.incarnation
+    incarnation = daemon.registry.get("Twice").progress.data.incarnation
     tick = await asyncio.to_thread(transit.receive, "ticks", timeout=5)
     assert tick[META_KEY]["id"] == f"{incarnation}/Twice/tick/1.0"
     # and after a restart the ticks are numbered on from the checkpoint, same incarnation

@@ -90,7 +90,7 @@ async def test_interval_change_in_config_restarts_the_schedule(inproc):
     await inproc.quiet()
     # Then the fast schedule is gone: the one schedule left waits 30 s for its next tick
     assert len(live_schedules("Rec")) == 1, live_schedules("Rec")
-    assert daemon.runners["Rec"].schedules["tick"].running_interval == 30
+    assert daemon.runners["Rec"].schedules.by_name["tick"].running_interval == 30
     assert [m for m in inproc.taken("out") if is_tick(m)] == []
 
 
@@ -124,7 +124,7 @@ async def test_calling_named_recur_again_replaces_work_and_interval(inproc):
     await inproc.quiet()
     # Then no tick follows soon: the one schedule left waits 30 s (the fast one is gone)
     assert len(live_schedules("Rep")) == 1, live_schedules("Rep")
-    assert daemon.runners["Rep"].schedules["tick"].running_interval == 30
+    assert daemon.runners["Rep"].schedules.by_name["tick"].running_interval == 30
     assert [m for m in inproc.taken("out") if "v" in m] == []
 
 

@@ -1,6 +1,6 @@
 """What a host process's runners share about delivery: the journals and the overflow.
 
-:class:`Delivery` is the :class:`~multimodule.runtime.runner.DeliveryGuard` of a
+:class:`Delivery` is the :class:`~multimodule.runtime.interfaces.DeliveryGuard` of a
 :class:`~multimodule.runtime.host.HostProcess`: it makes each task's journal (in the state
 directory), writes the journals that have new records once per turn of the event loop (one
 ``write`` per journal, however many messages), writes them all before any checkpoint, and

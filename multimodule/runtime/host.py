@@ -19,39 +19,21 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from multimodule.config import DaemonOptions
-from multimodule.errors import (
-    AlreadyRunning,
-    BadMessage,
-    ConfigError,
-    MultiModuleError,
-    StateError,
-)
+from multimodule.errors import AlreadyRunning, ConfigError, MultiModuleError, StateError
 from multimodule.oob import Channels, parse_spec
 from multimodule.runtime.configs import ConfigWatcher, TaskConfigs
 from multimodule.runtime.control import CONTROL_KEY
 from multimodule.runtime.delivery import Delivery
+from multimodule.runtime.leftovers import Leftovers
 from multimodule.runtime.notify import Notifier
 from multimodule.runtime.registry import TaskRegistry
 from multimodule.runtime.watchdog import HandlerWatchdog
-from multimodule.state import (
-    InstanceLock,
-    StateStore,
-    claim_temp_files,
-    read_own_file,
-    remove_temp_files,
-    write_atomic,
-)
+from multimodule.state import InstanceLock, StateStore, claim_temp_files
 from multimodule.transit import Transit
-from multimodule.transit.lowlevel import (
-    Overflow,
-    addressed,
-    decode_body,
-    ensure_handler,
-)
+from multimodule.transit.lowlevel import Overflow, addressed, ensure_handler
 
 #: Name used for the process's own records and messages.
 SOURCE = "MultiModule"
@@ -94,6 +76,7 @@ class HostProcess:
         self.notifier = Notifier()
         self.watchdog = HandlerWatchdog(self.channels, options.slow_handler_s)
         self.store: StateStore | None = None
+        self.leftovers: Leftovers | None = None
         self.overflow: Overflow | None = None
         self.delivery: Delivery | None = None
         self.registry: TaskRegistry | None = None
@@ -142,7 +125,7 @@ class HostProcess:
 
     def failsafe_hung(self, name: str, reason: str, **fields: Any) -> bool:
         """Task ``name`` here keeps hanging its handlers: put it in failsafe (see
-        :data:`~multimodule.runtime.runner.FailsafeRequest`). Here (an external task's
+        :data:`~multimodule.runtime.interfaces.FailsafeRequest`). Here (an external task's
         process, whose failsafe is its daemon's business): ask the daemon on its control
         queue (``mmctl failsafe``'s message, valid for :data:`FAILSAFE_REQUEST_TTL_S`); the
         daemon stops this process. Returns ``False``: delivery goes on until then."""
@@ -274,24 +257,10 @@ class HostProcess:
         lock = InstanceLock(self.store.path, state_lock)
         lock.acquire()
         self._lock = lock
-        self._remove_interrupted_writes(state_lock)
+        self.leftovers = Leftovers(self.store.path, lambda channel, text, **fields:
+                                   self.channels.emit(channel, SOURCE, text, **fields))
+        self.leftovers.remove_interrupted_writes(state_lock)
         self.prepare()
-
-    def _remove_interrupted_writes(self, state_lock: str) -> None:
-        """Remove the temporary files that an earlier process under the same lock left in the
-        state directory when it was killed during a save (see :func:`remove_temp_files`)."""
-        try:
-            removed, size = remove_temp_files(self.store.path, state_lock)
-        except OSError as exc:
-            self.channels.emit("error", SOURCE, f"cannot remove the temporary files an "
-                                                f"interrupted save left in {self.store.path}: "
-                                                f"{exc}")
-            return
-        if removed:
-            files = "file" if len(removed) == 1 else "files"
-            self.channels.emit("log", SOURCE, f"removed {len(removed)} temporary {files} "
-                                              f"({size} bytes) that an interrupted save left "
-                                              f"in {self.store.path}", files=sorted(removed))
 
     async def run(self) -> int:
         """Run until SIGINT/SIGTERM or ``cleanly_exit``; return the exit status."""
@@ -338,7 +307,7 @@ class HostProcess:
                 task_path=self.options.task_path, slow_handler_s=self.options.slow_handler_s,
                 delivery=self.delivery, watchdog=self.watchdog, failsafe=self.failsafe_hung,
                 task_locks=self.locks_tasks)
-            self._restore_kept()
+            self.leftovers.resend_kept(self.overflow)
             on_main_thread = threading.current_thread() is threading.main_thread()
             if not on_main_thread or not ensure_handler():
                 raise MultiModuleError("the daemon must run on the main thread")
@@ -410,51 +379,6 @@ class HostProcess:
             journaled = self.delivery.enabled
             held = {qname: [body for body, origin in items if origin is None or not journaled]
                     for qname, items in self.overflow.stop_and_take().items()}
-            self._keep({qname: bodies for qname, bodies in held.items() if bodies})
-        await self.after_tasks(deadline)
-
-    def _kept_file(self, qname: str) -> Path:
-        return self.store.path / f"outbox.{qname}.jsonl"
-
-    def _keep(self, held: dict[str, list[bytes]]) -> None:
-        for qname, bodies in held.items():
-            path = self._kept_file(qname)
-            try:
-                write_atomic(path, b"".join(body + b"\n" for body in bodies))
-            except OSError as exc:
-                self.channels.emit("error", SOURCE, f"{len(bodies)} messages for full queue "
-                                                    f"{qname!r} are lost: cannot save them to "
-                                                    f"{path}: {exc}")
+            if not self.leftovers.keep({q: bodies for q, bodies in held.items() if bodies}):
                 self.exit_status = 1
-                continue
-            self.channels.emit("error", SOURCE, f"queue {qname!r} stayed full: {len(bodies)} "
-                                                f"messages kept in {path} and sent when the "
-                                                "daemon starts again")
-
-    def _restore_kept(self) -> None:
-        """Send what :meth:`_keep` kept at the last exit. Each line is checked like a received
-        message; one that is not a message is reported (file and line number) and not sent."""
-        for path in sorted(self.store.path.glob("outbox.*.jsonl")):
-            qname = path.name[len("outbox."):-len(".jsonl")]
-            try:
-                lines = read_own_file(path).split(b"\n")
-            except OSError as exc:
-                self.channels.emit("error", SOURCE, f"cannot read {path}: {exc}")
-                continue
-            bodies = []
-            for number, line in enumerate(lines, 1):
-                if not line:
-                    continue
-                try:
-                    decode_body(line, qname)
-                except BadMessage as exc:
-                    self.channels.emit("error", SOURCE, f"{path} line {number}: {exc.reason}; "
-                                                        "not sent")
-                    continue
-                bodies.append(line)
-            if not bodies:
-                path.unlink(missing_ok=True)
-                continue
-            self.overflow.resend(qname, bodies, when_sent=lambda p=path: p.unlink(missing_ok=True))
-            self.channels.emit("log", SOURCE, f"sending {len(bodies)} messages kept for queue "
-                                              f"{qname!r} at the last exit")
+        await self.after_tasks(deadline)

@@ -22,8 +22,9 @@ from pydantic import BaseModel
 from multimodule.errors import AlreadyRunning, StateError, TaskImportFailed, TaskNotFound
 from multimodule.oob import Channels
 from multimodule.runtime.delivery import Delivery
+from multimodule.runtime.interfaces import FailsafeRequest, Send
 from multimodule.runtime.loader import find_task_class
-from multimodule.runtime.runner import STOP_GRACE_S, FailsafeRequest, Send, TaskRunner
+from multimodule.runtime.runner import STOP_GRACE_S, TaskRunner
 from multimodule.runtime.watchdog import HandlerWatchdog
 from multimodule.state import InstanceLock, StateStore
 from multimodule.task import Task

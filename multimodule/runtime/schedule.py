@@ -99,3 +99,69 @@ class Schedule:
             due += interval
             if due <= now:  # we fell behind: skip the missed ticks
                 due = now + interval
+
+
+class Schedules:
+    """The named schedules of one task (``task_name``); ticks run through ``run``, each at
+    the interval the task's config gives in ``intervals`` (seconds, by schedule name) or the
+    one it asked for."""
+
+    def __init__(self, task_name: str, run: RunWork):
+        self.task_name = task_name
+        self._run = run
+        self.intervals: dict[str, float] = {}
+        self.by_name: dict[str, Schedule] = {}
+
+    @property
+    def busy(self) -> bool:
+        """Whether scheduled work is running now."""
+        return any(s.busy for s in self.by_name.values())
+
+    def set_intervals(self, intervals: dict[str, float]) -> None:
+        """The config's ``intervals``: only a schedule whose interval changed changes."""
+        self.intervals = dict(intervals)
+        for schedule in self.by_name.values():
+            if schedule.interval != schedule.running_interval:
+                schedule.reschedule()
+
+    def recur(self, name: str, interval: float, work: Work) -> None:
+        """Create or change the schedule ``name`` (see :meth:`Task.named_recur`): the same
+        interval keeps its phase and takes the new work from the next tick; a new one applies
+        from now. Raises ``ValueError`` for an interval that is not a positive number."""
+        if not (isinstance(interval, (int, float)) and interval > 0):
+            raise ValueError(f"named_recur interval must be a positive number of seconds, "
+                             f"not {interval!r}")
+        schedule = self.by_name.get(name)
+        if schedule is not None:
+            schedule.work = work
+            schedule.requested = float(interval)
+            if schedule.interval != schedule.running_interval:
+                schedule.reschedule()
+            return
+        schedule = self.by_name[name] = Schedule(
+            name, float(interval), work, self._run, self._interval_of, self.task_name)
+        schedule.start()
+
+    def _interval_of(self, schedule: Schedule) -> float:
+        return float(self.intervals.get(schedule.name, schedule.requested))
+
+    def cancel(self) -> None:
+        """No more ticks; work running finishes (see :meth:`wait`)."""
+        for schedule in self.by_name.values():
+            schedule.cancel()
+
+    async def wait(self, grace_s: float) -> list[str]:
+        """Wait (up to ``grace_s`` seconds) for the work still running after :meth:`cancel`;
+        work still running then is cancelled. Returns the names of the schedules cancelled."""
+        schedules = list(self.by_name.values())
+        self.by_name.clear()
+        try:
+            async with asyncio.timeout(grace_s):
+                for schedule in schedules:
+                    await schedule.wait()
+        except TimeoutError:
+            killed = [s for s in schedules if s.busy]
+            for schedule in killed:
+                schedule.kill()
+            return [s.name for s in killed]
+        return []

@@ -55,7 +55,6 @@ import asyncio
 import hashlib
 import os
 import ssl
-import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit

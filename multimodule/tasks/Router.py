@@ -213,6 +213,11 @@ class Route(BaseModel):
         compile_match(value)  # raises ValueError for a bad regex, reported with the field
         return value
 
+    @property
+    def matcher(self) -> Callable[[dict], bool]:
+        """The compiled ``match``: a callable taking a message dict, returning a bool."""
+        return self._matcher
+
     def matches(self, message: dict[str, Any]) -> bool:
         """Whether ``message`` satisfies this route's ``match``."""
         return self._matcher(message)
@@ -247,7 +252,7 @@ class Router(Task):
         # Plain tuples for the hot path: pydantic attribute access costs microseconds.
         self.compiled: list[tuple[Callable[[dict], bool], tuple[tuple[str, str | None], ...],
                                   dict[str, Any] | None, bool]] = [
-            (route._matcher, tuple((f.qname, f.destination) for f in route.forwards),
+            (route.matcher, tuple((f.qname, f.destination) for f in route.forwards),
              route.transform or None, route.short_circuit)
             for route in routes
         ]

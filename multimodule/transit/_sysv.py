@@ -44,8 +44,8 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 from multimodule.transit._directory import TransitDirectory
 from multimodule.transit._interrupt import Interrupter, ensure_handler, is_eintr
 
-_DIGIT_TABLE = _wire._DIGIT_TABLE
-_LONG_RUN = _wire._LONG_RUN
+DIGIT_TABLE = _wire.DIGIT_TABLE
+LONG_RUN = _wire.LONG_RUN
 
 #: System V message type used for every multimodule message.
 MTYPE = 1
@@ -422,7 +422,7 @@ class SysvQueue:
             except orjson.JSONDecodeError:
                 message = None
             if type(message) is dict:
-                if payload.translate(_DIGIT_TABLE).find(_LONG_RUN) != -1:  # rare: look closer
+                if payload.translate(DIGIT_TABLE).find(LONG_RUN) != -1:  # rare: look closer
                     _wire.check_integers(payload[4:], self.qname)
                 return message
         kind, body = _wire.split_header(payload, self.qname)

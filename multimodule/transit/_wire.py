@@ -58,9 +58,9 @@ INT_MIN = -2**63
 INT_MAX = 2**64 - 1
 
 #: Receive-side trigger of the exact integer check: digits and ``-`` become ``0``, anything
-#: else a space; an integer out of range then shows as :data:`_LONG_RUN`.
-_DIGIT_TABLE = bytes(0x30 if 0x30 <= b <= 0x39 or b == 0x2D else 0x20 for b in range(256))
-_LONG_RUN = b"0" * 20
+#: else a space; an integer out of range then shows as :data:`LONG_RUN`.
+DIGIT_TABLE = bytes(0x30 if 0x30 <= b <= 0x39 or b == 0x2D else 0x20 for b in range(256))
+LONG_RUN = b"0" * 20
 
 _hostname: str | None = None
 
@@ -265,7 +265,7 @@ def check_integers(body: bytes | memoryview, qname: str | None = None, *,
     the standard library parses it again, seeing each integer's text. ``raw``, ``what``: as
     for :func:`decode_body`."""
     data = bytes(body)
-    if data.translate(_DIGIT_TABLE).find(_LONG_RUN) == -1:
+    if data.translate(DIGIT_TABLE).find(LONG_RUN) == -1:
         return
     try:
         json.loads(data, parse_int=_exact_int, parse_float=_zero)
