@@ -18,6 +18,10 @@ from multimodule.tasks.Bridge import escape_token, message_id_for, unescape_toke
 from multimodule.transit import META_KEY
 from natsserver import NatsServer, free_port, nats_server, two_hosts  # noqa: F401
 
+#: Slow (two daemons and a real nats-server, streams over many seconds): run by CI, left out by
+#: ``-m "not slow"``.
+pytestmark = pytest.mark.slow
+
 WAIT_S = 30.0
 
 

@@ -29,6 +29,10 @@ from helpers import (
 from multimodule.errors import Empty, QueueFull
 from multimodule.transit import META_KEY
 
+#: Slow (streams into real processes killed -9): run by CI, left out by
+#: ``-m "not slow"``.
+pytestmark = pytest.mark.slow
+
 COUNTER = """
     import os
     from multimodule import Task

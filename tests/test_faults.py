@@ -27,6 +27,10 @@ from fault_harness import (
 )
 from multimodule.transit import Transit
 
+#: Slow (soaks real daemons and task processes killed -9 for many seconds): run by CI, left out by
+#: ``-m "not slow"``.
+pytestmark = pytest.mark.slow
+
 #: Small runs: each stream paced so that it outlasts its faults.
 CI = {
     "0": Options(count=2000, kills=0, dedupe=True, quiet_s=1.0, drain_timeout_s=30.0),

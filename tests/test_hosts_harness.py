@@ -17,6 +17,10 @@ import hosts
 from hosts import Network, require_root
 from hosts import network  # noqa: F401
 
+#: Slow (network namespaces and NATS clusters made and removed): run by CI, left out by
+#: ``-m "not slow"``.
+pytestmark = pytest.mark.slow
+
 #: Connects once (or, with "until-ok", retries until connected within the timeout) and prints
 #: "ok" or "error <ExceptionName> <message>". argv: urls (JSON), timeout s, mode, [tls JSON].
 CONNECT = """
