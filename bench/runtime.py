@@ -110,6 +110,7 @@ class BenchProducer(Task):
             while i < end:
                 emit({"ct": i, "outstr": "howdy", "ts": pc(), "list": [1, 2, 3]})
                 i += 1
+            await self.drain()  # held back while a task it sends to is far behind
             await sleep(pace_s)
 '''
 

@@ -59,6 +59,9 @@ class TaskHost(Protocol):
     def sends_held(self) -> bool:
         """See :meth:`Task.sends_held`."""
 
+    async def drain(self) -> None:
+        """See :meth:`Task.drain`."""
+
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """Schedule ``work`` every ``interval`` seconds under ``name`` for ``task``."""
 
@@ -205,6 +208,15 @@ class Task:
         """Whether messages this task sent wait for room in a full queue (they are not safe
         from a kill of this process yet; :meth:`wait_sent` waits for them)."""
         return self._host.sends_held()
+
+    async def drain(self) -> None:
+        """Wait while this task is held back: a task in this process it sent to is 1,024
+        messages behind (until it is back under 256), or messages it sent wait in a full
+        overflow. The framework holds back handlers and timers by itself; a coroutine the task
+        started on its own (a producer loop) awaits this between bursts, as a writer awaits
+        asyncio's ``StreamWriter.drain()``, so that memory stays bounded. Returns at once
+        when nothing holds the task back."""
+        await self._host.drain()
 
     def set_stalled(self, stalled: bool) -> None:
         """Say that this task cannot keep up for now (``True``: its handler waits on

@@ -143,6 +143,7 @@ class Consumer:
         guard = self.guard
         name = self.name
         intake = self.intake
+        held = guard.held_for if guard is not None else {}
         try:
             while True:
                 self.cancellable = True
@@ -158,6 +159,8 @@ class Consumer:
                 until = time.perf_counter() + BATCH_BUDGET_S
                 handled = 1
                 while items and not self.stuck:
+                    if name in held:
+                        break  # it sent to a task here that is far behind: see Delivery
                     await process(queue.get_nowait())
                     handled += 1
                     if handled % BATCH_CHECK == 0 and time.perf_counter() > until:
@@ -165,6 +168,8 @@ class Consumer:
                 self.task.counters.handler_cpu_seconds += time.thread_time() - cpu_before
                 if receiver is not None:
                     receiver.consumed()
+                if guard is not None:
+                    guard.caught_up(name, len(items))
                 if self._stop_after_message or self.stuck:
                     return
                 self.cancellable = True

@@ -7,17 +7,24 @@ directory), writes the journals that have new records once per turn of the event
 tells runners when to pause: a task whose sent messages are held in a full overflow takes no
 input until the overflow has room again (backpressure through its own full queues).
 
-Backpressure crosses in-memory hops too (:meth:`Delivery.spilling`): once a task here that is
+Backpressure crosses in-memory hops: a task here that sends, in memory, to a task here that is
+:data:`LOCAL_HIGH_WATER` messages behind is held back (:meth:`Delivery.hold_back`): it takes no
+input and its timers wait (its own System V input stays in the kernel) until that task is
+back under :data:`LOCAL_LOW_WATER` (:meth:`Delivery.caught_up`); coroutines of its own wait in
+:meth:`Task.drain`. So a burst fills queues up to a bound, hop by hop back to its source,
+instead of the process's memory. A task is never held back for one that waits, directly or
+through others, on it (the wait would never end): in a cycle of tasks one keeps going.
+
+When the overflow is full (:meth:`Delivery.spilling`): once a task here that is
 paused (or that says it is stalled, :meth:`Delivery.stall`: the Bridge while NATS is away) is
 :data:`LOCAL_HIGH_WATER` messages behind, what tasks here send it goes through its
 System V queue instead (its receiver takes from there only while the task is less than 256
 behind), so the kernel queue and then the bounded overflow fill, and the senders are paused
-in turn, instead of the process's memory growing. (A task that is merely slower than its
-senders here, not paused, still gets everything in memory: the System V path is about ten
-times slower, and bounding that case is the scale work's.) Sends stay on that path until the System V queue and the overflow
-hold nothing more for the task and it is back under :data:`LOCAL_LOW_WATER`, so a sender's
-messages never overtake each other. (Tasks that send to each other in a cycle, both far
-behind, can then wait on each other for good, as with any bounded queues.)
+in turn, instead of the process's memory growing. Sends stay on that path until the System V
+queue and the overflow hold nothing more for the task and it is back under
+:data:`LOCAL_LOW_WATER`, so a sender's messages never overtake each other. (Tasks that send to
+each other in a cycle through full System V queues can wait on each other for good, as with
+any bounded queues.)
 """
 
 from __future__ import annotations
@@ -56,6 +63,10 @@ class Delivery:
         self._spilling: set[str] = set()
         #: Tasks that said they cannot keep up for now (:meth:`stall`).
         self.stalled: set[str] = set()
+        #: ``producer -> consumer``: tasks held back until a task they sent to catches up.
+        self.held_for: dict[str, str] = {}
+        #: ``consumer -> producers`` held back for it.
+        self.holding: dict[str, set[str]] = {}
         self._dirty: set[Journal] = set()
         self._flush_scheduled = False
         self._waiters: list[asyncio.Future] = []
@@ -109,10 +120,47 @@ class Delivery:
         self.spillable[task] = (local, sysv)
 
     def forget_task(self, task: str) -> None:
-        """Task ``task`` left this process."""
+        """Task ``task`` left this process (what it held back goes on)."""
         self.spillable.pop(task, None)
         self._spilling.discard(task)
         self.stalled.discard(task)
+        self._release(task)
+        consumer = self.held_for.pop(task, None)
+        if consumer is not None:
+            self.holding.get(consumer, set()).discard(task)
+
+    def behind(self, task: str) -> bool:
+        """Whether task ``task`` here has :data:`LOCAL_HIGH_WATER` messages or more waiting
+        in memory."""
+        queues = self.spillable.get(task)
+        return queues is not None and len(queues[0]) >= LOCAL_HIGH_WATER
+
+    def hold_back(self, producer: str, consumer: str) -> None:
+        """``producer`` sent in memory to ``consumer``, which is :meth:`behind`: hold it back
+        (see the module docstring) unless ``consumer`` waits, directly or through others, on
+        ``producer``, or ``producer`` waits already."""
+        if producer in self.held_for:
+            return
+        waiter = consumer
+        while waiter is not None:
+            if waiter == producer:
+                return  # a cycle: this one keeps going, so that the others catch up
+            waiter = self.held_for.get(waiter)
+        self.held_for[producer] = consumer
+        self.holding.setdefault(consumer, set()).add(producer)
+
+    def caught_up(self, consumer: str, waiting: int) -> None:
+        """``consumer`` has ``waiting`` messages left in memory after a batch: at
+        :data:`LOCAL_LOW_WATER` or fewer, what it held back goes on."""
+        if waiting <= LOCAL_LOW_WATER and consumer in self.holding:
+            self._release(consumer)
+
+    def _release(self, consumer: str) -> None:
+        producers = self.holding.pop(consumer, None)
+        if producers:
+            for producer in producers:
+                self.held_for.pop(producer, None)
+            self._wake()
 
     def spilling(self, qname: str) -> bool:
         """Whether sends from this process to task ``qname`` (running here) go through its
@@ -165,8 +213,10 @@ class Delivery:
                 waiter.set_result(None)
 
     def blocked(self, task: str) -> bool:
-        """Whether ``task`` must take no input now: the overflow is full and holds messages
-        it sent."""
+        """Whether ``task`` must take no input now: it is held back for a task here that is
+        behind, or the overflow is full and holds messages it sent."""
+        if task in self.held_for:
+            return True
         overflow = self.overflow
         return overflow is not None and overflow.full and overflow.holds_from(task)
 

@@ -107,11 +107,14 @@ class HostProcess:
         if destination is not None:
             qname, meta = addressed(qname, destination, meta)
         if transit.is_local(qname) or self.load_on_demand(qname):
-            if not self.delivery.spilling(qname):
+            delivery = self.delivery
+            if not delivery.spilling(qname):
                 if owned:
                     transit.send_owned(qname, message, **meta)
                 else:
                     transit.send(qname, message, **meta)
+                if origin is not None and delivery.behind(qname):
+                    delivery.hold_back(origin, qname)  # bounded memory: see Delivery
                 return
         self.overflow.send(qname, message, origin=origin, **meta)
 

@@ -4,7 +4,7 @@ task's process (see :class:`~multimodule.runtime.host.HostProcess`)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from multimodule.journal import Journal
 
@@ -16,6 +16,10 @@ Send = Callable[..., None]
 class DeliveryGuard(Protocol):
     """What the host tells a runner about the rest of the process (see
     :class:`~multimodule.runtime.host.HostProcess`)."""
+
+    #: ``producer -> consumer``: the tasks held back now, each until the task here it sent
+    #: to in memory catches up (read between two messages).
+    held_for: Mapping[str, str]
 
     def blocked(self, task: str) -> bool:
         """Whether ``task`` must take no input now (the overflow is full and holds messages
@@ -29,6 +33,10 @@ class DeliveryGuard(Protocol):
 
     async def wait_released(self, task: str) -> None:
         """Return once no message ``task`` sent waits in the overflow."""
+
+    def caught_up(self, task: str, waiting: int) -> None:
+        """``task`` handled a batch and has ``waiting`` messages left in memory (what waits
+        for it to catch up may go on)."""
 
     def flush_journals(self) -> None:
         """Write every journal of the process (before a checkpoint)."""

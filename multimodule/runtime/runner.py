@@ -193,6 +193,12 @@ class TaskRunner:
         """See :meth:`Task.sends_held`."""
         return self.guard is not None and self.guard.holds_from(self.name)
 
+    async def drain(self) -> None:
+        """See :meth:`Task.drain`."""
+        guard = self.guard
+        if guard is not None and guard.blocked(self.name):
+            await guard.wait_unblocked(self.name)
+
     def recur(self, task: Task, name: str, interval: float, work: Work) -> None:
         """See :meth:`~multimodule.runtime.schedule.Schedules.recur`."""
         self.schedules.recur(name, interval, work)
