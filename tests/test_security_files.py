@@ -414,3 +414,48 @@ def other_user_for_fifo() -> int:
     """A uid that is not this process's (nobody's)."""
     import pwd
     return pwd.getpwnam("nobody").pw_uid
+
+
+# -- the Bridge's record of the stream sequence (STATE_DIR/Bridge.inbound-STREAM) ---------
+
+
+@pytest.mark.parametrize("planted", ["attackers-record", "symlink-to-root-file"])
+def test_a_planted_bridge_record_is_refused_and_replaced(top, attacker, mm, planted):
+    # Given a state dir of root's once shared with the attacker's group, where the attacker
+    # put the Bridge's record of the last stream sequence delivered: a record of its own
+    # (which would make the Bridge skip the first 5,000 messages for this host), or a link
+    # to a root-only file
+    from natsserver import free_port
+
+    secret = top / "secret"
+    state = shared_state_dir(top, attacker)
+    record = state / "Bridge.inbound-MULTIMODULE"
+    kept = top / "attackers-copy"  # a second name of the attacker's file, to look at it after
+    if planted == "attackers-record":
+        def plant() -> None:
+            record.write_bytes(b"5000 hosta\n")
+            record.chmod(0o644)
+            os.link(record, kept)
+        attacker.run(plant)
+    else:
+        attacker.run(lambda: record.symlink_to(secret))
+    state.chmod(0o700)  # the directory is safe now; what was planted in it is not
+    mm.config(f'[Bridge]\nhost = "hosta"\nservers = ["nats://127.0.0.1:{free_port()}"]\n')
+    # When root's daemon starts the Bridge (its servers away: it reads the record at once)
+    daemon = mm.start(state_dir=state)
+    line = daemon.expect("stderr", f"error: Bridge: {record} refused")
+    daemon.stop_ok()
+    # Then the planted entry was reported and replaced by root's own record, 0600
+    assert "replaced with a record of its own" in line, line
+    if planted == "attackers-record":
+        assert f"uid {attacker.uid}" in line, line
+        # and the attacker's file was neither written nor chmodded
+        assert kept.read_bytes().startswith(b"5000 ") and mode(kept) == 0o644
+        assert os.lstat(kept).st_uid == attacker.uid
+    else:
+        assert "symbolic link" in line, line
+    st = os.lstat(record)
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and mode(record) == 0o600
+    assert not record.read_bytes().startswith(b"5000")
+    # and the root-only file is untouched
+    assert secret.read_bytes() == SECRET and mode(secret) == 0o600
