@@ -459,3 +459,80 @@ def test_a_planted_bridge_record_is_refused_and_replaced(top, attacker, mm, plan
     assert not record.read_bytes().startswith(b"5000")
     # and the root-only file is untouched
     assert secret.read_bytes() == SECRET and mode(secret) == 0o600
+
+
+# -- other files of the state directory read back: failsafe marks, published options -------
+
+
+@pytest.mark.parametrize("planted", ["attackers-file", "symlink-to-root-file"])
+def test_planted_failsafe_marks_are_not_loaded(top, attacker, mm, transit, planted):
+    # Given a state dir of root's once shared with the attacker's group, where the attacker
+    # put failsafe.json holding Counter back: a file of its own, or a link to a root-only
+    # JSON file (whose text would show as the reason in mmctl status)
+    state = shared_state_dir(top, attacker)
+    marks = state / "failsafe.json"
+    if planted == "attackers-file":
+        attacker.run(lambda: marks.write_text('{"Counter": {"reason": "planted"}}'))
+    else:
+        private = top / "private.json"
+        private.write_text('{"Counter": {"reason": "hunter2"}}')
+        private.chmod(0o600)
+        attacker.run(lambda: marks.symlink_to(private))
+    state.chmod(0o700)
+    mm.task("Counter", COUNTER)
+    mm.config(COUNTER_CONFIG)
+    # When root's daemon starts
+    daemon = mm.start(state_dir=state)
+    # Then the file is reported and set aside, and no task is held back
+    line = daemon.expect("stderr", f"cannot read {marks}")
+    assert "no task is held in failsafe" in line, line
+    transit.send("Counter", {})
+    assert receive_n(transit, "out", 1)[0]["ct"] == 1
+    status, out, _ = mm.mmctl("status")
+    assert "hunter2" not in out and "planted" not in out, out
+    daemon.stop_ok()
+    if planted == "symlink-to-root-file":
+        assert (top / "private.json").read_text() == '{"Counter": {"reason": "hunter2"}}'
+
+
+@pytest.mark.parametrize("planted", ["attackers-file", "symlink-to-attackers-file"])
+def test_planted_published_options_are_not_inherited(top, attacker, planted):
+    # Given a state dir of root's once shared with the attacker's group, where the attacker
+    # put daemon-options.json (what a task's own process takes from its daemon), sending its
+    # debug records to a file of the attacker's choosing
+    from multimodule.config import DaemonOptions, inherit_options
+
+    state = shared_state_dir(top, attacker)
+    published = state / "daemon-options.json"
+    text = json.dumps({"oob": "debug:/etc/cron.d/planted", "debug": 9})
+    if planted == "attackers-file":
+        attacker.run(lambda: published.write_text(text))
+    else:
+        elsewhere = top / "attackers-options.json"
+        attacker.run(lambda: (elsewhere.write_text(text), published.symlink_to(elsewhere)))
+    state.chmod(0o700)
+    # When root's task process (multimodule -m) reads what its daemon published
+    from multimodule.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        opts = inherit_options(DaemonOptions(module="Counter", state_dir=state))
+        pytest.fail(f"the planted options were taken: {opts.oob!r}")
+    # Then it is refused, saying why
+    why = f"uid {attacker.uid}" if planted == "attackers-file" else "symbolic link"
+    assert str(published) in str(info.value) and why in str(info.value), str(info.value)
+
+
+def test_a_planted_figures_file_is_not_read(top, attacker):
+    # Given an external task's figures file planted by the attacker (a link to a root-only
+    # file of the same form), and a file of the attacker's own
+    from multimodule.monitor.monitor import read_figures_file
+
+    private = top / "private.json"
+    private.write_text('{"pid": 1, "counters": {"secret": 42}}')
+    private.chmod(0o600)
+    state = shared_state_dir(top, attacker)
+    link, own = state / "Counter.figures.json", state / "Other.figures.json"
+    attacker.run(lambda: (link.symlink_to(private),
+                          own.write_text('{"pid": 1, "counters": {"messages_in": 10}}')))
+    # When the daemon's monitor reads them / Then it takes neither
+    assert read_figures_file(link) is None
+    assert read_figures_file(own) is None
