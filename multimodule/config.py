@@ -46,6 +46,7 @@ from pydantic import (
 
 from multimodule.errors import ConfigError, InvalidDestination, InvalidQueueName
 from multimodule.monitor.levels import DEFAULT_THRESHOLDS, METRICS, Thresholds
+from multimodule.state import read_own_file
 from multimodule.transit import validate_qname
 from multimodule.transit.lowlevel import validate_destination
 
@@ -488,7 +489,9 @@ def inherit_options(options: DaemonOptions) -> DaemonOptions:
     if options.module is None:
         return options
     try:
-        published = json.loads(options_path(options.state_dir).read_text())
+        # A regular file of this user's only, never through a link: what it names (the oob
+        # files, the control queue) the task's process would write to.
+        published = json.loads(read_own_file(options_path(options.state_dir)))
     except FileNotFoundError:
         return options
     except (OSError, ValueError) as exc:

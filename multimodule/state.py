@@ -106,6 +106,25 @@ def read_own_file(path: Path) -> bytes:
         os.close(fd)
 
 
+def open_own_file(path: Path) -> int:
+    """Open ``path`` to read and write in place (``pread``/``pwrite``), creating it 0600 if
+    there is none; return the descriptor. The file must be a regular file of this process's
+    user with one link, and a symbolic link is never followed: what another user planted at
+    ``path`` is refused, never read, written or chmodded. Raises ``OSError`` saying why."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise _nofollow(exc) from None
+    try:
+        _check_own_file(fd)
+        os.fchmod(fd, 0o600)  # the umask must not narrow or widen it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_for_append(path: Path, mode: int = 0o600) -> int:
     """Open ``path`` to append to it, never through a symbolic link; return the descriptor.
 

@@ -151,6 +151,8 @@ class FakeBackend:
         self.status_gate: threading.Event | None = None
         self.gate_timed_out = False
         self.restarts: dict[str, int] = {}
+        #: ``(task, limits_dropin)`` of every start, in order.
+        self.dropins: list[tuple[str, str | None]] = []
         self._pids = itertools.count(40000)
 
     def _call(self, method: str, task: str) -> None:
@@ -158,6 +160,7 @@ class FakeBackend:
 
     def start(self, task: str, limits_dropin: str | None = None, limits=None) -> TaskProcess:
         self._call("start", task)
+        self.dropins.append((task, limits_dropin))
         if self.fail_start is not None:
             raise self.fail_start
         self.active.setdefault(task, next(self._pids))

@@ -414,3 +414,125 @@ def other_user_for_fifo() -> int:
     """A uid that is not this process's (nobody's)."""
     import pwd
     return pwd.getpwnam("nobody").pw_uid
+
+
+# -- the Bridge's record of the stream sequence (STATE_DIR/Bridge.inbound-STREAM) ---------
+
+
+@pytest.mark.parametrize("planted", ["attackers-record", "symlink-to-root-file"])
+def test_a_planted_bridge_record_is_refused_and_replaced(top, attacker, mm, planted):
+    # Given a state dir of root's once shared with the attacker's group, where the attacker
+    # put the Bridge's record of the last stream sequence delivered: a record of its own
+    # (which would make the Bridge skip the first 5,000 messages for this host), or a link
+    # to a root-only file
+    from natsserver import free_port
+
+    secret = top / "secret"
+    state = shared_state_dir(top, attacker)
+    record = state / "Bridge.inbound-MULTIMODULE"
+    kept = top / "attackers-copy"  # a second name of the attacker's file, to look at it after
+    if planted == "attackers-record":
+        def plant() -> None:
+            record.write_bytes(b"5000 hosta\n")
+            record.chmod(0o644)
+            os.link(record, kept)
+        attacker.run(plant)
+    else:
+        attacker.run(lambda: record.symlink_to(secret))
+    state.chmod(0o700)  # the directory is safe now; what was planted in it is not
+    mm.config(f'[Bridge]\nhost = "hosta"\nservers = ["nats://127.0.0.1:{free_port()}"]\n')
+    # When root's daemon starts the Bridge (its servers away: it reads the record at once)
+    daemon = mm.start(state_dir=state)
+    line = daemon.expect("stderr", f"error: Bridge: {record} refused")
+    daemon.stop_ok()
+    # Then the planted entry was reported and replaced by root's own record, 0600
+    assert "replaced with a record of its own" in line, line
+    if planted == "attackers-record":
+        assert f"uid {attacker.uid}" in line, line
+        # and the attacker's file was neither written nor chmodded
+        assert kept.read_bytes().startswith(b"5000 ") and mode(kept) == 0o644
+        assert os.lstat(kept).st_uid == attacker.uid
+    else:
+        assert "symbolic link" in line, line
+    st = os.lstat(record)
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and mode(record) == 0o600
+    assert not record.read_bytes().startswith(b"5000")
+    # and the root-only file is untouched
+    assert secret.read_bytes() == SECRET and mode(secret) == 0o600
+
+
+# -- other files of the state directory read back: failsafe marks, published options -------
+
+
+@pytest.mark.parametrize("planted", ["attackers-file", "symlink-to-root-file"])
+def test_planted_failsafe_marks_are_not_loaded(top, attacker, mm, transit, planted):
+    # Given a state dir of root's once shared with the attacker's group, where the attacker
+    # put failsafe.json holding Counter back: a file of its own, or a link to a root-only
+    # JSON file (whose text would show as the reason in mmctl status)
+    state = shared_state_dir(top, attacker)
+    marks = state / "failsafe.json"
+    if planted == "attackers-file":
+        attacker.run(lambda: marks.write_text('{"Counter": {"reason": "planted"}}'))
+    else:
+        private = top / "private.json"
+        private.write_text('{"Counter": {"reason": "hunter2"}}')
+        private.chmod(0o600)
+        attacker.run(lambda: marks.symlink_to(private))
+    state.chmod(0o700)
+    mm.task("Counter", COUNTER)
+    mm.config(COUNTER_CONFIG)
+    # When root's daemon starts
+    daemon = mm.start(state_dir=state)
+    # Then the file is reported and set aside, and no task is held back
+    line = daemon.expect("stderr", f"cannot read {marks}")
+    assert "no task is held in failsafe" in line, line
+    transit.send("Counter", {})
+    assert receive_n(transit, "out", 1)[0]["ct"] == 1
+    status, out, _ = mm.mmctl("status")
+    assert "hunter2" not in out and "planted" not in out, out
+    daemon.stop_ok()
+    if planted == "symlink-to-root-file":
+        assert (top / "private.json").read_text() == '{"Counter": {"reason": "hunter2"}}'
+
+
+@pytest.mark.parametrize("planted", ["attackers-file", "symlink-to-attackers-file"])
+def test_planted_published_options_are_not_inherited(top, attacker, planted):
+    # Given a state dir of root's once shared with the attacker's group, where the attacker
+    # put daemon-options.json (what a task's own process takes from its daemon), sending its
+    # debug records to a file of the attacker's choosing
+    from multimodule.config import DaemonOptions, inherit_options
+
+    state = shared_state_dir(top, attacker)
+    published = state / "daemon-options.json"
+    text = json.dumps({"oob": "debug:/etc/cron.d/planted", "debug": 9})
+    if planted == "attackers-file":
+        attacker.run(lambda: published.write_text(text))
+    else:
+        elsewhere = top / "attackers-options.json"
+        attacker.run(lambda: (elsewhere.write_text(text), published.symlink_to(elsewhere)))
+    state.chmod(0o700)
+    # When root's task process (multimodule -m) reads what its daemon published
+    from multimodule.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        opts = inherit_options(DaemonOptions(module="Counter", state_dir=state))
+        pytest.fail(f"the planted options were taken: {opts.oob!r}")
+    # Then it is refused, saying why
+    why = f"uid {attacker.uid}" if planted == "attackers-file" else "symbolic link"
+    assert str(published) in str(info.value) and why in str(info.value), str(info.value)
+
+
+def test_a_planted_figures_file_is_not_read(top, attacker):
+    # Given an external task's figures file planted by the attacker (a link to a root-only
+    # file of the same form), and a file of the attacker's own
+    from multimodule.monitor.monitor import read_figures_file
+
+    private = top / "private.json"
+    private.write_text('{"pid": 1, "counters": {"secret": 42}}')
+    private.chmod(0o600)
+    state = shared_state_dir(top, attacker)
+    link, own = state / "Counter.figures.json", state / "Other.figures.json"
+    attacker.run(lambda: (link.symlink_to(private),
+                          own.write_text('{"pid": 1, "counters": {"messages_in": 10}}')))
+    # When the daemon's monitor reads them / Then it takes neither
+    assert read_figures_file(link) is None
+    assert read_figures_file(own) is None

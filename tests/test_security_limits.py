@@ -9,6 +9,7 @@ module planted on its ``PYTHONPATH`` that leaves a marker file when imported."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -339,3 +340,49 @@ async def test_static_forwards_cannot_multiply_a_message_without_bound(inproc):
     assert inproc.records_of("error", "more than max_static_forward_copies (64)")
     assert len(inproc.taken("copies")) == 6
     assert (await status(inproc))["tasks"]["Router"]["static_forwards_refused"] == 1
+
+
+# -- what a control message may set of a task's process ------------------------------------
+
+KEEPER = """
+    from multimodule import Task
+
+    class Keeper(Task):
+        is_stateful = True
+
+        def message(self, message):
+            self.state["n"] = self.state.get("n", 0) + 1
+"""
+
+
+async def test_a_control_message_cannot_set_the_environment_of_a_tasks_process(inproc):
+    # Given a stateful task that its config file runs in its own process, with one variable
+    inproc.task("Keeper", KEEPER)
+    inproc.config('[Keeper]\nis_external = true\n'
+                  'limits = { environment = { LANG = "C.UTF-8" } }\n')
+    await inproc.start()
+    assert inproc.backend.dropins == [("Keeper", "# Written by the multimodule daemon from the "
+                                       "limits of task Keeper; do not edit.\n[Service]\n"
+                                       'Environment="LANG=C.UTF-8"\n')]
+    # When a control message (any member of the transit group may send one) gives its
+    # process PYTHONPATH (a directory of modules of the sender's), or changes the file's
+    # variable, and the task is moved in and out again (its process started anew)
+    for env in ({"PYTHONPATH": "/run/multimodule/planted", "LANG": "C.UTF-8"},
+                {"LANG": "xx"}):
+        code, _, err = await inproc.mmctl(
+            "config", "Keeper", json.dumps({"is_external": True,
+                                            "limits": {"environment": env}}))
+        # Then it is refused, naming the field and the variable
+        assert code == 1, (code, err)
+        assert "Keeper.limits.environment" in err and sorted(env)[-1] in err, err
+    for to in ("--internal", "--external"):
+        code, _, err = await inproc.mmctl("migrate", "Keeper", to)
+        assert code == 0, err
+    # and no process of the task was started with it
+    assert len(inproc.backend.dropins) == 2
+    assert all(text == inproc.backend.dropins[0][1] for _, text in inproc.backend.dropins)
+    # while a control message that keeps the file's variables, or leaves them out, is applied
+    for limits in ({"environment": {"LANG": "C.UTF-8"}, "tasks_max": 50}, {}):
+        code, _, err = await inproc.mmctl(
+            "config", "Keeper", json.dumps({"is_external": True, "limits": limits}))
+        assert code == 0, err

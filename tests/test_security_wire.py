@@ -497,9 +497,13 @@ def test_a_name_file_pointing_at_a_queue_not_of_this_directory_is_refused(transi
     group = os.getgid() if os.getgid() != 0 else grp.getgrnam("nogroup").gr_gid
     shared = Transit(transit_dir, group=group)
     shared.send("innocent", {"i": 1})
-    (transit_dir / "innocent").write_text(f"{key}\n")
-    # When a process opens that name afresh and receives from it / Then it is refused, and
-    # the private queue is untouched
-    with pytest.raises(TransitBroken, match="not this transit directory's"):
-        Transit(transit_dir, group=group).receive("innocent", timeout=0)
-    assert private.stat("secret").messages == 1
+    innocent = shared.sysv_queue("innocent").queue  # its name no longer leads to it: ours
+    try:
+        (transit_dir / "innocent").write_text(f"{key}\n")
+        # When a process opens that name afresh and receives from it / Then it is refused,
+        # and the private queue is untouched
+        with pytest.raises(TransitBroken, match="not this transit directory's"):
+            Transit(transit_dir, group=group).receive("innocent", timeout=0)
+        assert private.stat("secret").messages == 1
+    finally:
+        innocent.remove()

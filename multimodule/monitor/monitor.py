@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -412,12 +413,14 @@ def _int(value: float | None) -> int | None:
 
 
 def read_figures_file(path: os.PathLike[str] | str) -> dict[str, Any] | None:
-    """The counters an external task's process last wrote, or ``None`` if unreadable."""
+    """The counters an external task's process last wrote, or ``None`` if unreadable or not
+    a regular file of this process's user (never read through a link)."""
     import orjson
 
+    from multimodule.state import read_own_file
+
     try:
-        with open(path, "rb") as file:
-            data = orjson.loads(file.read())
+        data = orjson.loads(read_own_file(Path(path)))
     except (OSError, orjson.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None

@@ -254,6 +254,7 @@ class Daemon(HostProcess):
         try:
             cls = self.registry.lookup(name)
             checked = check_config({name: table}, "control message")[name]
+            self._check_environment(name, checked)
             self.configs.validate(name, cls, checked, "control message")
         except TaskNotFound as exc:
             return str(exc)
@@ -268,6 +269,22 @@ class Daemon(HostProcess):
                                   {name: checked}, self._placement):
             self._do(action)
         return None
+
+    def _check_environment(self, name: str, table: dict[str, Any]) -> None:
+        """Refuse (:class:`ConfigError`) a control message's table for ``name`` that sets a
+        variable of the task's process (``limits.environment``) otherwise than the config
+        file does: those variables (``PYTHONPATH``, ``LD_PRELOAD`` ...) decide what code the
+        process runs, and any member of the transit group may send a control message.
+        Leaving the file's variables out is allowed."""
+        asked = parse_limits(name, table.get("limits"), "control message").environment
+        kept = parse_limits(name, self.configs.file.get(name, {}).get("limits"),
+                            str(self.configs.path)).environment
+        changed = sorted(key for key, value in asked.items() if kept.get(key) != value)
+        if changed:
+            raise ConfigError(f"control message: {name}.limits.environment: "
+                              f"{', '.join(changed)} not as in the config file: the "
+                              "environment of a task's process is set in the config file "
+                              "only")
 
     def migrate(self, name: str, to_external: bool) -> str | asyncio.Task | None:
         """``mmctl migrate``: set ``is_external`` for ``name`` (an override of its config) and

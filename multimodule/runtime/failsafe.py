@@ -24,7 +24,7 @@ import orjson
 
 from multimodule.errors import MultiModuleError
 from multimodule.oob import Channels
-from multimodule.state import write_atomic
+from multimodule.state import read_own_file, write_atomic
 from multimodule.task import ROUTER_QNAME
 
 SOURCE = "MultiModule"
@@ -69,7 +69,7 @@ class Failsafe:
         """Read the marks kept by an earlier run (a bad file is reported and kept aside as
         ``failsafe.json.bad``; no task is then held back)."""
         try:
-            data = orjson.loads(self.path.read_bytes())
+            data = orjson.loads(read_own_file(self.path))  # ours only, never through a link
             if not isinstance(data, dict):
                 raise ValueError("not an object")
             self.marks = {}

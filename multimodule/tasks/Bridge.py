@@ -77,6 +77,7 @@ from multimodule.errors import (
     QueueCreationRefused,
     TransitError,
 )
+from multimodule.state import open_own_file, write_atomic
 from multimodule.task import Task
 from multimodule.transit import META_KEY
 from multimodule.transit.lowlevel import (
@@ -516,11 +517,7 @@ class Bridge(Task):
         path = self._seq_path
         if path is None:
             return 0
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise BridgeError(f"cannot open {path}: {exc}") from exc
-        os.fchmod(fd, 0o600)
+        fd = self._open_record(path)
         self._seq_fd = fd
         text = os.pread(fd, RECORD_BYTES, 0).decode("ascii", "replace").strip()
         if not text:
@@ -531,6 +528,26 @@ class Bridge(Task):
                      "the stream's consumer for this host acknowledged")
             return 0
         return int(seq)
+
+    def _open_record(self, path: Path) -> int:
+        """The record's descriptor: a regular file of this process's user (made 0600 if there
+        is none). Anything else found there (a symbolic link, a FIFO, another user's file, a
+        hard link) is reported and replaced by a new empty record, never read, written or
+        chmodded: a record planted there could make the Bridge skip what the stream holds
+        for this host."""
+        try:
+            return open_own_file(path)
+        except OSError as exc:
+            if exc.errno is not None:  # the open itself failed (no directory, no access)
+                raise BridgeError(f"cannot open {path}: {exc}") from exc
+            refused = exc
+        self.error(f"{path} refused ({refused}): replaced with a record of its own; going on "
+                   "from what the stream's consumer for this host acknowledged")
+        try:
+            write_atomic(path, b"")  # renamed over the entry, never written through it
+            return open_own_file(path)
+        except OSError as exc:
+            raise BridgeError(f"cannot open {path}: {exc}") from exc
 
     def _record_seq(self, seq: int) -> None:
         """One ``pwrite`` of a fixed-size record within one page: what a kill leaves is the
