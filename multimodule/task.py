@@ -100,7 +100,9 @@ class Task:
 
     Class attributes: ``is_stateful`` (the framework saves and restores ``self.state``),
     ``Config`` (an optional pydantic model validating the task's config table; its instance
-    is ``self.settings``).
+    is ``self.settings``), ``file_only_config`` (keys of the table that only the config file
+    may set, never ``mmctl config``: what names servers, files or code the task trusts, since
+    any member of the transit group may send control messages).
 
     Instance attributes set by the framework: ``name`` (str), ``config`` (dict: the task's
     table, ``{}`` when it has none), ``settings`` (the ``Config`` instance or ``None``),
@@ -109,6 +111,7 @@ class Task:
 
     is_stateful: ClassVar[bool] = False
     Config: ClassVar[type[BaseModel] | None] = None
+    file_only_config: ClassVar[frozenset[str]] = frozenset()
 
     name: str
     config: dict[str, Any]

@@ -386,3 +386,48 @@ async def test_a_control_message_cannot_set_the_environment_of_a_tasks_process(i
         code, _, err = await inproc.mmctl(
             "config", "Keeper", json.dumps({"is_external": True, "limits": limits}))
         assert code == 0, err
+
+
+TRUSTING = """
+    from multimodule import Task
+
+    class Trusting(Task):
+        file_only_config = frozenset({"endpoint"})
+
+        def message(self, message):
+            pass
+"""
+
+
+async def test_keys_a_task_trusts_come_from_the_config_file_only(inproc):
+    # Given a task whose "endpoint" only the config file may set
+    inproc.task("Trusting", TRUSTING)
+    inproc.config('[Trusting]\nendpoint = "file"\nlevel = 1\n')
+    await inproc.start()
+    # When a control message changes it, or leaves it out (its default would apply)
+    for table in ({"endpoint": "sender's", "level": 2}, {"level": 2}):
+        code, _, err = await inproc.mmctl("config", "Trusting", json.dumps(table))
+        # Then it is refused naming the field, and the config in force is the file's
+        assert code == 1 and "Trusting.endpoint" in err, (code, err)
+        assert inproc.daemon.configs.effective("Trusting") == {"endpoint": "file", "level": 1}
+    # while one that keeps it is applied
+    code, _, err = await inproc.mmctl("config", "Trusting",
+                                      json.dumps({"endpoint": "file", "level": 2}))
+    assert code == 0, err
+    assert inproc.daemon.configs.effective("Trusting")["level"] == 2
+
+
+@pytest.mark.parametrize("key, value", [("servers", ["nats://192.0.2.1:4222"]),
+                                        ("credentials", "/etc/hostname"),
+                                        ("ca", "/etc/hostname")])
+async def test_a_control_message_cannot_point_the_bridge_elsewhere(inproc, key, value):
+    # Given a daemon whose config file has no Bridge
+    inproc.task("Keeper", KEEPER)
+    inproc.config("[Keeper]\n")
+    await inproc.start()
+    # When a control message (any member of the transit group) gives the Bridge servers or
+    # files to trust: it would sign that server's challenge with this host's credentials
+    code, _, err = await inproc.mmctl("config", "Bridge", json.dumps({key: value}))
+    # Then it is refused naming the field, and no Bridge is started
+    assert code == 1 and f"Bridge.{key}" in err, (code, err)
+    assert "Bridge" not in inproc.daemon.runners

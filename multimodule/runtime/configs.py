@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel
 
-from multimodule.config import check_config, load_config_file, validate_task_config
+from multimodule.config import (check_config, load_config_file, parse_limits,
+                                validate_task_config)
 from multimodule.errors import ConfigError
 from multimodule.task import ROUTER_QNAME, Task
 
@@ -72,6 +73,25 @@ class TaskConfigs:
             raise ConfigError(f"{source}: {name}.is_external: only a stateful task runs "
                               "external (a stateless one is served by the daemon's copy)")
         return config, settings
+
+    def check_control(self, name: str, cls: type[Task], table: Table) -> None:
+        """Refuse (:class:`ConfigError` naming the fields) a control message's ``table`` for
+        task ``name`` that sets, otherwise than the config file does, what only the file may
+        set: ``limits.environment`` (``PYTHONPATH``, ``LD_PRELOAD`` ... decide what code the
+        task's process runs; leaving the file's variables out is allowed) and the task's
+        ``file_only_config`` keys. Any member of the transit group may send control
+        messages; only the daemon's user may write its config file."""
+        on_file = self.file.get(name, {})
+        asked = parse_limits(name, table.get("limits"), "control message").environment
+        kept = parse_limits(name, on_file.get("limits"), str(self.path)).environment
+        changed = [f"limits.environment.{key}" for key, value in sorted(asked.items())
+                   if kept.get(key) != value]
+        changed += [key for key in sorted(cls.file_only_config)
+                    if table.get(key) != on_file.get(key)]
+        if changed:
+            fields = ", ".join(f"{name}.{field}" for field in changed)
+            raise ConfigError(f"control message: {fields} not as in the config file: set "
+                              "in the config file only")
 
     def check(self, tables: Mapping[str, Table], class_of: Callable[[str], type[Task] | None],
               source: str) -> None:

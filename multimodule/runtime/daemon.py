@@ -15,13 +15,8 @@ from typing import Any
 
 from multimodule.config import (DaemonOptions, check_config, options_path, parse_limits, redact,
                                 published_options)
-from multimodule.errors import (
-    ConfigError,
-    MultiModuleError,
-    StateError,
-    TaskImportFailed,
-    TaskNotFound,
-)
+from multimodule.errors import (ConfigError, MultiModuleError, StateError, TaskImportFailed,
+                                TaskNotFound)
 from multimodule.monitor.monitor import Monitor
 from multimodule.oob import Channels, absolute_spec
 from multimodule.runtime.configs import Act, Action, Placement, describe_changes, plan_reload
@@ -254,7 +249,7 @@ class Daemon(HostProcess):
         try:
             cls = self.registry.lookup(name)
             checked = check_config({name: table}, "control message")[name]
-            self._check_environment(name, checked)
+            self.configs.check_control(name, cls, checked)
             self.configs.validate(name, cls, checked, "control message")
         except TaskNotFound as exc:
             return str(exc)
@@ -269,22 +264,6 @@ class Daemon(HostProcess):
                                   {name: checked}, self._placement):
             self._do(action)
         return None
-
-    def _check_environment(self, name: str, table: dict[str, Any]) -> None:
-        """Refuse (:class:`ConfigError`) a control message's table for ``name`` that sets a
-        variable of the task's process (``limits.environment``) otherwise than the config
-        file does: those variables (``PYTHONPATH``, ``LD_PRELOAD`` ...) decide what code the
-        process runs, and any member of the transit group may send a control message.
-        Leaving the file's variables out is allowed."""
-        asked = parse_limits(name, table.get("limits"), "control message").environment
-        kept = parse_limits(name, self.configs.file.get(name, {}).get("limits"),
-                            str(self.configs.path)).environment
-        changed = sorted(key for key, value in asked.items() if kept.get(key) != value)
-        if changed:
-            raise ConfigError(f"control message: {name}.limits.environment: "
-                              f"{', '.join(changed)} not as in the config file: the "
-                              "environment of a task's process is set in the config file "
-                              "only")
 
     def migrate(self, name: str, to_external: bool) -> str | asyncio.Task | None:
         """``mmctl migrate``: set ``is_external`` for ``name`` (an override of its config) and

@@ -139,6 +139,10 @@ class Bridge(Task):
     (``inbound_seq``), whose record of truth is ``STATE_DIR/Bridge.inbound-STREAM``."""
 
     is_stateful = True
+    #: Where it connects and the credentials it shows there come from the config file only:
+    #: a control message pointing ``servers`` elsewhere would have the Bridge sign that
+    #: server's challenge with this host's credentials.
+    file_only_config = frozenset({"servers", "ca", "cert", "key", "credentials"})
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
