@@ -87,6 +87,15 @@ class TaskImportFailed(TaskError):
         self.details = details
 
 
+class TaskStartFailed(TaskError):
+    """A task's instance did not take its config: its ``set_config`` raised while it was
+    started with ``strict`` (a restart with new code).
+
+    Cause: the task's own code. Raised by ``TaskRunner.start``; the restart puts the old
+    version back.
+    """
+
+
 class HandlerTimeout(TaskError):
     """A task's message handler or scheduled work held the event loop longer than the task's
     ``handler_timeout_s`` and was interrupted: the handler watchdog raised this inside it, on
@@ -286,6 +295,7 @@ __all__ = [
     "StateError",
     "TaskError",
     "TaskImportFailed",
+    "TaskStartFailed",
     "TaskNotFound",
     "TransitBroken",
     "TransitError",

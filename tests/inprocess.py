@@ -425,7 +425,8 @@ class InProcessDaemon:
             out += [f"start {n}" for n in d.externals.starting]
         if d.failsafe is not None:
             out += [f"failsafe {n}" for n in d.failsafe.entering]
-        out += [f"unload {n}" for n in d.unloading]
+        if getattr(d, "tasks", None) is not None:
+            out += [f"stop, start or restart {n}" for n in d.tasks.busy]
         return out
 
     async def quiet(self, timeout: float = WAIT_S, *, ignoring: tuple[str, ...] = ()) -> None:

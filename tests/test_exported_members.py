@@ -22,6 +22,7 @@ ERRORS = {
     "TaskError",
     "TaskNotFound",
     "TaskImportFailed",
+    "TaskStartFailed",
     "HandlerTimeout",
     "TransitError",
     "InvalidQueueName",

@@ -204,7 +204,8 @@ def test_mmctl_stop_exits_cleanly_with_state_saved(mm, transit):
     # When mmctl stop is run
     status, _, err = mm.mmctl("stop")
     assert status == 0, err
-    # Then the daemon exits 0 on its own, having saved the state
+    # Then it returned once the daemon had exited (as systemctl stop does), 0, state saved
+    assert daemon.proc.poll() == 0, daemon.output()
     assert daemon.wait_exit(15) == 0, daemon.output()
     daemon.expect("stdout", "cleanly_exit requested")
     assert saved_state(mm.state_file("Keeper")) == {"ct": 7}
@@ -465,3 +466,14 @@ def test_mmctl_config_for_an_unknown_task_exits_4_and_sets_nothing(mm):
     assert status == 4 and "Nosuchtask" in err, (status, err)
     status, _, _ = mm.mmctl("config", "Nosuchtask")
     assert status == 4
+
+
+def test_mmctl_stop_no_block_returns_once_the_daemon_has_the_request(mm):
+    # Given a daemon
+    mm.config("")
+    daemon = mm.start()
+    # When mmctl stop --no-block is run
+    status, _, err = mm.mmctl("stop", "--no-block")
+    # Then it exits 0, and the daemon exits 0 on its own
+    assert status == 0, err
+    assert daemon.wait_exit(15) == 0, daemon.output()

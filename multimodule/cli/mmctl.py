@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import secrets
+import select
 import sys
 import time
 from typing import Any, Sequence
@@ -254,9 +255,32 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    """``mmctl stop [--externals]``: ask the daemon to exit cleanly (state saved)."""
-    _ask(args, {"control": [{"type": "cleanly_exit",
-                             "exit_externals": 1 if args.externals else 0}]})
+    """``mmctl stop [TASK] [--externals] [--no-block]``: stop one task and keep it stopped,
+    or ask the daemon to exit cleanly (state saved) and wait until it has exited."""
+    if args.task is not None:
+        return cmd_task_command(args, "stop")
+    reply = _ask(args, {"control": [{"type": "cleanly_exit",
+                                     "exit_externals": 1 if args.externals else 0}]})
+    pid = reply.get("pid")
+    if args.no_block or not isinstance(pid, int):
+        return EXIT_OK
+    try:
+        pidfd = os.pidfd_open(pid)  # readable once the process has exited
+    except ProcessLookupError:
+        return EXIT_OK  # gone already
+    try:
+        if not select.select([pidfd], [], [], args.stop_timeout)[0]:
+            raise CommandError(f"the daemon (pid {pid}) has not exited after "
+                               f"{args.stop_timeout:g} s")
+    finally:
+        os.close(pidfd)
+    return EXIT_OK
+
+
+def cmd_task_command(args: argparse.Namespace, action: str | None = None) -> int:
+    """``mmctl start|restart TASK`` (and ``stop TASK``): one task, the others untouched;
+    returns once it is done."""
+    _ask(args, {"task_command": {"task": args.task, "action": action or args.command}})
     return EXIT_OK
 
 
@@ -406,12 +430,45 @@ def _add_control(sub, common) -> None:
     where.add_argument("--external", action="store_true", help="to its own process")
     where.add_argument("--internal", action="store_true", help="into the daemon")
     p.set_defaults(func=cmd_migrate)
-    p = sub.add_parser("stop", parents=[common, wait], help="stop the daemon cleanly",
-                       description="Ask the daemon to exit: it delivers what it holds in "
-                                   "memory and saves state.")
+    long_wait = argparse.ArgumentParser(add_help=False)
+    long_wait.add_argument("--wait", type=_seconds, default=30.0, metavar="S",
+                           help="seconds to wait until it is done (default: 30); exit "
+                                "status 3 if the daemon does not answer")
+    p = sub.add_parser("stop", parents=[common, long_wait],
+                       help="stop the daemon cleanly, or one task",
+                       description="Without TASK, ask the daemon to exit (it delivers what "
+                                   "it holds in memory and saves state) and wait until it "
+                                   "has exited, as `systemctl stop` does. With TASK, stop "
+                                   "that task only (state saved) and keep it stopped: "
+                                   "messages sent to it wait in its queue until `mmctl "
+                                   "start TASK` (a daemon restart starts it again).")
+    p.add_argument("task", metavar="TASK", type=_task_name, nargs="?")
     p.add_argument("--externals", action="store_true",
-                   help="also stop external tasks (exit_externals)")
+                   help="also stop external tasks (exit_externals; without TASK)")
+    p.add_argument("--no-block", action="store_true",
+                   help="return once the daemon has the request, without waiting for it "
+                        "to exit")
+    p.add_argument("--stop-timeout", type=_seconds, default=30.0, metavar="S",
+                   help="seconds to wait for the daemon to exit (default: 30); exit "
+                        "status 1 if it has not")
     p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("start", parents=[common, long_wait], help="start one task",
+                       description="Start TASK as its config says (in the daemon or in its "
+                                   "own process): a task stopped with `mmctl stop TASK`, or "
+                                   "one not loaded yet. It gets the messages that waited.")
+    p.add_argument("task", metavar="TASK", type=_task_name)
+    p.set_defaults(func=cmd_task_command)
+    p = sub.add_parser("restart", parents=[common, long_wait],
+                       help="restart one task with its code imported afresh",
+                       description="Stop TASK (the message in hand finishes, its state is "
+                                   "saved, its queued messages are kept), import its module "
+                                   "afresh and start it again with the same state, the other "
+                                   "tasks untouched. A module that no longer imports, a "
+                                   "config its new class refuses, or a set_config that "
+                                   "raises leaves the running version as it was and says "
+                                   "why (exit 1). An external task's process is restarted.")
+    p.add_argument("task", metavar="TASK", type=_task_name)
+    p.set_defaults(func=cmd_task_command)
     p = sub.add_parser("reload", parents=[common, wait], help="re-read the config file",
                        description="Make the daemon re-read its config file, like SIGHUP.")
     p.set_defaults(func=cmd_reload)

@@ -9,6 +9,8 @@ the original App::MultiModule's shapes and adds a few keys of ours::
     migrate:    {task: TASK, to: "external"|"internal"}  move a task (mmctl migrate)
     failsafe:   TASK (with reason: "...")  stop TASK and keep it stopped (mmctl failsafe)
     unfailsafe: TASK                       clear the mark and start it again
+    task_command: {task: TASK, action: "stop"|"start"|"restart"}  one task (mmctl stop,
+                                           start, restart TASK)
     reply_to:   QNAME                      where the answer goes (``{"ok": true}`` or
                                            ``{"error": "..."}`` for config/control; the
                                            figures for a query)
@@ -46,6 +48,14 @@ class Migrate(BaseModel):
     to: Literal["external", "internal"]
 
 
+class TaskCommand(BaseModel):
+    """``task_command``: stop, start, or restart (its module imported afresh) one task."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: TaskName
+    action: Literal["stop", "start", "restart"]
+
+
 class ControlBody(BaseModel):
     """The object under ``.multimodule`` in a control message."""
 
@@ -57,6 +67,7 @@ class ControlBody(BaseModel):
     task: TaskName | None = None
     failsafe: TaskName | None = None
     unfailsafe: TaskName | None = None
+    task_command: TaskCommand | None = None
     reason: str | None = Field(None, max_length=1000)
     reply_to: QueueName | None = None
     expires_at: float | None = None

@@ -20,6 +20,7 @@ for the loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import traceback
@@ -56,6 +57,10 @@ class Controlled(Protocol):
 
     def request_stop(self, exit_externals: bool = False) -> None:
         """Begin an orderly exit."""
+
+    #: ``stop(name)``, ``start(name)``, ``restart(name)`` of one task, each giving an outcome
+    #: (see :class:`~multimodule.runtime.task_control.TaskControl`).
+    tasks: Any
 
     async def query(self, what: str, name: str | None) -> dict[str, Any]:
         """The reply to a ``state``, ``config`` or ``status`` query."""
@@ -188,7 +193,7 @@ class ControlServer:
         errors: list[str] = []
         waits: list[Awaitable] = []
         for handler in (self._config, self._migrate, self._failsafe, self._unfailsafe,
-                        self._control):
+                        self._task_command, self._control):
             outcome = handler(body)
             if isinstance(outcome, str):
                 errors.append(outcome)
@@ -205,6 +210,8 @@ class ControlServer:
             return {"error": "; ".join(errors)}
         if waits and body.reply_to is not None:  # nobody to answer: the commands run on
             return _first_problem(waits)
+        if any(item.type == "cleanly_exit" for item in body.control):
+            return {"ok": True, "pid": os.getpid()}  # mmctl stop waits for it to exit
         return {"ok": True}
 
     # -- one handler per command -----------------------------------------------------------
@@ -228,6 +235,11 @@ class ControlServer:
         if body.unfailsafe is None:
             return None
         return self.target.unfailsafe(body.unfailsafe)
+
+    def _task_command(self, body: ControlBody) -> Any:
+        if body.task_command is None:
+            return None
+        return getattr(self.target.tasks, body.task_command.action)(body.task_command.task)
 
     def _control(self, body: ControlBody) -> str | None:
         problems = []

@@ -27,6 +27,7 @@ from multimodule.runtime.host import SOURCE, HostProcess
 from multimodule.runtime.inventory import Inventory
 from multimodule.runtime.metrics import serve_metrics
 from multimodule.runtime.migration import Migrations
+from multimodule.runtime.task_control import TaskControl
 from multimodule.runtime.monitoring import AlertSender, MonitorService
 from multimodule.state import write_atomic
 from multimodule.supervise.base import TaskBackend
@@ -56,7 +57,6 @@ class Daemon(HostProcess):
         self.monitor: MonitorService | None = None
         self.control: ControlServer | None = None
         #: Tasks being stopped because they left the config.
-        self.unloading: set[str] = set()
         self._exit_externals = False
         self._metrics_server: Any = None
 
@@ -98,6 +98,10 @@ class Daemon(HostProcess):
             failsafe=self.failsafe.begin, interval_s=opts.monitor_interval_s,
             monitor=self._monitor, backend=backend.name,
             on_figures=lambda: self.control.keep_snapshot(self.status_now()))
+        self.tasks = TaskControl(registry=self.registry, externals=self.externals,
+                                 configs=self.configs, channels=self.channels, load=self._load,
+                                 stop_task=self._stop_task, forget=self._forget,
+                                 held=lambda n: n in self.migrations or self.failsafe.holds(n))
         self.control = ControlServer(self, transit=self.transit, qname=opts.control_queue,
                                      channels=self.channels, watchdog=self.watchdog)
         self.control.start()
@@ -166,14 +170,18 @@ class Daemon(HostProcess):
     def load_on_demand(self, qname: str) -> bool:
         if (self.externals is None or qname in self.registry.not_tasks
                 or qname in self.registry.failures or qname in self.externals
-                or qname in self.migrations or self.failsafe.holds(qname)):
+                or self._held(qname)):
             return False
         return self._load(qname, on_demand=True) and qname in self.registry
 
     # -- config changes --------------------------------------------------------------------
 
+    def _held(self, name: str) -> bool:
+        return (name in self.migrations or self.failsafe.holds(name)
+                or name in self.tasks.stopped or name in self.tasks.busy)
+
     def _placement(self, name: str) -> Placement:
-        if name in self.migrations or self.failsafe.holds(name) or name in self.unloading:
+        if self._held(name):
             return Placement.HELD
         if name in self.externals:
             return Placement.EXTERNAL
@@ -193,8 +201,7 @@ class Daemon(HostProcess):
         if act is Act.LOAD:
             self._load(name)
         elif act is Act.UNLOAD:
-            self.unloading.add(name)
-            self.loop.create_task(self._unload(name), name=f"unload:{name}")
+            self.tasks.unload(name)
         elif act in (Act.MIGRATE_OUT, Act.MIGRATE_IN):
             self.migrations.begin(name, to_external=act is Act.MIGRATE_OUT)
         elif act is Act.THRESHOLDS:
@@ -214,23 +221,6 @@ class Daemon(HostProcess):
                 return
             runner.apply_config(config, settings)
             self.monitor.set_thresholds(name, config)
-
-    async def _unload(self, name: str) -> None:
-        try:
-            if name in self.externals:
-                await self.externals.stop(name)
-                self._forget(name)
-            else:
-                await self.registry.unload(name)
-        except (MultiModuleError, OSError) as exc:
-            self.channels.emit("error", SOURCE, f"task {name} left the config but cannot be "
-                                                f"stopped: {exc}", task=name)
-            return
-        finally:
-            self.unloading.discard(name)
-        self.channels.emit("log", SOURCE, f"task {name} left the config: stopped (state "
-                                          "saved; messages sent to it wait in its queue)",
-                           task=name)
 
     def _reconcile(self, name: str) -> None:
         """After a move: follow the config in force if it changed meanwhile."""

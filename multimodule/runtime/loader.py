@@ -87,3 +87,33 @@ def find_task_class(name: str, prefixes: Sequence[str],
     detail = f"; {'; '.join(not_task)}" if not_task else ""
     raise TaskNotFound(f"no task {name!r} (tried modules {', '.join(tried) or 'none'}{detail})")
 
+
+
+def import_afresh(cls: type[Task]) -> type[Task]:
+    """Task class ``cls`` from its module imported again: compiled from the module's source
+    file (never from a cached ``.pyc``, whose timestamp check could miss an edit made within
+    the same second) into a new module object, which then takes the old one's place in
+    ``sys.modules``. The old module and class are untouched, so what runs them goes on if
+    this fails. Raises :class:`TaskImportFailed` (the module no longer imports) or
+    :class:`TaskNotFound` (it no longer defines a ``Task`` subclass of that name)."""
+    module_name, name = cls.__module__, cls.__name__
+    old = sys.modules.get(module_name)
+    spec = getattr(old, "__spec__", None)
+    if spec is None or not spec.origin or not str(spec.origin).endswith(".py"):
+        raise TaskImportFailed(f"task module {module_name} has no source file to import "
+                               "again")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        code = compile(Path(spec.origin).read_bytes(), spec.origin, "exec", dont_inherit=True)
+        sys.modules[module_name] = module  # as an import does, while the module runs
+        exec(code, module.__dict__)  # noqa: S102 - the task's own module, from --task-path
+    except Exception as exc:  # SyntaxError, OSError, or anything the module raised
+        if old is not None:
+            sys.modules[module_name] = old
+        raise TaskImportFailed(f"task module {module_name} failed to import: "
+                               f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
+    new = getattr(module, name, None)
+    if not (isinstance(new, type) and issubclass(new, Task)):
+        sys.modules[module_name] = old
+        raise TaskNotFound(f"module {module_name} no longer has a Task subclass named {name}")
+    return new

@@ -121,9 +121,12 @@ class TaskRegistry:
     # -- loading and unloading -------------------------------------------------------------
 
     def start(self, name: str, cls: type[Task], config: dict[str, Any],
-              settings: BaseModel | None) -> TaskRunner | None:
+              settings: BaseModel | None, *, strict: bool = False) -> TaskRunner | None:
         """Construct and start task ``name`` (state restored, config applied, delivery
-        started); ``None`` if it raised (reported, recorded in :attr:`failures`)."""
+        started); ``None`` if it raised (reported, recorded in :attr:`failures`); with
+        ``strict``, also if its ``set_config`` raised (then nothing of it was delivered or
+        saved: its messages are still in its journal)."""
+        runner = None
         if self.task_locks and cls.is_stateful:
             lock = InstanceLock(self.store.path, f"task-{name}", status_file=False)
             try:
@@ -139,10 +142,13 @@ class TaskRegistry:
                                 journal=self.delivery.journal_for(name), guard=self.delivery,
                                 watchdog=self.watchdog, failsafe=self.failsafe)
             self.runners[name] = runner
-            runner.start(config, settings)
+            runner.start(config, settings, strict=strict)
         except Exception as exc:
             self.runners.pop(name, None)
             self.transit.undeclare_local(name)
+            if runner is not None and runner.journal is not None:
+                runner.close_journal()
+                self.delivery.forget(runner.journal)
             self._release_lock(name)
             self.fail(name, f"task {name} failed to start: {type(exc).__name__}: {exc}",
                       traceback=traceback.format_exc())

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from multimodule.config import DEFAULT_HANDLER_TIMEOUT_S, DEFAULT_SAVE_STATE_S
-from multimodule.errors import BadMessage, StateError, TransitError
+from multimodule.errors import BadMessage, StateError, TaskStartFailed, TransitError
 from multimodule.journal import Journal
 from multimodule.oob import Channels
 from multimodule.runtime.calls import TASK_FAILURES, cause, derived_id
@@ -107,10 +107,13 @@ class TaskRunner:
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def start(self, config: dict[str, Any], settings: BaseModel | None) -> None:
+    def start(self, config: dict[str, Any], settings: BaseModel | None, *,
+              strict: bool = False) -> None:
         """Restore the checkpoint (state, position, dedupe window), put what the journal holds
         past it back on the queue ahead of anything new, apply ``config``, start delivery
-        (call with the loop running)."""
+        (call with the loop running). With ``strict``, a ``set_config`` that raises is
+        raised again (:class:`~multimodule.errors.TaskStartFailed`) before anything is
+        delivered."""
         progress = self.progress
         state = progress.restore()
         if state is not None:
@@ -122,7 +125,8 @@ class TaskRunner:
             self.queue.put_many(again)  # ahead of anything new, and not journaled twice
             self.journal.on_dirty = self.guard.journal_written
             self.queue.recorder = self.journal.append
-        self.apply_config(config, settings)
+        if not self.apply_config(config, settings) and strict:
+            raise TaskStartFailed(f"set_config raised: {self.last_error}")
         loop = asyncio.get_running_loop()
         self.consumer.start()
         if self.receiver is not None:
@@ -145,9 +149,10 @@ class TaskRunner:
         # receiver takes it off the kernel queue.
         self.journal.flush()
 
-    def apply_config(self, config: dict[str, Any], settings: BaseModel | None) -> None:
+    def apply_config(self, config: dict[str, Any], settings: BaseModel | None) -> bool:
         """Give the task its (validated) config; schedules pick up new ``intervals``, the
-        dedupe window its new size."""
+        dedupe window its new size. Returns whether the task's ``set_config`` took it
+        (what it raised is reported)."""
         self.schedules.set_intervals(config.get("intervals") or {})
         self.progress.set_window(config.get("dedupe", False))
         self.consumer.handler_timeout_s = float(config.get("handler_timeout_s",
@@ -159,6 +164,8 @@ class TaskRunner:
         except TASK_FAILURES as exc:
             self.report_error(f"set_config raised {type(exc).__name__}: {exc}",
                               traceback=traceback.format_exc())
+            return False
+        return True
 
     # -- TaskHost --------------------------------------------------------------------------
 
