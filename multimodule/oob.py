@@ -8,7 +8,8 @@ channel goes to one sink, chosen by the ``-o`` spec (``log:1,error:2,alert:journ
 - ``journal``: journald with structured fields ``MESSAGE``, ``PRIORITY``, ``MULTIMODULE_TASK``,
   ``MULTIMODULE_CHANNEL`` and the caller's fields upper-cased (``journalctl
   MULTIMODULE_TASK=Example1``);
-- a path (containing ``/``): appended to that file, created 0600 whatever the umask; a symbolic
+- a path (containing ``/``): appended to that file, each line starting with its local time
+  (ISO 8601, microseconds, offset), created 0600 whatever the umask; a symbolic
   link or another user's file there is refused (reported on stderr, as a failing sink is);
 - any other word: a queue name; the record is sent there as a message (``router`` means the
   ``Router`` queue), which is how the original routed its channels.
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -83,6 +85,9 @@ class Sink:
                 send(self.target, record)
             else:
                 prefix = f"{task}: " if channel == "log" else f"{channel}: {task}: "
+                if self.kind == "file":  # a file has no other clock: mmctl logs merges by it
+                    prefix = datetime.now().astimezone().isoformat(timespec="microseconds") \
+                        + " " + prefix
                 line = prefix + text + format_fields(fields) + "\n"
                 stream = self._stream()
                 with self._lock:

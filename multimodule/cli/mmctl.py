@@ -28,6 +28,7 @@ from multimodule.errors import (
     QueueFull,
     UsageError,
 )
+from multimodule.cli import logs
 from multimodule.transit import Transit, default_transit_dir
 from multimodule.transit.lowlevel import ENV_TRANSIT_DIR, SYSTEM_TRANSIT_DIR, decode_body
 
@@ -564,6 +565,7 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
     _add_recv(sub, common)
     _add_queues(sub, common)
     _add_control(sub, common)
+    logs.add_parser(sub, common)
     for subparser in sub.choices.values():
         subparser.set_defaults(subparser=subparser)
     parser.subcommands = dict(sub.choices)  # command -> its own parser
