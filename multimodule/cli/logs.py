@@ -20,7 +20,7 @@ import re
 import sys
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
