@@ -183,7 +183,7 @@ def _tag(node: Node) -> str:
         return f"[queue on host {info['host']}, through the Bridge]"
     if node.type == "queue":
         fill = info.get("queue_fill")
-        where = f"{100 * fill:.0f}% full" if fill is not None else "no queue yet"
+        where = f"{100 * fill:.0f}% full" if fill is not None else "no queue seen yet"
         return f"[UNREAD: no task reads this queue; {where}]"
     return ""
 
@@ -317,7 +317,7 @@ def _node_label(node: Node) -> tuple[str, dict[str, str]]:
         return f"{node.name}\nnot a task here", _STYLES["source"]
     if node.type == "queue":
         fill = info.get("queue_fill")
-        where = f"{100 * fill:.0f}% full" if fill is not None else "no queue yet"
+        where = f"{100 * fill:.0f}% full" if fill is not None else "no queue seen yet"
         return f"{node.name}\nqueue: no task reads it\n{where}", _STYLES["queue"]
     if node.type == "remote":
         return f"{info['qname']}\non host {info['host']}\n(through the Bridge)", \
