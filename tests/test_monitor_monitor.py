@@ -48,6 +48,32 @@ def test_rates_and_cpu_of_an_internal_task(monitor, clock):
     assert row["queue_depth"] == 3 and row["windows"]["queue_fill"]["short"] == 0.25
 
 
+def test_emitted_and_router_route_rates(monitor, clock):
+    # Given a Router matching 10 messages per second on route 1 and 1 on route 2, and
+    # emitting 5 per second
+    def router(second, matches):
+        return TaskView("Router", "internal", "running", pid=1, counters={
+            "emitted": 5 * second, "route_matches": matches, "unrouted": 7})
+
+    for second in range(3):
+        monitor.tick([router(second, [10 * second, second])], {}, {})
+        clock.now += 1
+    row = monitor.rows["Router"]
+    # Then its row has the rates per route, in route order, and its counters as they are
+    assert row["route_matches_per_s"] == [pytest.approx(10.0), pytest.approx(1.0)]
+    assert row["emitted_per_s"] == pytest.approx(5.0) and row["emitted"] == 10
+    assert row["route_matches"] == [20, 2] and row["unrouted"] == 7
+    # When its routes change (three now, counting afresh), their rates start afresh too
+    monitor.tick([router(3, [4, 0, 0])], {}, {})
+    assert monitor.rows["Router"]["route_matches_per_s"] == [None, None, None]
+    clock.now += 2
+    monitor.tick([router(5, [8, 2, 0])], {}, {})
+    assert monitor.rows["Router"]["route_matches_per_s"] == [2.0, 1.0, 0.0]
+    # and a task that is no Router has no such figures
+    monitor.tick([internal(1)], {}, {})
+    assert "route_matches_per_s" not in monitor.rows["T"]
+
+
 def test_failures_count_within_the_window_and_alert_both_ways(monitor, clock):
     # Given a task loaded after the monitor started, with one failure already
     alerts = monitor.tick([internal(1, failures=1)], {}, {})

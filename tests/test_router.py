@@ -432,3 +432,35 @@ def test_the_index_tries_only_routes_that_can_match():
     assert router.index.candidates({"source": "S500", "kind": "k"}) == [500, 1000]
     router.message({"source": "S500", "kind": "k"})
     assert qnames(host) == ["q500", "all"]
+
+
+# -- figures per route (mmctl graph) ----------------------------------------------------------
+
+
+def reconfigure(router: Router, routes: list[dict[str, Any]]) -> None:
+    config, settings = validate_task_config("Router", Router.Config, {"routes": routes},
+                                            "test.toml")
+    router.config, router.settings = config, settings
+    router.set_config(config)
+
+
+def test_each_route_counts_the_messages_it_matched():
+    # Given three routes, the second short-circuiting
+    routes = [{"match": {"source": "A"}, "forwards": fwd("a1", "a2")},
+              {"match": {"kind": "x"}, "forwards": fwd("x"), "short_circuit": True},
+              {"match": {}, "forwards": fwd("all")}]
+    router, host = make_router(routes)
+    # When messages come: A twice (once of kind x), B of kind x, C, and one static_forwards
+    for message in ({"source": "A"}, {"source": "A", "kind": "x"}, {"source": "B", "kind": "x"},
+                    {"source": "C"}, {"static_forwards": [[{"forward": {"qname": "s"}}]]}):
+        router.message(message)
+    # Then each route counts the messages it matched (a forward each is not a match each),
+    # none past a short circuit, and the static one counts apart
+    assert router.extra_figures()["route_matches"] == [2, 2, 2]
+    assert router.extra_figures()["static_forwarded"] == 1
+    # When the config changes but not the routes, the counts go on
+    reconfigure(router, copy.deepcopy(routes))
+    assert router.extra_figures()["route_matches"] == [2, 2, 2]
+    # and when the routes change, they start afresh, one per route
+    reconfigure(router, routes[:2])
+    assert router.extra_figures()["route_matches"] == [0, 0]

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import orjson
 
+from multimodule.cli import graph
 from multimodule.errors import (
     BadMessage,
     CommandError,
@@ -511,6 +512,7 @@ def _add_control(sub, common) -> None:
                                    "that waited.")
     p.add_argument("task", metavar="TASK", type=_task_name)
     p.set_defaults(func=cmd_unfailsafe)
+    graph.add_parser(sub, [common, wait])
 
 
 def _add_send(sub, common) -> None:
@@ -554,8 +556,8 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, parents=[common],
         description="Control multimodule: send and receive messages, list queues, and "
-                    "talk to the daemon (config, state, status, top, migrate, failsafe, "
-                    "unfailsafe, reload, stop).",
+                    "talk to the daemon (config, state, status, top, graph, migrate, "
+                    "failsafe, unfailsafe, reload, stop).",
         epilog="The commands strans, rtrans and qtrans are mmctl send, recv and queues. "
                "Exit status: 0 ok, 1 failed or timed out, 2 bad usage or input, 3 the daemon "
                "did not answer, 4 no such task.",

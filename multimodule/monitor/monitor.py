@@ -52,6 +52,10 @@ from multimodule.monitor.sources import CgroupSource, Figures, ProcessSource
 #: How much longer the long window is than the short one.
 LONG_WINDOW_FACTOR = 5
 
+#: The Router's counters a status row carries as they are (see ``multimodule.tasks.Router``).
+ROUTER_FIGURES = ("route_matches", "unrouted", "static_forwarded", "static_forwards_refused",
+                  "forwards_refused", "loops_broken")
+
 #: Metrics with levels for the daemon's own row: its threads and descriptors grow with the
 #: number of tasks it hosts (a receiver thread each), so they say nothing about its health.
 DAEMON_METRICS = ("cpu_cores", "memory_share", "disk_read_bytes_per_s",
@@ -66,8 +70,9 @@ class TaskView:
     ``stopped``, ``failed`` or ``failsafe``. ``pid``: the external task's main process.
     ``where``: its unit name or lock file. ``cgroup``: read the pid's cgroup (systemd units:
     the cgroup is the task's own). ``counters``: the task's counters (``messages_in``,
-    ``messages_out``, ``task_message_failure``, ``handler_seconds``, ``handler_cpu_seconds``,
-    ``queue_depth``, ``last_error``), ``None`` if unknown. ``counters_since``: when the process
+    ``messages_out``, ``emitted``, ``task_message_failure``, ``handler_seconds``,
+    ``handler_cpu_seconds``, ``queue_depth``, ``last_error``; the Router's ``route_matches``,
+    one count per route), ``None`` if unknown. ``counters_since``: when the process
     holding those counters started (seconds since the epoch; counters restart with it).
     ``restarts``: restarts counted by the backend. ``queue_fill``: the fill of the task's
     own System V queue (0..1).
@@ -111,7 +116,7 @@ class _Track:
     GAUGES = ("memory_bytes", "open_fds", "threads", "queue_fill", "queue_depth",
               "process_memory_bytes")
     COUNTERS = ("cpu_seconds", "io_read_bytes", "io_write_bytes", "messages_in",
-                "messages_out", "handler_seconds")
+                "messages_out", "emitted", "handler_seconds")
 
     def __init__(self, short_s: float, clock: Clock):
         self.short_s = short_s
@@ -131,6 +136,18 @@ class _Track:
         """Start the windows of process figures and counters afresh."""
         self.pairs = {name: _Pair(self.short_s, self.clock)
                       for name in self.GAUGES + self.COUNTERS}
+        #: The Router's messages matched per route, by position.
+        self.routes: list[_Pair] = []
+
+    def add_routes(self, matches: Any) -> None:
+        """Record the Router's ``route_matches`` counters (a list in route order); a list of
+        another length (the routes changed) starts the routes' windows afresh."""
+        if not isinstance(matches, list):
+            return
+        if len(matches) != len(self.routes):
+            self.routes = [_Pair(self.short_s, self.clock) for _ in matches]
+        for pair, value in zip(self.routes, matches):
+            pair.add(value)
 
 
 def machine_memory_bytes() -> int:
@@ -274,8 +291,10 @@ class Monitor:
                                 ("queue_depth", counters.get("queue_depth")),
                                 ("messages_in", counters.get("messages_in")),
                                 ("messages_out", counters.get("messages_out")),
+                                ("emitted", counters.get("emitted")),
                                 ("handler_seconds", counters.get("handler_seconds"))):
                 pairs[name].add(value)
+            track.add_routes(counters.get("route_matches"))
             self._count_failures(track, view, counters)
         else:
             pairs["queue_fill"].add(view.queue_fill)  # its queue still fills while stopped
@@ -374,9 +393,15 @@ class Monitor:
             "message_failures_in_window": int(values["message_failures"]),
             "messages_in": counters.get("messages_in"),
             "messages_out": counters.get("messages_out"),
+            "emitted": counters.get("emitted"),
+            "emitted_per_s": _round(pairs["emitted"].rate()[0]),
             "last_error": view.last_error or counters.get("last_error"),
             # The Bridge's own figures (published, delivered, lag...), as its counters give.
             **{key: value for key, value in counters.items() if key.startswith("bridge_")},
+            # The Router's own figures, and its messages matched per second per route.
+            **{key: counters[key] for key in ROUTER_FIGURES if key in counters},
+            **({"route_matches_per_s": [_round(pair.rate()[0]) for pair in track.routes]}
+               if "route_matches" in counters else {}),
             "windows": {
                 "cpu_percent": {"short": _round(cpu_short * 100) if cpu_short is not None
                                 else None,

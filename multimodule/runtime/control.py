@@ -5,7 +5,9 @@ the original App::MultiModule's shapes and adds a few keys of ours::
 
     config:     {TASK: {...}, ...}         replace those tasks' config
     control:    [{type: "cleanly_exit", exit_externals: 0|1}, {type: "reload"}]
-    query:      "state" | "config" | "status"  (with task: TASK for state and config)
+    query:      "state" | "config" | "status" | "graph"  (with task: TASK for state and
+                                           config; "graph": the tasks, the Router's routes
+                                           and their rates, for mmctl graph)
     migrate:    {task: TASK, to: "external"|"internal"}  move a task (mmctl migrate)
     failsafe:   TASK (with reason: "...")  stop TASK and keep it stopped (mmctl failsafe)
     unfailsafe: TASK                       clear the mark and start it again
@@ -63,7 +65,7 @@ class ControlBody(BaseModel):
     config: dict[TaskName, dict[str, Any]] | None = None
     control: list[ControlItem] = Field(default_factory=list)
     migrate: Migrate | None = None
-    query: Literal["state", "config", "status"] | None = None
+    query: Literal["state", "config", "status", "graph"] | None = None
     task: TaskName | None = None
     failsafe: TaskName | None = None
     unfailsafe: TaskName | None = None

@@ -63,7 +63,7 @@ class Controlled(Protocol):
     tasks: Any
 
     async def query(self, what: str, name: str | None) -> dict[str, Any]:
-        """The reply to a ``state``, ``config`` or ``status`` query."""
+        """The reply to a ``state``, ``config``, ``status`` or ``graph`` query."""
 
 
 def _reply_to(message: Any) -> str | None:

@@ -232,7 +232,9 @@ class StaticForward(BaseModel):
 
 class Router(Task):
     """Forwards messages by routes; see the module docstring. Counts ``unrouted`` messages,
-    ``loops_broken``, ``static_forwards_refused`` and ``forwards_refused``."""
+    ``loops_broken``, ``static_forwards_refused`` and ``forwards_refused``; the messages each
+    route matched (``route_matches``, a list in route order, started afresh when the routes
+    change), and those that followed their own ``static_forwards`` (``static_forwarded``)."""
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -258,15 +260,22 @@ class Router(Task):
         ]
         self.index = RouteIndex([route.match for route in routes])
         self.unrouted = getattr(self, "unrouted", 0)
+        shapes = [route.model_dump() for route in routes]
+        if shapes != getattr(self, "_route_shapes", None):
+            self._route_shapes = shapes
+            self.route_matches = [0] * len(routes)  # by position: new routes count afresh
 
-    def extra_figures(self) -> dict[str, int]:
+    def extra_figures(self) -> dict[str, int | list[int]]:
         return {"unrouted": getattr(self, "unrouted", 0), "loops_broken": self.loops_broken,
                 "static_forwards_refused": self.static_forwards_refused,
-                "forwards_refused": self.forwards_refused}
+                "forwards_refused": self.forwards_refused,
+                "route_matches": list(getattr(self, "route_matches", ())),
+                "static_forwarded": self.static_forwarded}
 
     loops_broken = 0
     static_forwards_refused = 0
     forwards_refused = 0
+    static_forwarded = 0
 
     def message(self, message: dict[str, Any]) -> None:
         hops = message.get(HOPS_KEY, 0)
@@ -279,10 +288,11 @@ class Router(Task):
             self._static_forward(message, hops + 1)
             return
         targets: list[tuple[tuple[str, str | None], dict[str, Any] | None]] = []
-        compiled = self.compiled
+        compiled, matches = self.compiled, self.route_matches
         for position in self.index.candidates(message):
             matcher, forwards, transform, short_circuit = compiled[position]
             if matcher(message):
+                matches[position] += 1
                 for forward in forwards:
                     targets.append((forward, transform))
                 if short_circuit:
@@ -346,6 +356,7 @@ class Router(Task):
                        message=message)
             return
         rest = plan[1:]
+        self.static_forwarded += 1
         for entry in hop:
             out = dict(message)
             out[HOPS_KEY] = hops
