@@ -72,8 +72,9 @@ class Sink:
     _file: TextIO | None = field(default=None, repr=False)
 
     def write(self, channel: str, task: str, text: str, fields: dict[str, Any],
-              send: Sender | None) -> None:
-        """Write one record; a failing sink is reported on stderr, never raised."""
+              send: Sender | None, when: float | None = None) -> None:
+        """Write one record emitted at ``when`` (seconds since the epoch; default: now); a
+        failing sink is reported on stderr, never raised."""
         try:
             if self.kind == "journal":
                 self._journal(channel, task, text, fields)
@@ -86,8 +87,8 @@ class Sink:
             else:
                 prefix = f"{task}: " if channel == "log" else f"{channel}: {task}: "
                 if self.kind == "file":  # a file has no other clock: mmctl logs merges by it
-                    prefix = datetime.now().astimezone().isoformat(timespec="microseconds") \
-                        + " " + prefix
+                    stamp = datetime.fromtimestamp(when if when is not None else time.time())
+                    prefix = stamp.astimezone().isoformat(timespec="microseconds") + " " + prefix
                 line = prefix + text + format_fields(fields) + "\n"
                 stream = self._stream()
                 with self._lock:
@@ -246,7 +247,7 @@ class Channels:
         if self._writer is None:
             self._start_writer()
         try:
-            self._pending.put_nowait((sink, channel, task, str(text), fields))
+            self._pending.put_nowait((sink, channel, task, str(text), fields, time.time()))
         except queue.Full:
             with self._count_lock:
                 self.dropped += 1
@@ -263,8 +264,8 @@ class Channels:
             item = self._pending.get()
             if item is None:
                 return
-            sink, channel, task, text, fields = item
-            sink.write(channel, task, text, fields, self.send)
+            sink, channel, task, text, fields, when = item
+            sink.write(channel, task, text, fields, self.send, when)
             if self.dropped != self._reported_drops and self._pending.empty():
                 lost = self.dropped - self._reported_drops
                 self._reported_drops = self.dropped
@@ -282,7 +283,7 @@ class Channels:
             return True
         done = threading.Event()
         try:
-            self._pending.put((_Marker(done), "", "", "", {}), timeout=timeout)
+            self._pending.put((_Marker(done), "", "", "", {}, None), timeout=timeout)
         except queue.Full:
             return False
         return done.wait(timeout)

@@ -20,7 +20,7 @@ class BlockedSink(Sink):
         self.entered = threading.Event()
         self.lines: list[str] = []
 
-    def write(self, channel, task, text, fields, send):
+    def write(self, channel, task, text, fields, send, when=None):
         self.entered.set()
         self.release.wait()
         self.lines.append(f"{channel}: {task}: {text} {fields}")

@@ -23,7 +23,7 @@ from multimodule.runtime.configs import Act, Action, Placement, describe_changes
 from multimodule.runtime.control_server import ControlServer
 from multimodule.runtime.externals import ExternalTasks, make_backend
 from multimodule.runtime.failsafe import Failsafe
-from multimodule.runtime.graph import describe
+from multimodule.runtime.graph import graph_of
 from multimodule.runtime.host import SOURCE, HostProcess
 from multimodule.runtime.inventory import Inventory
 from multimodule.runtime.metrics import serve_metrics
@@ -283,7 +283,8 @@ class Daemon(HostProcess):
         if what == "status":
             return {"query": what, "task": name, "status": await self.status()}
         if what == "graph":
-            return {"query": what, "task": name, "graph": self.graph()}
+            return {"query": what, "task": name,
+                    "graph": graph_of(self.registry.runners, self.configs, self.monitor)}
         reply: dict[str, Any] = {"query": what, "task": name}
         runner = self.registry.get(name)
         if runner is None and (name in self.externals or name in self.failsafe.marks):
@@ -350,21 +351,6 @@ class Daemon(HostProcess):
             "monitor": self.monitor.figures(),
             "oob_dropped": self.channels.dropped,
         }
-
-    def graph(self) -> dict[str, Any]:
-        """What ``mmctl graph`` draws (see :func:`multimodule.runtime.graph.describe`): the
-        Router's routes as its config in force gives them (its validated settings, defaults
-        included, when it runs here), the tasks and the monitor's rates."""
-        runners = self.registry.runners
-        router = runners.get(ROUTER_QNAME)
-        if router is not None and router.task.settings is not None:
-            table = router.task.settings.model_dump(mode="json")
-        else:
-            table = router.task.config if router is not None \
-                else self.configs.effective(ROUTER_QNAME)
-        return describe(self.monitor.rows(), {n: r.figures() for n, r in runners.items()},
-                        ROUTER_QNAME, table or None, self.monitor.queue_rows(),
-                        self.monitor.monitor.window_s)
 
     def status_line(self) -> str:
         if self.externals is None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime
 from typing import Any, Iterable, Mapping
 
+from multimodule.task import ROUTER_QNAME
+
 #: Counters of a task that its live figures (internal tasks) give fresher than the last sample.
 _LIVE_COUNTERS = ("messages_in", "messages_out", "emitted", "route_matches", "unrouted",
                   "static_forwarded", "static_forwards_refused")
@@ -106,3 +108,19 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+def graph_of(runners: Mapping[str, Any], configs: Any, monitor: Any) -> dict[str, Any]:
+    """What ``mmctl graph`` draws (see :func:`describe`) in a daemon with the task runners
+    ``runners`` (name -> :class:`~multimodule.runtime.runner.TaskRunner`), the task configs
+    ``configs`` (:class:`~multimodule.runtime.configs.TaskConfigs`) and the monitor service
+    ``monitor``: the Router's routes as its config in force gives them (its validated settings,
+    defaults included, when it runs here), the tasks and the monitor's rates."""
+    router = runners.get(ROUTER_QNAME)
+    if router is not None and router.task.settings is not None:
+        table = router.task.settings.model_dump(mode="json")
+    else:
+        table = router.task.config if router is not None \
+            else configs.effective(ROUTER_QNAME)
+    return describe(monitor.rows(), {n: r.figures() for n, r in runners.items()},
+                    ROUTER_QNAME, table or None, monitor.queue_rows(), monitor.monitor.window_s)
