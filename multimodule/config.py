@@ -474,12 +474,13 @@ def options_path(state_dir: Path) -> Path:
     return Path(state_dir) / "daemon-options.json"
 
 
-def published_options(options: DaemonOptions, oob: str) -> bytes:
+def published_options(options: DaemonOptions, oob: str, sinks: str = "") -> bytes:
     """What the daemon publishes at :func:`options_path` for its external tasks: its
     :data:`INHERITED_OPTIONS` as a JSON object, with ``oob`` (its ``-o`` spec with file
-    paths made absolute) for ``options.oob``."""
+    paths made absolute) for ``options.oob``, and ``sinks``: where each of its channels goes
+    in fact, its defaults included (``mmctl logs`` reads there)."""
     return json.dumps({**{name: getattr(options, name) for name in INHERITED_OPTIONS},
-                       "oob": oob}).encode()
+                       "oob": oob, "sinks": sinks}).encode()
 
 
 def inherit_options(options: DaemonOptions) -> DaemonOptions:

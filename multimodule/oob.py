@@ -182,6 +182,13 @@ def absolute_spec(spec: str) -> str:
     return ",".join(parts)
 
 
+def spec_of(sinks: dict[str, Sink]) -> str:
+    """The ``-o`` spec that gives ``sinks`` (file paths made absolute)."""
+    handlers = {"stdout": "1", "stderr": "2", "journal": "journal"}
+    return absolute_spec(",".join(f"{channel}:{handlers.get(sink.kind, sink.target)}"
+                                  for channel, sink in sinks.items()))
+
+
 def parse_spec(spec: str) -> dict[str, Sink]:
     """Parse ``channel:handler,...`` over the defaults. Raises :class:`ConfigError` naming the
     bad part (an unknown channel, a part without ``:``)."""

@@ -4,6 +4,7 @@ daemon's options and its ``-o`` out-of-band spec. No processes except where note
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import orjson
@@ -310,8 +311,12 @@ def test_oob_file_sink_and_debug_level(tmp_path: Path):
     channels.emit("debug", "T", "shown", level=1)
     channels.emit("debug", "T", "hidden", level=2)
     channels.close()
-    # Then the lines have the documented shapes and the level filters
-    assert path.read_text().splitlines() == [
+    # Then the lines have the documented shapes, each after the time it was emitted, and the
+    # level filters
+    lines = path.read_text().splitlines()
+    times = [datetime.fromisoformat(line.split(" ", 1)[0]) for line in lines]
+    assert times == sorted(times) and all(t.tzinfo is not None for t in times)
+    assert [line.split(" ", 1)[1] for line in lines] == [
         "T: hello n=1", 'error: T: bad detail={"a":1}', "debug: T: shown",
     ]
     assert channels.counts == {"log": 1, "error": 1, "alert": 0, "debug": 1}

@@ -286,6 +286,40 @@ def test_mmctl_migrate_moves_a_task_into_its_unit_and_back(box):
         box.run("systemctl", "stop", "multimodule", unit, check=False)
 
 
+def test_mmctl_restart_of_a_task_unit_and_logs_from_the_journal(box):
+    # Given the seed example with Example1 in its own unit
+    unit = unit_name("Example1")
+    box.run("systemctl", "stop", unit, check=False)
+    start_fresh(box, SEED.replace("[Example1]\n", "[Example1]\nis_external = true\n"))
+    try:
+        box.wait_for(lambda: box.show(unit, "ActiveState")["ActiveState"] == "active", 20,
+                     "the task unit to be active")
+        box.wait_for(lambda: last_count(box) >= 2, 20, "counts from the external task")
+        pid = box.show(unit, "MainPID")["MainPID"]
+        # When it is restarted with mmctl
+        mmctl(box, "restart", "Example1", "--wait", "30")
+        # Then its unit runs a new process, and the count goes on from the saved state
+        box.wait_for(lambda: box.show(unit, "MainPID")["MainPID"] not in ("0", pid)
+                     and box.show(unit, "ActiveState")["ActiveState"] == "active", 20,
+                     "a new process in the task unit")
+        before = last_count(box)
+        box.wait_for(lambda: last_count(box) > before + 1, 20, "counts after the restart")
+        # and mmctl logs reads the journal: the daemon's records, Example2's lines and the
+        # task unit's, each with its task's name, in time order
+        out = mmctl(box, "logs", "-s", "/var/lib/multimodule").stdout.splitlines()
+        assert any(" Example2: received a message: " in line for line in out), out[-20:]
+        assert any(" Example1: running (pid " in line for line in out), out[-40:]
+        assert any(" MultiModule: running (pid " in line for line in out), out[-40:]
+        assert [line[:23] for line in out] == sorted(line[:23] for line in out)
+        # and only a task's own with its name, the last N with -n
+        mine = mmctl(box, "logs", "-s", "/var/lib/multimodule", "Example1").stdout
+        assert mine and all(" Example1: " in line for line in mine.splitlines()), mine
+        last = mmctl(box, "logs", "-s", "/var/lib/multimodule", "-n", "3", "Example2").stdout
+        assert len(last.splitlines()) == 3 and "Example2: received a message" in last, last
+    finally:
+        box.run("systemctl", "stop", "multimodule", unit, check=False)
+
+
 def test_units_pass_systemd_analyze_verify_and_are_hardened(box):
     # Given the units as shipped, with an executable where the package puts the command
     box.write("/usr/local/lib/mmtest/multimodule", "#!/bin/sh\nexit 0\n", 0o755)

@@ -6,7 +6,8 @@ see :func:`~multimodule.config.published_options`): from the journal when a chan
 (records with ``MULTIMODULE_TASK=``, and the output of the units ``multimodule.service`` and
 ``multimodule-task@NAME.service``), and from the files of its ``-o`` spec and the detached
 tasks' ``STATE_DIR/task-NAME.log`` otherwise (file records start with their time; a line
-without one, such as a traceback, takes the time of the line before it). Each line is printed
+without one, such as a traceback, takes the time of the line before it; what a task prints,
+``TASK: text``, is that task's). Each line is printed
 as ``TIME TASK: text`` (``log``) or ``TIME CHANNEL: TASK: text``. ``-f`` follows new records
 as they come (the journal's or inotify's wake-ups), until Ctrl-C.
 """
@@ -106,7 +107,7 @@ def daemon_sources(state_dir: Path) -> tuple[bool, dict[Path, str]]:
     """Where the daemon of ``state_dir`` writes: ``(journal, {file: default task})``."""
     try:
         published = json.loads(options_path(state_dir).read_bytes())
-        sinks = parse_spec(published["oob"])
+        sinks = parse_spec(published.get("sinks") or published["oob"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LogsError(f"cannot tell where the daemon writes: {options_path(state_dir)}: "
                         f"{exc} (is -s the daemon's state directory?)") from None
@@ -124,12 +125,16 @@ def journal_lines(reader, tasks: set[str]) -> Iterator[Line]:
         task = entry.get("MULTIMODULE_TASK")
         channel = entry.get("MULTIMODULE_CHANNEL", "log")
         text = str(entry.get("MESSAGE", ""))
-        if task is None:
-            unit = _UNIT.fullmatch(str(entry.get("_SYSTEMD_UNIT", "")))
-            task = unit["task"] if unit else DAEMON
-            channel = "error" if entry.get("PRIORITY", 6) <= 3 else "log"
-        elif text.startswith(f"{task}: "):
-            text = text[len(task) + 2:]
+        unit = _UNIT.fullmatch(str(entry.get("_SYSTEMD_UNIT", "")))
+        if task is None:  # a process's own output: "TASK: text" as a task printed it
+            task, channel, text = split_record(text, unit["task"] if unit else DAEMON)
+            if entry.get("PRIORITY", 6) <= 3:
+                channel = "error"
+        else:
+            if text.startswith(f"{task}: "):
+                text = text[len(task) + 2:]
+            if task == DAEMON and unit:
+                task = unit["task"]  # an external task's process, of itself
         if tasks and task not in tasks:
             continue
         yield Line(entry["__REALTIME_TIMESTAMP"].timestamp(), str(task), str(channel), text)
@@ -142,6 +147,8 @@ def open_journal(tasks: set[str], since: float | None):
 
     reader = journal.Reader()
     if tasks:
+        reader.add_match(_SYSTEMD_UNIT="multimodule.service")  # what tasks print there
+        reader.add_disjunction()
         for task in sorted(tasks):
             reader.add_match(MULTIMODULE_TASK=task)
             reader.add_disjunction()

@@ -18,7 +18,7 @@ from multimodule.config import (DaemonOptions, check_config, options_path, parse
 from multimodule.errors import (ConfigError, MultiModuleError, StateError, TaskImportFailed,
                                 TaskNotFound)
 from multimodule.monitor.monitor import Monitor
-from multimodule.oob import Channels, absolute_spec
+from multimodule.oob import Channels, absolute_spec, spec_of
 from multimodule.runtime.configs import Act, Action, Placement, describe_changes, plan_reload
 from multimodule.runtime.control_server import ControlServer
 from multimodule.runtime.externals import ExternalTasks, make_backend
@@ -129,7 +129,8 @@ class Daemon(HostProcess):
         """Write the options external tasks inherit (see :func:`inherit_options`)."""
         try:
             write_atomic(options_path(self.store.path),
-                         published_options(self.options, absolute_spec(self.options.oob)))
+                         published_options(self.options, absolute_spec(self.options.oob),
+                                           spec_of(getattr(self.channels, "sinks", {}))))
         except OSError as exc:
             self.channels.emit("error", SOURCE, f"cannot write the options for external "
                                                 f"tasks: {exc}")
