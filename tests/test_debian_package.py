@@ -89,6 +89,8 @@ def test_install_operate_upgrade_and_purge_on_a_booted_systemd(deb, tmp_path):
                      "/usr/share/man/man1/mmctl.1.gz", "/etc/multimodule/multimodule.toml",
                      "/usr/share/polkit-1/rules.d/50-multimodule.rules",
                      "/usr/share/multimodule/prometheus/multimodule.rules.yml",
+                     "/usr/share/bash-completion/completions/mmctl",
+                     "/usr/share/zsh/vendor-completions/_mmctl",
                      "/lib/systemd/system/multimodule-task@.service"):
             box.run("test", "-e", path)
         box.run("getent", "group", "multimodule")

@@ -577,6 +577,10 @@ def build_parser(prog: str = "mmctl") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "mmctl",
          parser: argparse.ArgumentParser | None = None) -> int:
     """Run ``mmctl`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["__complete"]:  # the shell completion's helper, not a command
+        from multimodule.cli.completion import helper
+        return helper(argv[1:])
     parser = parser or build_parser(prog)
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's parser, so that usage and name fit
