@@ -151,12 +151,14 @@ class Option:
 
 @dataclass
 class Positional:
-    """One positional argument: metavar, kind (as for :class:`Option`), help, optional."""
+    """One positional argument: metavar, kind (as for :class:`Option`), help, optional,
+    repeated (any number of words: the last positional only)."""
 
     metavar: str
     kind: str | None
     help: str
     optional: bool
+    repeated: bool = False
 
 
 @dataclass
@@ -180,7 +182,7 @@ def _short_help(text: str | None) -> str:
 def describe(parser: argparse.ArgumentParser) -> tuple[Command, list[Command]]:
     """``parser`` (``mmctl``'s) as ``(the top-level command, the subcommands in order)``.
     Subcommands without help (hidden) are left out. Raises :class:`ValueError` for an
-    argument the scripts cannot complete (a positional taking several words)."""
+    argument the scripts cannot complete (a positional taking a fixed number of words)."""
     top = _command("", "", parser)
     commands = []
     for action in parser._actions:
@@ -208,12 +210,13 @@ def _command(name: str, help_text: str, parser: argparse.ArgumentParser) -> Comm
                 KINDS.get(metavar or "") if takes_value else None, _short_help(action.help),
                 excludes))
         else:
-            if action.nargs not in (None, "?"):
+            if action.nargs not in (None, "?", "*", "+"):
                 raise ValueError(f"mmctl {name}: cannot complete {metavar} "
                                  f"(nargs={action.nargs!r})")
             command.positionals.append(Positional(
                 metavar or action.dest.upper(), KINDS.get(metavar or ""),
-                _short_help(action.help), action.nargs == "?"))
+                _short_help(action.help), action.nargs in ("?", "*"),
+                action.nargs in ("*", "+")))
     return command
 
 
@@ -291,6 +294,10 @@ _mmctl() {
         else
             local rest=($positionals)
             kind=${rest[npos]:-}
+            if [[ -z $kind && ${#rest[@]} -gt 0 && ${rest[-1]} == *'*' ]]; then
+                kind=${rest[-1]}  # a last positional taking any number of words
+            fi
+            kind=${kind%'*'}
             [[ -z $kind && -z $cur && $npos -ge ${#rest[@]} ]] && kind=option
         fi
     elif [[ -z $kind ]]; then
@@ -326,7 +333,8 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
         options = " ".join(f for o in command.options for f in o.flags)
         valued = " ".join(f"{f}={o.kind or '-'}" for o in command.options if o.takes_value
                           for f in o.flags)
-        positionals = " ".join(p.kind or "-" for p in command.positionals)
+        positionals = " ".join((p.kind or "-") + ("*" if p.repeated else "")
+                               for p in command.positionals)
         lines.append(f"    {command.name or chr(39) * 2})\n"
                      f"        options='{options}'\n"
                      f"        valued=' {valued} '\n"
@@ -409,7 +417,8 @@ def _zsh_specs(command: Command) -> list[str]:
             specs.append(spec)
     for index, positional in enumerate(command.positionals, 1):
         colon = "::" if positional.optional else ":"
-        specs.append(f"{index}{colon}{positional.metavar}:{_zsh_action(positional.kind)}")
+        where = "*" if positional.repeated else str(index)
+        specs.append(f"{where}{colon}{positional.metavar}:{_zsh_action(positional.kind)}")
     return specs
 
 

@@ -38,9 +38,17 @@ _mmctl_spec() {
         valued=' -T=directory --transit-dir=directory -q=queue --control-queue=queue --wait=- '
         positionals='task' ;;
     stop)
-        options='-h --help -T --transit-dir -q --control-queue --wait --externals'
+        options='-h --help -T --transit-dir -q --control-queue --wait --externals --no-block --stop-timeout'
+        valued=' -T=directory --transit-dir=directory -q=queue --control-queue=queue --wait=- --stop-timeout=- '
+        positionals='task' ;;
+    start)
+        options='-h --help -T --transit-dir -q --control-queue --wait'
         valued=' -T=directory --transit-dir=directory -q=queue --control-queue=queue --wait=- '
-        positionals='' ;;
+        positionals='task' ;;
+    restart)
+        options='-h --help -T --transit-dir -q --control-queue --wait'
+        valued=' -T=directory --transit-dir=directory -q=queue --control-queue=queue --wait=- '
+        positionals='task' ;;
     reload)
         options='-h --help -T --transit-dir -q --control-queue --wait'
         valued=' -T=directory --transit-dir=directory -q=queue --control-queue=queue --wait=- '
@@ -61,11 +69,19 @@ _mmctl_spec() {
         options='-h --help -T --transit-dir -q --control-queue --wait'
         valued=' -T=directory --transit-dir=directory -q=queue --control-queue=queue --wait=- '
         positionals='task' ;;
+    graph)
+        options='-h --help -T --transit-dir -q --control-queue --wait --format'
+        valued=' -T=directory --transit-dir=directory -q=queue --control-queue=queue --wait=- --format=- '
+        positionals='' ;;
+    logs)
+        options='-h --help -f --follow -n --lines --since -s --state-dir'
+        valued=' -n=- --lines=- --since=- -s=directory --state-dir=directory '
+        positionals='task*' ;;
     *) return 1 ;;
     esac
 }
 
-_mmctl_commands='send recv queues config state migrate stop reload status top failsafe unfailsafe'
+_mmctl_commands='send recv queues config state migrate stop start restart reload status top failsafe unfailsafe graph logs'
 
 # _mmctl_names KIND: the names of KIND (tasks or queues) starting with $cur, into COMPREPLY.
 _mmctl_names() {
@@ -118,6 +134,10 @@ _mmctl() {
         else
             local rest=($positionals)
             kind=${rest[npos]:-}
+            if [[ -z $kind && ${#rest[@]} -gt 0 && ${rest[-1]} == *'*' ]]; then
+                kind=${rest[-1]}  # a last positional taking any number of words
+            fi
+            kind=${kind%'*'}
             [[ -z $kind && -z $cur && $npos -ge ${#rest[@]} ]] && kind=option
         fi
     elif [[ -z $kind ]]; then
