@@ -332,3 +332,12 @@ def test_alias_unknown_option_error_names_the_alias(transit_dir, child_env, name
     assert res.stderr.startswith(f"usage: {name} "), res.stderr
     assert f"{name}: error: unrecognized arguments: --no-such-option" in res.stderr, res.stderr
     assert not (transit_dir / "aliasq").exists()
+
+
+def test_the_man_page_lists_every_mmctl_command():
+    # The package's man page shows each command's --help from this list: none may be missing
+    from multimodule.cli import mmctl as mmctl_cli
+
+    text = (Path(__file__).resolve().parent.parent / "debian" / "man-commands").read_text()
+    listed = re.search(r"for sub in ([^;]*); do", text).group(1).replace("\\\n", " ").split()
+    assert sorted(listed) == sorted(mmctl_cli.build_parser().subcommands)
