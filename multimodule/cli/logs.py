@@ -103,8 +103,9 @@ def file_lines(path: Path, default_task: str, start: int = 0,
     return out, start + len(complete), last_time
 
 
-def daemon_sources(state_dir: Path) -> tuple[bool, dict[Path, str]]:
-    """Where the daemon of ``state_dir`` writes: ``(journal, {file: default task})``."""
+def daemon_sources(state_dir: Path) -> tuple[bool, dict[Path, str], list[str]]:
+    """Where the daemon of ``state_dir`` writes: ``(journal, {file: default task}, channels
+    it writes to its standard output or error, which cannot be read here)``."""
     try:
         published = json.loads(options_path(state_dir).read_bytes())
         sinks = parse_spec(published.get("sinks") or published["oob"])
@@ -115,7 +116,8 @@ def daemon_sources(state_dir: Path) -> tuple[bool, dict[Path, str]]:
     files = {Path(sink.target): DAEMON for sink in sinks.values() if sink.kind == "file"}
     for log in sorted(state_dir.glob("task-*.log")):
         files[log] = log.name[len("task-"):-len(".log")]
-    return journal, files
+    unread = [channel for channel, sink in sinks.items() if sink.kind in ("stdout", "stderr")]
+    return journal, files, unread
 
 
 def journal_lines(reader, tasks: set[str]) -> Iterator[Line]:
@@ -176,7 +178,11 @@ def run(args: argparse.Namespace) -> int:
     """``mmctl logs``; see the module docstring. Raises :class:`LogsError`."""
     tasks = set(args.tasks)
     since = parse_since(args.since, datetime.now().timestamp()) if args.since else None
-    journal, files = daemon_sources(args.state_dir)
+    journal, files, unread = daemon_sources(args.state_dir)
+    if unread:
+        print(f"{args.prog} logs: the daemon writes its {', '.join(unread)} records to its "
+              "standard output or error, which are not read here (give it -o CHANNEL:FILE, "
+              "or run it under systemd)", file=sys.stderr)
     if journal:
         reader = open_journal(tasks, since)
         for line in _last(journal_lines(reader, tasks), args.lines, since):
