@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from multimodule.config import options_path
+from multimodule.errors import CommandError
 from multimodule.oob import CHANNELS, parse_spec
 
 #: The daemon's own records carry this name.
@@ -34,10 +35,6 @@ _UNIT = re.compile(r"multimodule-task@(?P<task>[A-Za-z_][A-Za-z0-9_]*)\.service"
 _CHANNEL_PREFIX = tuple(f"{channel}: " for channel in CHANNELS if channel != "log")
 _DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhd])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class LogsError(Exception):
-    """What ``mmctl logs`` cannot do (no daemon options, a bad ``--since``)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -59,14 +56,14 @@ class Line:
 def parse_since(text: str, now: float) -> float:
     """``--since``: an ISO date and time (``2026-12-02 19:00``, local time unless it has an
     offset) or a duration ago (``90s``, ``10m``, ``2h``, ``1d``); seconds since the epoch.
-    Raises :class:`LogsError`."""
+    Raises :class:`~multimodule.errors.CommandError` (exit status 1)."""
     match = _DURATION.fullmatch(text.strip())
     if match:
         return now - float(match["n"]) * _SECONDS[match["unit"]]
     try:
         return datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:
-        raise LogsError(f"--since {text!r}: give a date and time (2026-12-02 19:00) or a "
+        raise CommandError(f"--since {text!r}: give a date and time (2026-12-02 19:00) or a "
                         "duration ago (90s, 10m, 2h, 1d)") from None
 
 
@@ -110,7 +107,7 @@ def daemon_sources(state_dir: Path) -> tuple[bool, dict[Path, str], list[str]]:
         published = json.loads(options_path(state_dir).read_bytes())
         sinks = parse_spec(published.get("sinks") or published["oob"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LogsError(f"cannot tell where the daemon writes: {options_path(state_dir)}: "
+        raise CommandError(f"cannot tell where the daemon writes: {options_path(state_dir)}: "
                         f"{exc} (is -s the daemon's state directory?)") from None
     journal = any(sink.kind == "journal" for sink in sinks.values())
     files = {Path(sink.target): DAEMON for sink in sinks.values() if sink.kind == "file"}
@@ -175,7 +172,7 @@ def _last(lines: Iterable[Line], count: int | None, since: float | None) -> list
 
 
 def run(args: argparse.Namespace) -> int:
-    """``mmctl logs``; see the module docstring. Raises :class:`LogsError`."""
+    """``mmctl logs``; see the module docstring. Raises :class:`~multimodule.errors.CommandError` (exit status 1)."""
     tasks = set(args.tasks)
     since = parse_since(args.since, datetime.now().timestamp()) if args.since else None
     journal, files, unread = daemon_sources(args.state_dir)
@@ -273,8 +270,5 @@ def _count(value: str) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     try:
         return run(args)
-    except LogsError as exc:
-        print(f"{args.prog}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the end of -f
         return 0
