@@ -207,3 +207,32 @@ def test_a_leaking_internal_task_reaches_failsafe_not_the_daemon_that_hosts_it(m
     alerts = monitor.tick([me, stopped], {"MultiModule": Figures(memory_bytes=400_000)}, {})
     assert [(a.task, a.metric, a.new) for a in alerts] == \
         [("MultiModule", "memory_share", "failsafe")]
+
+
+def test_a_figures_short_and_long_windows_agree_with_two_windows_of_their_own():
+    # The monitor keeps one series per figure for both windows (16 bytes a sample): its
+    # means and rates must be those of two separate windows fed the same samples, across
+    # gaps longer than either window and counters that restart
+    import random
+
+    from multimodule.monitor.levels import Window
+    from multimodule.monitor.monitor import LONG_WINDOW_FACTOR, _Pair
+
+    rng = random.Random(7)
+    now = [1000.0]
+    clock = lambda: now[0]  # noqa: E731
+    pair = _Pair(60.0, clock)
+    short, long_ = Window(60.0, clock), Window(60.0 * LONG_WINDOW_FACTOR, clock)
+    value = 0.0
+    for step in range(3000):
+        now[0] += rng.choice([0.5, 5.0, 5.0, 5.0, 30.0, 400.0])
+        value = value + rng.uniform(0, 50) if rng.random() > 0.01 else rng.uniform(0, 5)
+        pair.add(value)
+        short.add(value)
+        long_.add(value)
+        for got, want in zip(pair.mean() + pair.rate(),
+                             (short.mean(), long_.mean(), short.rate(), long_.rate())):
+            assert (got is None) == (want is None), step
+            if want is not None:
+                assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (step, got, want)
+    assert len(pair.times) == len(long_.samples)
