@@ -500,3 +500,9 @@ class InstanceLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+def figures_path(state_dir: Path, task: str) -> Path:
+    """Where the process of external task ``task`` writes its counters for the daemon's
+    monitor (``STATE_DIR/task-NAME.figures.json``)."""
+    return Path(state_dir) / f"task-{task}.figures.json"

@@ -4,6 +4,8 @@ with an invalid config file."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import orjson
@@ -246,3 +248,14 @@ async def test_what_start_up_made_is_out_of_the_collectors_reach_until_the_stop(
     assert all(obj is not task for obj in gc.get_objects())  # not walked by a collection
     assert await inproc.stop() == 0
     assert gc.get_freeze_count() == 0
+
+
+def test_an_external_tasks_process_does_not_import_the_monitor():
+    # The process of one external task (multimodule -m NAME) imports what it runs, not what
+    # only the daemon uses: the resource monitor and psutil
+    code = ("import sys, multimodule.cli.daemon, multimodule.runtime.task_process; "
+            "print(sorted(m for m in sys.modules if m == 'psutil' "
+            "or m.startswith('multimodule.monitor') or m == 'multimodule.runtime.monitoring'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out

@@ -32,6 +32,7 @@ from multimodule.monitor.monitor import Monitor, TaskView, read_figures_file
 from multimodule.monitor.sources import Figures
 from multimodule.oob import Channels
 from multimodule.runtime.runner import TaskRunner
+from multimodule.state import figures_path
 from multimodule.supervise.base import ActiveState, TaskProcess
 from multimodule.task import ROUTER_QNAME
 
@@ -44,11 +45,6 @@ def task_state(process: TaskProcess) -> str:
     return {ActiveState.ACTIVE: "running", ActiveState.ACTIVATING: "activating",
             ActiveState.RELOADING: "running", ActiveState.FAILED: "failed"
             }.get(process.state, "stopped")
-
-
-def figures_path(state_dir: Path, task: str) -> Path:
-    """Where the process of external task ``task`` writes its counters."""
-    return state_dir / f"task-{task}.figures.json"
 
 
 class TaskInventory(Protocol):

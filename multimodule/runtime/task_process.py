@@ -21,9 +21,8 @@ from multimodule.config import DaemonOptions
 from multimodule.errors import ConfigError, MultiModuleError
 from multimodule.oob import Channels
 from multimodule.runtime.host import SOURCE, HostProcess
-from multimodule.runtime.monitoring import figures_path
 from multimodule.runtime.runner import TaskRunner
-from multimodule.state import write_atomic
+from multimodule.state import figures_path, write_atomic
 from multimodule.config import parse_limits
 from multimodule.transit import Transit
 
