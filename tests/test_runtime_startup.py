@@ -252,10 +252,10 @@ async def test_what_start_up_made_is_out_of_the_collectors_reach_until_the_stop(
 
 def test_an_external_tasks_process_does_not_import_the_monitor():
     # The process of one external task (multimodule -m NAME) imports what it runs, not what
-    # only the daemon uses: the resource monitor and psutil
+    # only the daemon uses: the resource monitor (its levels are config) and psutil
     code = ("import sys, multimodule.cli.daemon, multimodule.runtime.task_process; "
-            "print(sorted(m for m in sys.modules if m == 'psutil' "
-            "or m.startswith('multimodule.monitor') or m == 'multimodule.runtime.monitoring'))")
+            "print(sorted(m for m in sys.modules if m in ('psutil', 'multimodule.monitor.monitor', "
+            "'multimodule.monitor.sources', 'multimodule.runtime.monitoring')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]", out
